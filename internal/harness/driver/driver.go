@@ -1,0 +1,105 @@
+// Package driver is the contract between the harness and the things that
+// run sandboxes on one host: the process sandbox (Linux namespaces and
+// cgroups), QEMU microvm and Firecracker. Implementations live in
+// subpackages; every one of them runs the conformance suite in drivertest.
+//
+// # Vocabulary
+//
+// An instance is one execution environment: an isolated sandbox with the
+// agent (package agent) running inside it, reachable over one byte stream.
+// The driver only creates, connects and destroys instances; what runs inside
+// (INIT, invocations) is spoken over the stream with package protocol by the
+// harness.
+//
+// # Lifecycle
+//
+//	Start ──> running ──(Stop | sandbox exits)──> gone
+//
+// Start returns once the agent's stream is connected; it does not send Init.
+// After Stop returns, or after Done is closed and Stop was called, nothing of
+// the instance remains on the host: no process, mount, cgroup, VM, socket or
+// directory.
+//
+// # Crash recovery
+//
+// Every resource an instance owns is recorded under the driver's state
+// directory before it is created, so that Recover, called once when a
+// harness starts, can find what a previous (crashed) harness left behind and
+// either re-adopt it or remove it.
+package driver
+
+import (
+	"context"
+	"io"
+
+	"github.com/invokex/invokex/internal/runtimes"
+)
+
+// Spec describes one instance to start.
+type Spec struct {
+	// ID is unique per host, chosen by the harness; [a-z0-9-], at most 40 bytes.
+	ID string
+	// Function and RevisionID label the instance (logs, re-adoption).
+	Function   string
+	RevisionID string
+	Runtime    runtimes.Runtime
+	// CodeDir is a host directory holding the unpacked code; the sandbox sees
+	// it read-only at /var/task.
+	CodeDir string
+	// RuntimeDir is a host directory with the runtime's support files
+	// (runtime interface clients); the sandbox sees it read-only at /var/runtime.
+	RuntimeDir string
+	// MemoryMB caps the sandbox's memory (and derives its pids limit).
+	MemoryMB int
+	// EphemeralMB caps the sandbox's writable /tmp.
+	EphemeralMB int
+	// Network gives the sandbox the host's network; false isolates it in an
+	// empty network namespace (loopback only).
+	Network bool
+}
+
+// Instance is one running sandbox.
+type Instance interface {
+	// ID returns Spec.ID.
+	ID() string
+	// Conn is the byte stream to the agent. Closing it makes the agent exit.
+	Conn() io.ReadWriteCloser
+	// Done is closed when the sandbox has exited, for any reason.
+	Done() <-chan struct{}
+}
+
+// Driver starts and stops instances on one host.
+//
+// All methods are safe for concurrent use. Errors wrap errdefs kinds:
+// ErrInvalidParameter for a bad Spec, ErrUnavailable when the host cannot
+// start more instances or the driver is closed.
+type Driver interface {
+	// Name is the driver's name as given to --driver ("process", "qemu", ...).
+	Name() string
+	// Start creates and starts an instance and connects to its agent. If ctx
+	// is cancelled or Start fails, everything it created is removed before
+	// it returns.
+	Start(ctx context.Context, spec Spec) (Instance, error)
+	// Stop destroys the instance: the agent and everything in the sandbox are
+	// killed (gracefully first, bounded by ctx, then forcibly) and all its
+	// host resources removed. Idempotent: stopping a gone or unknown ID
+	// returns nil. Cleanup runs to completion even if ctx is cancelled.
+	Stop(ctx context.Context, id string) error
+	// Recover is called once, before the first Start, by a harness that is
+	// starting up. It removes (or re-adopts) every instance a previous
+	// driver process left behind and returns the re-adopted ones. Drivers
+	// that cannot re-connect to an instance remove it.
+	Recover(ctx context.Context) ([]Instance, error)
+}
+
+// Closer is implemented by drivers that hold resources beyond instances.
+// Close stops all instances and releases them; the driver is unusable after.
+type Closer interface {
+	Close(ctx context.Context) error
+}
+
+// Describer is implemented by drivers that can report how well they isolate
+// on this host (e.g. "cgroup memory limits unavailable: not root").
+type Describer interface {
+	Describe() []string
+}
