@@ -39,6 +39,9 @@ type InvokeResult struct {
 	InitDuration time.Duration
 	Cold         bool
 	MaxMemoryMB  int
+	// Instance is the id of the execution environment that ran it (one
+	// sandbox; a log stream in Lambda's terms).
+	Instance string
 }
 
 // Host is the harness as the control plane sees it: in the same process
