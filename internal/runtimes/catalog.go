@@ -335,7 +335,11 @@ func (p *prober) pythons() *found {
 	}
 	candidates = append(candidates, p.host.pythonGeneric...)
 	for _, c := range candidates {
-		if !f.probeOne(p, c, pythonVersionRE) {
+		named := strings.TrimPrefix(filepath.Base(c), "python")
+		if named == "3" {
+			named = ""
+		}
+		if !f.probeOne(p, c, named, pythonVersionRE) {
 			break
 		}
 	}
@@ -345,7 +349,7 @@ func (p *prober) pythons() *found {
 func (p *prober) nodes() *found {
 	f := newFound("node")
 	for _, c := range p.host.nodePaths {
-		if !f.probeOne(p, c, nodeVersionRE) {
+		if !f.probeOne(p, c, "", nodeVersionRE) {
 			break
 		}
 	}
@@ -354,8 +358,9 @@ func (p *prober) nodes() *found {
 
 // probeOne records what candidate c offers and reports whether probing
 // should go on. An interpreter is trusted for the version it reports, not
-// the one its name suggests.
-func (f *found) probeOne(p *prober, c string, re *regexp.Regexp) bool {
+// the one its name suggests (named, "" if its name has none); a failure to
+// report a version is blamed on the named version.
+func (f *found) probeOne(p *prober, c, named string, re *regexp.Regexp) bool {
 	v, real, problem, err := p.interpret(c, re)
 	switch {
 	case err != nil:
@@ -365,6 +370,8 @@ func (f *found) probeOne(p *prober, c string, re *regexp.Regexp) bool {
 		f.problem(v, problem)
 	case v != "":
 		f.add(v, real)
+	case problem != "" && named != "":
+		f.problem(named, problem)
 	case problem != "" && !slices.Contains(f.notes, problem):
 		f.notes = append(f.notes, problem)
 	}
