@@ -297,6 +297,8 @@ func startProcess(t *testing.T, f *fakeAPI, argv []string, handler, taskRoot str
 		"AWS_LAMBDA_LOG_GROUP_NAME=/aws/lambda/fn-test",
 		"AWS_LAMBDA_LOG_STREAM_NAME=2026/01/01/[$LATEST]abc",
 		"AWS_REGION=us-east-1",
+		// The examples' task root is in the repository: keep it clean.
+		"PYTHONDONTWRITEBYTECODE=1",
 	}
 	cmd.Stdout, cmd.Stderr = w, w
 	if err := cmd.Start(); err != nil {
