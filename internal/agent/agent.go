@@ -1,12 +1,39 @@
 // Package agent runs inside every sandbox: it serves the Lambda Runtime API
 // to the function's runtime and speaks package protocol to the harness.
+//
+// # Pieces
+//
+//   - agent.go: Run and the session, which reads the harness's frames and
+//     drives INIT, invocations and shutdown.
+//   - session.go: the INIT and invocation flows and the frames they answer.
+//   - env.go: the execution environment (runtime, current invocation,
+//     output sinks) and its atomic transitions.
+//   - state.go: the state machine every transition goes through.
+//   - runtimeapi.go: the Runtime API (net/http) the runtime calls.
+//   - supervisor.go: starting, limiting, killing and reaping the runtime
+//     (including PID 1 duties in a pid namespace).
+//   - logs.go: the output pipe and the capped per-invocation log buffers.
+//   - report.go: Lambda's log lines and error documents.
+//
+// # Guarantees
+//
+// The runtime's output never blocks it: one pipe is drained continuously
+// into bounded buffers. Output written before the runtime posts a response
+// is in that invocation's log. When Run returns, the runtime and everything
+// it started are dead and reaped, and every goroutine Run started has ended.
 package agent
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/invokex/invokex/internal/protocol"
 )
 
 // Options configures Run.
@@ -14,11 +41,109 @@ type Options struct {
 	// RuntimeAPIAddr is where the Runtime API listens; default 127.0.0.1:9001.
 	// Port 0 picks a free port.
 	RuntimeAPIAddr string
-	// Logger receives the agent's own diagnostics (not function output).
+	// Logger receives the agent's own diagnostics (not function output);
+	// default slog.Default().
 	Logger *slog.Logger
 }
 
+// DefaultRuntimeAPIAddr is Lambda's Runtime API address.
+const DefaultRuntimeAPIAddr = "127.0.0.1:9001"
+
+// shutdownWait bounds how long Run waits for Runtime API handlers to end.
+const shutdownWait = 5 * time.Second
+
 // Run serves the harness on conn until Shutdown, until conn closes, or until ctx is done.
-func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
-	return errors.New("agent: not implemented yet")
+//
+// Run owns conn and closes it before returning; closing conn must unblock a
+// pending Read on it (true of sockets and pollable files). It returns nil after a
+// Shutdown or when the harness closed the stream between frames, ctx.Err()
+// when ctx was cancelled, and an error for a broken stream or protocol.
+// In every case the runtime and all processes it started have been killed
+// and reaped when Run returns.
+func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) (retErr error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	addr := opts.RuntimeAPIAddr
+	if addr == "" {
+		addr = DefaultRuntimeAPIAddr
+	}
+	pc := protocol.NewConn(conn)
+	defer pc.Close()
+
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listening for the runtime api on %s: %w", addr, err)
+	}
+	defer ln.Close() // no-op after the server closed it; covers early returns
+	pre := newCapBuffer(defaultLogLimit)
+	out, err := newOutput(pre)
+	if err != nil {
+		return err
+	}
+	defer out.close()
+	sup := newSupervisor(os.Getpid() == 1, log)
+	defer sup.close()
+
+	e := newEnv(log, sup, out, pre, ln.Addr().String())
+	srv := newRuntimeAPI(e)
+	srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelDebug)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = srv.Serve(ln) // returns ErrServerClosed after Shutdown/Close
+	}()
+
+	s := &session{e: e, conn: pc, log: log, frames: readFrames(pc)}
+
+	err = s.serve(ctx)
+
+	// Teardown, in dependency order; none of it depends on ctx.
+	if cerr := e.close(); cerr != nil {
+		log.Error("killing runtime", "err", cerr)
+	}
+	if s.shutdown {
+		if werr := pc.WriteFrame(protocol.TypeShutdownDone, protocol.ShutdownDone{}); werr != nil && err == nil {
+			err = werr
+		}
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownWait)
+	if serr := srv.Shutdown(sctx); serr != nil {
+		srv.Close()
+	}
+	cancel()
+	<-served
+	pc.Close() // unblocks the frame reader, which then ends
+	for range s.frames {
+	}
+	if errors.Is(err, errStopped) {
+		return s.stopErr
+	}
+	return err
+}
+
+// frameMsg is one ReadFrame result.
+type frameMsg struct {
+	f   *protocol.Frame
+	err error
+}
+
+// readFrames reads frames until an error (including the conn being closed
+// by Run) and delivers them in order; the channel is closed after the error.
+// It is unbuffered so the reader never runs ahead of the session by more
+// than one frame.
+func readFrames(pc *protocol.Conn) <-chan frameMsg {
+	ch := make(chan frameMsg)
+	go func() {
+		defer close(ch)
+		for {
+			f, err := pc.ReadFrame()
+			ch <- frameMsg{f, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return ch
 }
