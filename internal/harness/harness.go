@@ -368,33 +368,34 @@ func (h *Harness) run(ctx context.Context, i *instance, cold bool, req *InvokeRe
 		}
 		p := i.pool
 		p.mu.Lock()
-		var reason string
 		switch {
 		case h.bgCtx.Err() != nil:
-			reason = "harness closing"
-		case i.retire:
-			reason = "retired"
-		case ctx.Err() != nil:
-			// The client is gone: keep the new instance warm instead of
-			// running an invocation nobody waits for.
-			i.lastUsed = h.now()
-			if p.move(i, StateIdle) == nil {
-				p.mu.Unlock()
-				return nil, ctx.Err()
-			}
-			reason = "retired"
-		}
-		if reason != "" {
 			err := p.move(i, StateStopping)
 			p.mu.Unlock()
 			if err == nil {
-				go h.teardown(i, reason, true)
+				go h.teardown(i, "harness closing", true)
 			}
-			if reason == "harness closing" {
-				return nil, fmt.Errorf("invoking %s: harness is shutting down: %w", req.Function.Name, errdefs.ErrUnavailable)
+			return nil, fmt.Errorf("invoking %s: harness is shutting down: %w", req.Function.Name, errdefs.ErrUnavailable)
+		case ctx.Err() != nil:
+			// The client is gone: keep the new instance warm instead of
+			// running an invocation nobody waits for.
+			if !i.retire {
+				i.lastUsed = h.now()
+				if p.move(i, StateIdle) == nil {
+					p.mu.Unlock()
+					return nil, ctx.Err()
+				}
 			}
-			return nil, fmt.Errorf("invoking %s: revision %s was retired while starting: %w", req.Function.Name, i.revision, errdefs.ErrUnavailable)
+			// Its revision was retired meanwhile: stop it now.
+			err := p.move(i, StateStopping)
+			p.mu.Unlock()
+			if err == nil {
+				go h.teardown(i, "retired", true)
+			}
+			return nil, ctx.Err()
 		}
+		// A retired instance still serves the invocation it was started
+		// for; release stops it afterwards.
 		err = p.move(i, StateBusy)
 		p.mu.Unlock()
 		if err != nil {
@@ -402,7 +403,6 @@ func (h *Harness) run(ctx context.Context, i *instance, cold bool, req *InvokeRe
 		}
 	}
 	res, keep, reason, err := h.invokeOn(i, req, cold, start)
-	i.invoked = true
 	h.release(i, keep, reason)
 	return res, err
 }

@@ -66,9 +66,6 @@ type instance struct {
 	driverStart  time.Duration
 	initTook     time.Duration
 	initDuration time.Duration // as the agent measured it (InitDone)
-	// invoked reports that the instance served an invocation already; only
-	// the goroutine holding the instance busy reads or writes it.
-	invoked bool
 }
 
 type frameResult struct {
@@ -242,6 +239,9 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 	i.driverStart = time.Since(t0)
 	if err != nil {
 		h.abandon(i, "start failed")
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("starting instance of %s: harness is shutting down: %w", fn.Name, errdefs.ErrUnavailable)
+		}
 		return nil, fmt.Errorf("starting instance %s of %s: %w", i.id, fn.Name, err)
 	}
 	i.attach(di)
@@ -257,6 +257,9 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 			// reports that as the function's error.
 			h.stats.initErrors.Add(1)
 			return h.exitResult(req, i, start, true), nil
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("initialising instance of %s: harness is shutting down: %w", fn.Name, errdefs.ErrUnavailable)
 		}
 		return nil, fmt.Errorf("initialising instance %s of %s: %w", i.id, fn.Name, err)
 	}

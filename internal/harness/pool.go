@@ -264,16 +264,19 @@ func (h *Harness) poolList() []*pool {
 func (h *Harness) release(i *instance, keep bool, reason string) bool {
 	p := i.pool
 	p.mu.Lock()
-	if keep && !i.retire && h.bgCtx.Err() == nil {
+	switch {
+	case !keep:
+	case h.bgCtx.Err() != nil:
+		reason = "harness closing"
+	case i.retire:
+		reason = "retired"
+	default:
 		i.lastUsed = h.now()
 		if err := p.move(i, StateIdle); err == nil {
 			p.mu.Unlock()
 			return true
 		}
 		// The revision was retired while the instance was busy.
-		reason = "retired"
-	}
-	if i.retire && reason == "" {
 		reason = "retired"
 	}
 	err := p.move(i, StateStopping)
