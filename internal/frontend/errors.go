@@ -113,7 +113,7 @@ func writeAPIError(w http.ResponseWriter, e apiError) {
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("X-Amzn-ErrorType", e.name)
-	if e.reason != "" || e.name == "TooManyRequestsException" {
+	if e.status == http.StatusTooManyRequests {
 		h.Set("Retry-After", retryAfterSeconds)
 	}
 	if e.allow != "" {

@@ -40,6 +40,9 @@ type fakeAPI struct {
 	panicWith any
 	// invoke, when set, computes Invoke's result; the default echoes the payload.
 	invoke func(in *controlplane.InvokeInput) *harness.InvokeResult
+	// gate, when set, runs at the start of Invoke without the lock held;
+	// its error is Invoke's.
+	gate func(ctx context.Context) error
 
 	lastInvoke   *controlplane.InvokeInput
 	lastAsync    *controlplane.InvokeInput
@@ -283,6 +286,14 @@ func (f *fakeAPI) FunctionCode(ctx context.Context, name string) ([]byte, error)
 }
 
 func (f *fakeAPI) Invoke(ctx context.Context, in *controlplane.InvokeInput) (*harness.InvokeResult, *function.Config, error) {
+	f.mu.Lock()
+	gate := f.gate
+	f.mu.Unlock()
+	if gate != nil {
+		if err := gate(ctx); err != nil {
+			return nil, nil, fmt.Errorf("invoking %s: %w", in.Function, err)
+		}
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.enter("Invoke"); err != nil {

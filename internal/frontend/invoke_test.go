@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awsmiddleware "github.com/aws/aws-sdk-go-v2/aws/middleware"
@@ -311,5 +312,41 @@ func TestNamePathTricksNeverReachTheAPI(t *testing.T) {
 	}
 	if n := e.fake.totalCalls(); n != 0 {
 		t.Errorf("control plane called %d times, want 0", n)
+	}
+}
+
+func TestClientGoneIsNotLoggedAsAnInternalError(t *testing.T) {
+	e := newEnv(t)
+	e.fake.put(&function.Config{Name: "slow"}, testZip)
+	started := make(chan struct{})
+	e.fake.locked(func() {
+		e.fake.gate = func(ctx context.Context) error {
+			close(started)
+			<-ctx.Done() // the client hangs up; the control plane honours it
+			return ctx.Err()
+		}
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.sdk.Invoke(ctx, &lambda.InvokeInput{FunctionName: aws.String("slow")})
+		done <- err
+	}()
+	<-started
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("client err = %v", err)
+	}
+	// The server logs the request once its handler returns; wait for it.
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(e.log.String(), "operation=Invoke") {
+		if time.Now().After(deadline) {
+			t.Fatalf("request never logged:\n%s", e.log.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	log := e.log.String()
+	if strings.Contains(log, "level=ERROR") || !strings.Contains(log, "context canceled") {
+		t.Errorf("a client hang-up must be an Info line, not an internal error:\n%s", log)
 	}
 }

@@ -195,10 +195,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rw.Header().Set("X-Amzn-RequestId", st.id)
 
 	defer func() {
-		if v := recover(); v != nil {
-			if v == http.ErrAbortHandler {
-				panic(v)
-			}
+		v := recover()
+		if v != nil && v != http.ErrAbortHandler {
 			s.log.Error("panic serving request", "request_id", st.id, "operation", st.op,
 				"panic", fmt.Sprint(v), "stack", string(debug.Stack()))
 			if !rw.wroteHeader {
@@ -206,6 +204,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		s.finish(r, st, rw.status(), time.Since(start))
+		if v == http.ErrAbortHandler {
+			// The handler asked net/http to abort the response; let it.
+			panic(v)
+		}
 	}()
 
 	if err := s.checkRoute(r); err != nil {
