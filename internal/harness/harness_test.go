@@ -16,6 +16,9 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/runtimes"
@@ -596,5 +599,86 @@ func TestStateMachine(t *testing.T) {
 				t.Errorf("%s -> %s allowed, want errIllegalTransition", from, to)
 			}
 		}
+	}
+}
+
+func TestRetireDuringColdStart(t *testing.T) {
+	e := newTestEnv(t, nil)
+	e.drv.startGate = make(chan struct{})
+	fn := e.fn("upd", "r1")
+	done := make(chan *InvokeResult, 1)
+	go func() { done <- mustInvoke(t, e.h, request(fn, "x")) }()
+	waitFor(t, "cold start begun", func() bool { return e.h.Stats().Functions["upd"].Starting == 1 })
+	if err := e.h.Retire(context.Background(), "upd", "r2"); err != nil {
+		t.Fatal(err)
+	}
+	close(e.drv.startGate)
+	// The invocation that caused the cold start is still served ...
+	res := <-done
+	if string(res.Payload) != "x" || !res.Cold {
+		t.Fatalf("result = %q cold %v", res.Payload, res.Cold)
+	}
+	// ... and the instance of the retired revision does not stay.
+	waitFor(t, "retired instance stopped", func() bool { return e.drv.wasStopped(res.Instance) && e.h.Stats().Instances == 0 })
+}
+
+func TestCloseAbortsColdStart(t *testing.T) {
+	e := newTestEnv(t, nil)
+	e.drv.startGate = make(chan struct{}) // never opened: Start waits for its ctx
+	errc := make(chan error, 1)
+	go func() {
+		_, err := e.h.Invoke(context.Background(), request(e.fn("stuck", "r1"), "x"))
+		errc <- err
+	}()
+	waitFor(t, "cold start begun", func() bool { return e.h.Stats().Functions["stuck"].Starting == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	e.closeErrOK = true
+	if err := e.h.Close(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Close = %v", err)
+	}
+	if err := <-errc; !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Fatalf("aborted cold start returned %v, want ErrUnavailable", err)
+	}
+	if st := e.h.Stats(); st.Instances != 0 || st.MemoryMB != 0 {
+		t.Fatalf("stats after Close = %+v", st)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := newTestEnv(t, func(c *Config) { c.Metrics = reg })
+	mustInvoke(t, e.h, request(e.fn("m", "r1"), "x"))
+	mustInvoke(t, e.h, request(e.fn("m", "r1"), "y"))
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*dto.MetricFamily{}
+	for _, f := range families {
+		got[f.GetName()] = f
+	}
+	if h := got["invokex_harness_driver_start_seconds"]; h == nil || h.Metric[0].Histogram.GetSampleCount() != 1 {
+		t.Fatalf("driver start histogram = %v", h)
+	}
+	if h := got["invokex_harness_invoke_seconds"]; h == nil || h.Metric[0].Histogram.GetSampleCount() != 2 {
+		t.Fatalf("invoke histogram = %v", h)
+	}
+	idle := -1.0
+	for _, m := range got["invokex_harness_instances"].GetMetric() {
+		labels := map[string]string{}
+		for _, l := range m.Label {
+			labels[l.GetName()] = l.GetValue()
+		}
+		if labels["function"] == "m" && labels["state"] == "idle" {
+			idle = m.Gauge.GetValue()
+		}
+	}
+	if idle != 1 {
+		t.Fatalf("idle gauge for m = %v, want 1", idle)
+	}
+	// A second harness on the same registry is refused, not silently merged.
+	if _, err := New(Config{Driver: e.drv, CacheDir: t.TempDir(), Code: e.src, MaxMemoryMB: 1024, Metrics: reg}); err == nil {
+		t.Fatal("registering the metrics twice succeeded")
 	}
 }
