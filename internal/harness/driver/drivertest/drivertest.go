@@ -1,0 +1,445 @@
+// Package drivertest is the conformance suite every sandbox driver runs:
+// the process driver now, the VM drivers later. It talks to instances
+// exactly as the harness does, with package protocol over Instance.Conn,
+// and deploys a real function, internal/testfunc/probe, that reports on and
+// attacks its sandbox.
+//
+// A driver's test calls Run from a Test function:
+//
+//	func TestDriver(t *testing.T) {
+//		drivertest.Run(t, func(t *testing.T, stateDir string) driver.Driver { ... })
+//	}
+//
+// newDriver must return a fresh driver on stateDir each time it is called
+// (subtests are independent and each gets its own state directory). Checks
+// that need root (limits, the sandbox user) skip when not root.
+//
+// The crash-recovery subtest re-executes the test binary to run a
+// short-lived "harness" child; that child runs the same Test function with
+// an environment variable set and must reach Run.
+package drivertest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/protocol"
+)
+
+// Run runs the conformance suite against the drivers newDriver returns.
+func Run(t *testing.T, newDriver func(t *testing.T, stateDir string) driver.Driver) {
+	if os.Getenv(crashHelperEnv) != "" {
+		runCrashHelper(t, newDriver)
+		return
+	}
+	probe := BuildProbe(t)
+	s := &suite{newDriver: newDriver, probe: probe, topName: t.Name()}
+	for _, tc := range []struct {
+		name string
+		fn   func(*testing.T)
+	}{
+		{"Echo", s.testEcho},
+		{"InvalidSpec", s.testInvalidSpec},
+		{"Concurrent", s.testConcurrent},
+		{"FunctionErrors", s.testFunctionErrors},
+		{"Timeout", s.testTimeout},
+		{"RuntimeCrash", s.testRuntimeCrash},
+		{"OutputFlood", s.testOutputFlood},
+		{"MemoryLimit", s.testMemoryLimit},
+		{"EphemeralLimit", s.testEphemeralLimit},
+		{"ForkBomb", s.testForkBomb},
+		{"ReadOnlyRoot", s.testReadOnlyRoot},
+		{"NetworkIsolated", s.testNetworkIsolated},
+		{"NetworkShared", s.testNetworkShared},
+		{"Shutdown", s.testShutdown},
+		{"StopRemovesEverything", s.testStopRemovesEverything},
+		{"StopIdempotent", s.testStopIdempotent},
+		{"RecoverAfterCrash", s.testRecoverAfterCrash},
+	} {
+		t.Run(tc.name, tc.fn)
+	}
+}
+
+type suite struct {
+	newDriver func(*testing.T, string) driver.Driver
+	probe     string
+	topName   string
+}
+
+func (s *suite) env(t *testing.T) *env { return newEnv(t, s.newDriver, s.probe) }
+
+func (s *suite) testEcho(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	var a echoAnswer
+	sb.call(map[string]any{"action": "echo", "marker": "m-42"}, &a)
+	if !strings.Contains(string(a.Event), `"m-42"`) {
+		t.Errorf("echoed event %s lacks the marker", a.Event)
+	}
+	f := a.Facts
+	if isRoot() && (f.UID != 993 || f.GID != 993) {
+		t.Errorf("runtime runs as %d:%d, want the sandbox user 993:993", f.UID, f.GID)
+	}
+	if !contains(f.Task, "bootstrap") {
+		t.Errorf("/var/task holds %v, want the bootstrap", f.Task)
+	}
+	if host, _ := os.Hostname(); f.Hostname == "" || f.Hostname == host {
+		t.Errorf("sandbox hostname %q, want its own (host is %q)", f.Hostname, host)
+	}
+	// The sandbox has its own pid namespace: its init is 1, the agent and
+	// the runtime come right after.
+	if f.PID <= 0 || f.PID > 64 {
+		t.Errorf("runtime pid %d, want a small pid of its own namespace", f.PID)
+	}
+	if f.Cwd != "/var/task" {
+		t.Errorf("cwd %q, want /var/task", f.Cwd)
+	}
+	for k, v := range map[string]string{"LAMBDA_TASK_ROOT": "/var/task", "AWS_LAMBDA_FUNCTION_NAME": "probe"} {
+		if f.Env[k] != v {
+			t.Errorf("env %s=%q, want %q", k, f.Env[k], v)
+		}
+	}
+	// A warm instance serves the next request with the same runtime.
+	var b echoAnswer
+	sb.call(map[string]any{"action": "echo"}, &b)
+	if b.Facts.PID != f.PID {
+		t.Errorf("second invocation ran in pid %d, first in %d: runtime not reused", b.Facts.PID, f.PID)
+	}
+}
+
+func (s *suite) testInvalidSpec(t *testing.T) {
+	e := s.env(t)
+	for name, mutate := range map[string]func(*driver.Spec){
+		"bad id":      func(sp *driver.Spec) { sp.ID = "Bad_ID!" },
+		"empty id":    func(sp *driver.Spec) { sp.ID = "" },
+		"no code dir": func(sp *driver.Spec) { sp.CodeDir = "/nonexistent/code" },
+		"no memory":   func(sp *driver.Spec) { sp.MemoryMB = 0 },
+	} {
+		sp := e.spec()
+		mutate(&sp)
+		inst, err := e.d.Start(context.Background(), sp)
+		if !errors.Is(err, errdefs.ErrInvalidParameter) {
+			t.Errorf("%s: Start error = %v, want ErrInvalidParameter", name, err)
+		}
+		if inst != nil {
+			t.Errorf("%s: Start returned an instance", name)
+		}
+	}
+}
+
+func (s *suite) testConcurrent(t *testing.T) {
+	e := s.env(t)
+	for i := range 3 {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			t.Parallel()
+			sb := e.start(t, e.spec())
+			sb.init()
+			for j := range 3 {
+				marker := fmt.Sprintf("%s-%d", sb.spec.ID, j)
+				var a echoAnswer
+				sb.call(map[string]any{"action": "echo", "marker": marker}, &a)
+				if !strings.Contains(string(a.Event), marker) {
+					t.Errorf("instance %s answered %s to request %d", sb.spec.ID, a.Event, j)
+				}
+			}
+		})
+	}
+}
+
+func (s *suite) testFunctionErrors(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	r := sb.invoke(map[string]any{"action": "error", "message": "boom-17"}, 30*time.Second)
+	if r.FunctionError != "Unhandled" || !strings.Contains(string(r.Payload), "boom-17") {
+		t.Errorf("error action: FunctionError %q payload %s, want Unhandled with the message", r.FunctionError, r.Payload)
+	}
+	sb.call(map[string]any{"action": "echo"}, nil)
+	// A panicking Go function reports the panic and then exits; whether
+	// the next invocation sees a fresh runtime or the exit is the agent's
+	// business, so nothing is invoked after it.
+	r = sb.invoke(map[string]any{"action": "panic"}, 30*time.Second)
+	if r.FunctionError != "Unhandled" {
+		t.Errorf("panic action: FunctionError %q payload %s, want Unhandled", r.FunctionError, r.Payload)
+	}
+}
+
+func (s *suite) testTimeout(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	r := sb.invoke(map[string]any{"action": "sleep", "ms": 60000}, time.Second)
+	if r.FunctionError != "Unhandled" || !r.Reset || !strings.Contains(string(r.Payload), "Task timed out") {
+		t.Errorf("timeout: FunctionError %q Reset %v payload %s, want Unhandled, Reset and Task timed out",
+			r.FunctionError, r.Reset, r.Payload)
+	}
+	// The runtime was killed; the next invocation re-runs INIT and works.
+	sb.call(map[string]any{"action": "echo"}, nil)
+}
+
+func (s *suite) testRuntimeCrash(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	r := sb.invoke(map[string]any{"action": "exit", "code": 3}, 30*time.Second)
+	if r.FunctionError != "Unhandled" || r.ErrorType != "Runtime.ExitError" || !r.Reset {
+		t.Errorf("exit 3: FunctionError %q ErrorType %q Reset %v payload %s, want Unhandled Runtime.ExitError Reset",
+			r.FunctionError, r.ErrorType, r.Reset, r.Payload)
+	}
+	var a echoAnswer
+	r = sb.call(map[string]any{"action": "echo"}, &a)
+	if r.InitDuration <= 0 {
+		t.Errorf("invocation after a crash reports no InitDuration: INIT did not run again")
+	}
+}
+
+func (s *suite) testOutputFlood(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	const n = 8 << 20
+	var o outcome
+	r := sb.call(map[string]any{"action": "spam", "bytes": n}, &o)
+	if o.Bytes != n || r.LogBytes < n {
+		t.Errorf("spam: wrote %d, LogBytes %d, want both >= %d", o.Bytes, r.LogBytes, n)
+	}
+	if len(r.Log) >= n {
+		t.Errorf("log of %d bytes was not capped", len(r.Log))
+	}
+	sb.call(map[string]any{"action": "echo"}, nil)
+}
+
+func (s *suite) testMemoryLimit(t *testing.T) {
+	requireRoot(t)
+	e := s.env(t)
+	sp := e.spec()
+	sp.MemoryMB = 128
+	sb := e.start(t, sp)
+	sb.init()
+	r := sb.invoke(map[string]any{"action": "alloc", "mb": 1024}, 60*time.Second)
+	if r.FunctionError != "Unhandled" || !r.Reset {
+		t.Errorf("alloc 1024 MB in 128 MB: FunctionError %q Reset %v payload %s, want Unhandled and Reset",
+			r.FunctionError, r.Reset, r.Payload)
+	}
+	// The sandbox survives its runtime's OOM, and the host starts more.
+	sb.call(map[string]any{"action": "echo"}, nil)
+	other := e.start(t, e.spec())
+	other.init()
+	other.call(map[string]any{"action": "echo"}, nil)
+}
+
+func (s *suite) testEphemeralLimit(t *testing.T) {
+	requireRoot(t)
+	e := s.env(t)
+	sp := e.spec()
+	sp.MemoryMB, sp.EphemeralMB = 512, 32
+	sb := e.start(t, sp)
+	sb.init()
+	name := randomID("fill")
+	var o outcome
+	sb.call(map[string]any{"action": "fill-tmp", "mb": 128, "name": name}, &o)
+	if !strings.Contains(o.Error, "no space left on device") {
+		t.Errorf("filling /tmp past 32 MB: error %q after %d bytes, want no space left on device", o.Error, o.Bytes)
+	}
+	if o.Bytes > 33<<20 {
+		t.Errorf("wrote %d bytes to a 32 MB /tmp", o.Bytes)
+	}
+	if _, err := os.Stat("/tmp/" + name); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the sandbox's /tmp file is visible on the host: %v", err)
+	}
+	// The full /tmp stays full: the file lives on in the sandbox.
+	var again outcome
+	sb.call(map[string]any{"action": "fill-tmp", "mb": 1, "name": name + "-2"}, &again)
+	if !strings.Contains(again.Error, "no space left on device") {
+		t.Errorf("writing to the full /tmp again: error %q after %d bytes, want no space left on device", again.Error, again.Bytes)
+	}
+}
+
+func (s *suite) testForkBomb(t *testing.T) {
+	requireRoot(t)
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	const max = 4096
+	var o outcome
+	sb.call(map[string]any{"action": "forkbomb", "max": max}, &o)
+	// Lambda allows 1,024 processes and threads per environment.
+	if o.Count >= max || o.Count > 1024 || o.Error == "" {
+		t.Errorf("fork bomb started %d children (error %q); want it stopped by a limit of at most 1024", o.Count, o.Error)
+	}
+	if o.Count == 0 {
+		t.Errorf("fork bomb could not start a single child: %q", o.Error)
+	}
+	sb.call(map[string]any{"action": "echo"}, nil)
+	other := e.start(t, e.spec())
+	other.init()
+	other.call(map[string]any{"action": "echo"}, nil)
+}
+
+func (s *suite) testReadOnlyRoot(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	for _, p := range []string{"/usr/x", "/var/task/x", "/x", "/etc/passwd"} {
+		var o outcome
+		sb.call(map[string]any{"action": "write-file", "path": p, "data": "x"}, &o)
+		if !strings.Contains(o.Error, "read-only file system") {
+			t.Errorf("writing %s: error %q, want read-only file system", p, o.Error)
+		}
+	}
+	var o outcome
+	sb.call(map[string]any{"action": "write-file", "path": "/tmp/x", "data": "x"}, &o)
+	if o.Error != "" {
+		t.Errorf("writing /tmp/x: %s", o.Error)
+	}
+	if _, err := os.Stat("/usr/x"); err == nil {
+		t.Errorf("/usr/x exists on the host")
+	}
+}
+
+// hostListener listens on the host's loopback for the network tests.
+func hostListener(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return l.Addr().String()
+}
+
+func (s *suite) testNetworkIsolated(t *testing.T) {
+	addr := hostListener(t)
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	var o outcome
+	sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
+	if o.Error == "" {
+		t.Errorf("an isolated sandbox reached the host's %s", addr)
+	}
+}
+
+func (s *suite) testNetworkShared(t *testing.T) {
+	addr := hostListener(t)
+	e := s.env(t)
+	sp := e.spec()
+	sp.Network = true
+	sb := e.start(t, sp)
+	sb.init()
+	var o outcome
+	sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
+	if o.Error != "" {
+		t.Errorf("a sandbox with Network cannot reach the host's %s: %s", addr, o.Error)
+	}
+}
+
+func (s *suite) testShutdown(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	sb.call(map[string]any{"action": "echo"}, nil)
+	if err := sb.conn.WriteFrame(protocol.TypeShutdown, protocol.Shutdown{}); err != nil {
+		t.Fatal(err)
+	}
+	sb.read(protocol.TypeShutdownDone)
+	select {
+	case <-sb.inst.Done():
+	case <-time.After(stopTimeout):
+		t.Fatalf("Done not closed after the agent shut down")
+	}
+	stopAndCheck(t, e, sb)
+}
+
+func (s *suite) testStopRemovesEverything(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	sb.call(map[string]any{"action": "echo"}, nil)
+	if len(leftovers(sb.spec.ID, 0, e.stateDir)) == 0 {
+		t.Logf("note: the driver keeps nothing named after the instance on the host; leftover checks are weak")
+	}
+	stopAndCheck(t, e, sb)
+	select {
+	case <-sb.inst.Done():
+	default:
+		t.Errorf("Done not closed after Stop")
+	}
+	if _, err := sb.conn.ReadFrame(); err == nil {
+		t.Errorf("the stream still delivers frames after Stop")
+	}
+}
+
+func stopAndCheck(t *testing.T, e *env, sb *sandbox) {
+	t.Helper()
+	pid := 0
+	if hp, ok := sb.inst.(HostProcess); ok {
+		pid = hp.PID()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	defer cancel()
+	if err := e.d.Stop(ctx, sb.spec.ID); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	waitNoLeftovers(t, sb.spec.ID, pid, e.stateDir)
+}
+
+func (s *suite) testStopIdempotent(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // cleanup must complete even with a cancelled context
+	var wg sync.WaitGroup
+	errs := make([]error, 3)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = e.d.Stop(ctx, sb.spec.ID)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("concurrent Stop %d: %v", i, err)
+		}
+	}
+	if err := e.d.Stop(context.Background(), sb.spec.ID); err != nil {
+		t.Errorf("Stop of a stopped instance: %v", err)
+	}
+	if err := e.d.Stop(context.Background(), "never-started"); err != nil {
+		t.Errorf("Stop of an unknown instance: %v", err)
+	}
+	pid := 0
+	if hp, ok := sb.inst.(HostProcess); ok {
+		pid = hp.PID()
+	}
+	waitNoLeftovers(t, sb.spec.ID, pid, e.stateDir)
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,599 @@
+// Package process is the process sandbox driver: each instance is a tree of
+// processes in its own mount, pid, IPC, UTS and (unless Spec.Network)
+// network namespaces, with a private read-only root file system, under
+// memory and pids cgroups. It is the lightest driver and the weakest
+// isolation (a shared kernel); the VM drivers are for untrusted code.
+//
+// The sandbox's init is this same binary run as InitCommand, which calls
+// InitMain; the driver talks to the agent inside over a socketpair.
+//
+// As root the driver uses cgroups v1 or v2. Not as root it degrades: a user
+// namespace maps the caller to root inside, and there are no cgroups, so no
+// memory or process limits. Describe lists every degradation, and New logs
+// them once.
+package process
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/harness/driver"
+)
+
+var _ driver.Driver = (*Driver)(nil)
+var _ driver.Closer = (*Driver)(nil)
+var _ driver.Describer = (*Driver)(nil)
+
+// Timeouts of the driver's own steps. They bound cleanup even when the
+// caller's context has no deadline.
+const (
+	defaultStopGrace = 2 * time.Second
+	readyTimeout     = 30 * time.Second
+	killTimeout      = 10 * time.Second
+)
+
+var idPattern = regexp.MustCompile(`^[a-z0-9-]{1,40}$`)
+
+// Options configures New.
+type Options struct {
+	// StateDir holds one directory per instance (its record and the mount
+	// point of its root); required. Recover cleans up what it finds there.
+	StateDir string
+	// InitCommand runs the sandbox's init; it must end up in InitMain.
+	// Default: this executable with InitArg.
+	InitCommand []string
+	// Logger receives the driver's and the sandboxes' diagnostics; default
+	// slog.Default().
+	Logger *slog.Logger
+	// CgroupRoot is where the cgroup file systems are mounted; default
+	// /sys/fs/cgroup.
+	CgroupRoot string
+	// CgroupParent is the cgroup, relative to each hierarchy, that holds the
+	// instance cgroups. Default "invokex/<hash of StateDir>": drivers with
+	// different state directories (several harnesses, tests) never touch
+	// each other's cgroups, and Recover removes only its own.
+	CgroupParent string
+	// StopGrace bounds the graceful part of Stop; default 2 s.
+	StopGrace time.Duration
+}
+
+// Driver is the process sandbox driver. See package driver for the contract.
+type Driver struct {
+	opts         Options
+	log          *slog.Logger
+	cg           *cgroupManager
+	rootless     bool
+	degradations []string
+
+	mu        sync.Mutex
+	closed    bool
+	instances map[string]*instance
+}
+
+// New prepares the state directory and the cgroup parents. It logs every
+// degradation once.
+func New(opts Options) (*Driver, error) {
+	if opts.StateDir == "" {
+		return nil, errdefs.Invalid("process driver: state directory is required")
+	}
+	dir, err := filepath.Abs(opts.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("process driver: resolving state directory: %w", err)
+	}
+	opts.StateDir = dir
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("process driver: creating state directory: %w", err)
+	}
+	if len(opts.InitCommand) == 0 {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("process driver: finding own executable: %w", err)
+		}
+		opts.InitCommand = []string{exe, InitArg}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.CgroupRoot == "" {
+		opts.CgroupRoot = "/sys/fs/cgroup"
+	}
+	if opts.CgroupParent == "" {
+		sum := sha256.Sum256([]byte(dir))
+		opts.CgroupParent = "invokex/" + hex.EncodeToString(sum[:4])
+	}
+	if opts.StopGrace <= 0 {
+		opts.StopGrace = defaultStopGrace
+	}
+	d := &Driver{
+		opts:      opts,
+		log:       opts.Logger.With("driver", "process"),
+		rootless:  os.Geteuid() != 0,
+		instances: map[string]*instance{},
+	}
+	if d.rootless {
+		d.degradations = append(d.degradations,
+			"not root: sandboxes run in a user namespace mapping the caller to root; the runtime cannot run as a separate user")
+	}
+	if !d.rootless && !hasCapability(capSysResource) {
+		d.degradations = append(d.degradations,
+			"no CAP_SYS_RESOURCE: the agent cannot be protected from the OOM killer (oom_score_adj)")
+	}
+	d.cg = newCgroupManager(opts.CgroupRoot, opts.CgroupParent, !d.rootless)
+	d.degradations = append(d.degradations, d.cg.degradations...)
+	for _, s := range d.degradations {
+		d.log.Warn("process sandbox isolation degraded", "reason", s)
+	}
+	return d, nil
+}
+
+// Name returns "process".
+func (d *Driver) Name() string { return "process" }
+
+// Describe lists how the sandboxes on this host are weaker than intended.
+func (d *Driver) Describe() []string {
+	return append([]string(nil), d.degradations...)
+}
+
+// Start creates the instance's state directory and cgroups, starts its init
+// in new namespaces and waits until the agent inside is ready.
+func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, error) {
+	if err := validate(spec); err != nil {
+		return nil, err
+	}
+	startCtx, cancel := context.WithCancel(ctx)
+	inst := &instance{
+		d:           d,
+		id:          spec.ID,
+		dir:         filepath.Join(d.opts.StateDir, spec.ID),
+		done:        make(chan struct{}),
+		started:     make(chan struct{}),
+		cancelStart: cancel,
+		log:         d.log.With("instance", spec.ID, "function", spec.Function),
+	}
+	d.mu.Lock()
+	switch {
+	case d.closed:
+		d.mu.Unlock()
+		cancel()
+		return nil, fmt.Errorf("starting sandbox %s: driver closed: %w", spec.ID, errdefs.ErrUnavailable)
+	case d.instances[spec.ID] != nil:
+		d.mu.Unlock()
+		cancel()
+		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, errdefs.ErrAlreadyExists)
+	}
+	d.instances[spec.ID] = inst
+	d.mu.Unlock()
+
+	err := inst.start(startCtx, spec)
+	cancel()
+	close(inst.started)
+	if err != nil {
+		if cerr := inst.stop(context.WithoutCancel(ctx)); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, err)
+	}
+	return inst, nil
+}
+
+func validate(spec driver.Spec) error {
+	if !idPattern.MatchString(spec.ID) {
+		return errdefs.Invalid("sandbox id %q must be 1 to 40 of [a-z0-9-]", spec.ID)
+	}
+	if spec.MemoryMB <= 0 || spec.EphemeralMB <= 0 {
+		return errdefs.Invalid("sandbox %s: MemoryMB and EphemeralMB must be positive", spec.ID)
+	}
+	for name, dir := range map[string]string{"CodeDir": spec.CodeDir, "RuntimeDir": spec.RuntimeDir} {
+		if dir == "" && name == "RuntimeDir" {
+			continue
+		}
+		if !filepath.IsAbs(dir) {
+			return errdefs.Invalid("sandbox %s: %s %q must be an absolute path", spec.ID, name, dir)
+		}
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return errdefs.Invalid("sandbox %s: %s %q is not a directory", spec.ID, name, dir)
+		}
+	}
+	return nil
+}
+
+// Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
+func (d *Driver) Stop(ctx context.Context, id string) error {
+	d.mu.Lock()
+	inst := d.instances[id]
+	d.mu.Unlock()
+	if inst == nil {
+		return nil
+	}
+	return inst.stop(ctx)
+}
+
+// Recover removes everything instances of a previous driver on the same
+// StateDir left behind: it kills their processes (pid and start time are
+// recorded, so a recycled pid is never hit), removes their cgroups and
+// state directories, and removes cgroups under CgroupParent that have no
+// state directory (a crash between creating one and recording it cannot
+// happen, but a crash during removal can). It re-adopts nothing: the
+// harness's end of a socketpair died with the harness and a socketpair
+// cannot be re-connected. It always returns an empty slice.
+func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
+	ctx = context.WithoutCancel(ctx)
+	ents, err := os.ReadDir(d.opts.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("recovering: reading state directory: %w", err)
+	}
+	var errs []error
+	seen := map[string]bool{}
+	for _, e := range ents {
+		id := e.Name()
+		seen[id] = true
+		if !e.IsDir() || d.known(id) {
+			continue
+		}
+		if err := d.removeLeftover(ctx, id); err != nil {
+			errs = append(errs, fmt.Errorf("recovering sandbox %s: %w", id, err))
+		}
+	}
+	for id, paths := range d.cg.children() {
+		if seen[id] || d.known(id) {
+			continue
+		}
+		d.log.Info("removing stray sandbox cgroup", "instance", id)
+		if err := destroyCgroups(ctx, paths, killTimeout); err != nil {
+			errs = append(errs, fmt.Errorf("recovering cgroup %s: %w", id, err))
+		}
+	}
+	return []driver.Instance{}, errors.Join(errs...)
+}
+
+func (d *Driver) known(id string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.instances[id] != nil
+}
+
+func (d *Driver) removeLeftover(ctx context.Context, id string) error {
+	dir := filepath.Join(d.opts.StateDir, id)
+	paths := d.cg.paths(id)
+	rec, err := readRecord(dir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if rec != nil {
+		paths = append(paths, rec.Cgroups...)
+		if sameProcess(rec.PID, rec.StartTime) {
+			d.log.Info("killing leftover sandbox", "instance", id, "pid", rec.PID)
+			if err := killRecorded(ctx, rec.PID, rec.StartTime); err != nil {
+				return err
+			}
+		}
+	}
+	d.log.Info("removing leftover sandbox", "instance", id)
+	if err := destroyCgroups(ctx, dedupe(paths), killTimeout); err != nil {
+		return err
+	}
+	return removeStateDir(dir)
+}
+
+// killRecorded SIGKILLs a leftover sandbox init (which takes its whole pid
+// namespace with it) and waits until it is gone.
+func killRecorded(ctx context.Context, pid int, startTime uint64) error {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil // already gone
+	}
+	defer unix.Close(fd)
+	// Re-check after pinning the process with the pidfd.
+	if !sameProcess(pid, startTime) {
+		return nil
+	}
+	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("killing pid %d: %w", pid, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, killTimeout)
+	defer cancel()
+	for processRunning(pid, startTime) {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for pid %d to exit: %w", pid, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func dedupe(ss []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, s := range ss {
+		if !seen[s] {
+			seen[s] = true
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Close stops every instance; Start fails with ErrUnavailable afterwards.
+func (d *Driver) Close(ctx context.Context) error {
+	d.mu.Lock()
+	d.closed = true
+	insts := make([]*instance, 0, len(d.instances))
+	for _, inst := range d.instances {
+		insts = append(insts, inst)
+	}
+	d.mu.Unlock()
+	errs := make([]error, len(insts))
+	var wg sync.WaitGroup
+	for i, inst := range insts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = inst.stop(ctx)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// instance is one sandbox. Its fields are set by start and read-only once
+// started is closed.
+type instance struct {
+	d   *Driver
+	id  string
+	dir string
+	log *slog.Logger
+
+	cgroups []string
+	cmd     *exec.Cmd
+	conn    net.Conn
+	stderr  *lineLogger
+	// done is closed when the init has exited (the only cmd.Wait).
+	done chan struct{}
+	// started is closed when Start has returned; cancelStart aborts it.
+	started     chan struct{}
+	cancelStart context.CancelFunc
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+var _ driver.Instance = (*instance)(nil)
+
+func (i *instance) ID() string               { return i.id }
+func (i *instance) Conn() io.ReadWriteCloser { return i.conn }
+func (i *instance) Done() <-chan struct{}    { return i.done }
+
+// PID is the sandbox init's pid in the host's namespace.
+func (i *instance) PID() int { return i.cmd.Process.Pid }
+
+func (i *instance) start(ctx context.Context, spec driver.Spec) error {
+	d := i.d
+	rec := &record{ID: spec.ID, Function: spec.Function, RevisionID: spec.RevisionID,
+		Cgroups: d.cg.paths(spec.ID), Created: time.Now().UTC()}
+	// Record first, then create: Recover must know of every cgroup.
+	if err := os.Mkdir(i.dir, 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	root := filepath.Join(i.dir, rootDirName)
+	if err := os.Mkdir(root, 0o755); err != nil {
+		return fmt.Errorf("creating root directory: %w", err)
+	}
+	if err := writeRecord(i.dir, rec); err != nil {
+		return err
+	}
+	i.cgroups = rec.Cgroups
+	if err := d.cg.create(spec.ID, spec.MemoryMB); err != nil {
+		return err
+	}
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("creating socketpair: %w", err)
+	}
+	hostEnd := os.NewFile(uintptr(fds[0]), "sandbox-"+spec.ID)
+	sandboxEnd := os.NewFile(uintptr(fds[1]), "harness")
+	i.conn, err = net.FileConn(hostEnd)
+	hostEnd.Close()
+	if err != nil {
+		sandboxEnd.Close()
+		return fmt.Errorf("wrapping socketpair: %w", err)
+	}
+	err = i.startInit(spec, root, sandboxEnd)
+	sandboxEnd.Close() // the child has its copy
+	if err != nil {
+		return err
+	}
+	rec.PID = i.cmd.Process.Pid
+	if rec.StartTime, err = procStartTime(rec.PID); err != nil {
+		return fmt.Errorf("reading init start time: %w", err)
+	}
+	if err := writeRecord(i.dir, rec); err != nil {
+		return err
+	}
+	// The init waits for syncGo before it allocates anything of note, so
+	// joining here puts the whole sandbox under the limits.
+	if err := joinCgroups(i.cgroups, rec.PID); err != nil {
+		return err
+	}
+	if _, err := i.conn.Write([]byte{syncGo}); err != nil {
+		return fmt.Errorf("releasing init: %w", err)
+	}
+	return i.waitReady(ctx)
+}
+
+func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File) error {
+	d := i.d
+	cfg := sandboxConfig{
+		ID: spec.ID, Hostname: hostname(spec.ID), Root: root,
+		CodeDir: spec.CodeDir, RuntimeDir: spec.RuntimeDir,
+		MemoryMB: spec.MemoryMB, EphemeralMB: spec.EphemeralMB,
+		OwnNetwork: !spec.Network,
+	}
+	cfgJSON, err := jsonString(cfg)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(d.opts.InitCommand[0], d.opts.InitCommand[1:]...)
+	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", configEnv + "=" + cfgJSON}
+	cmd.Dir = "/"
+	cmd.ExtraFiles = []*os.File{sandboxEnd} // fd 3 = harnessFD
+	i.stderr = newLineLogger(i.log.With("source", "sandbox"))
+	cmd.Stdout = i.stderr
+	cmd.Stderr = i.stderr
+	// Bounds cmd.Wait if something in the sandbox kept the stderr pipe
+	// open after the init died (cannot happen with a pid namespace, but
+	// the waiter must never hang).
+	cmd.WaitDelay = time.Second
+	flags := uintptr(unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS)
+	if !spec.Network {
+		flags |= unix.CLONE_NEWNET
+	}
+	attr := &syscall.SysProcAttr{Cloneflags: flags, Pdeathsig: syscall.SIGKILL}
+	if d.rootless {
+		attr.Cloneflags |= unix.CLONE_NEWUSER
+		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}}
+		attr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}}
+		attr.GidMappingsEnableSetgroups = false
+	}
+	cmd.SysProcAttr = attr
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting sandbox init: %w", err)
+	}
+	i.cmd = cmd
+	go func() {
+		err := cmd.Wait()
+		i.stderr.flush()
+		if err != nil && !isKilled(err) {
+			i.log.Info("sandbox exited", "err", err)
+		}
+		close(i.done)
+	}()
+	return nil
+}
+
+func isKilled(err error) bool {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return true
+		}
+	}
+	return false
+}
+
+// waitReady waits for syncReady from the agent. The init exiting first
+// ends the read with EOF, since the sandbox's end of the stream closes.
+func (i *instance) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { _ = i.conn.SetReadDeadline(time.Now()) })
+	defer stop()
+	var b [1]byte
+	_, err := io.ReadFull(i.conn, b[:])
+	if !stop() {
+		// The deadline was forced: the read (if it failed) failed for that.
+		return fmt.Errorf("waiting for the sandbox agent: %w", context.Cause(ctx))
+	}
+	if err != nil {
+		<-i.doneOrTimeout(time.Second) // lets the last stderr lines arrive
+		return fmt.Errorf("sandbox failed before its agent was ready (%s): %w", i.stderr.lastLines(), err)
+	}
+	if b[0] != syncReady {
+		return fmt.Errorf("sandbox agent sent %q instead of ready", b[0])
+	}
+	return nil
+}
+
+func (i *instance) doneOrTimeout(d time.Duration) <-chan struct{} {
+	ch := make(chan struct{})
+	go func() {
+		defer close(ch)
+		select {
+		case <-i.done:
+		case <-time.After(d):
+		}
+	}()
+	return ch
+}
+
+// stop runs the teardown exactly once; concurrent callers wait for it.
+func (i *instance) stop(ctx context.Context) error {
+	i.cancelStart()
+	<-i.started
+	i.stopOnce.Do(func() {
+		i.stopErr = i.destroy(ctx)
+		i.d.mu.Lock()
+		delete(i.d.instances, i.id)
+		i.d.mu.Unlock()
+	})
+	return i.stopErr
+}
+
+// destroy closes the stream, asks the sandbox to exit (SIGTERM to the init,
+// which the agent gets), kills it after the grace period (killing a pid
+// namespace's init kills the namespace), then removes the cgroups and the
+// state directory. It runs to completion even when ctx is cancelled; ctx
+// only shortens the grace period.
+func (i *instance) destroy(ctx context.Context) error {
+	var errs []error
+	if i.conn != nil {
+		i.conn.Close()
+	}
+	if i.cmd != nil {
+		grace := i.d.opts.StopGrace
+		if dl, ok := ctx.Deadline(); ok {
+			grace = min(grace, time.Until(dl))
+		}
+		select {
+		case <-i.done:
+		default:
+			_ = i.cmd.Process.Signal(syscall.SIGTERM)
+			t := time.NewTimer(max(grace, 0))
+			select {
+			case <-i.done:
+			case <-t.C:
+			case <-ctx.Done():
+			}
+			t.Stop()
+		}
+		// os.Process signals through a pidfd: never a recycled pid.
+		_ = i.cmd.Process.Signal(syscall.SIGKILL)
+		select {
+		case <-i.done:
+		case <-time.After(killTimeout):
+			errs = append(errs, fmt.Errorf("sandbox init %d did not exit after SIGKILL", i.cmd.Process.Pid))
+		}
+	}
+	if err := destroyCgroups(context.WithoutCancel(ctx), i.cgroups, killTimeout); err != nil {
+		errs = append(errs, err)
+	}
+	if err := removeStateDir(i.dir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("stopping sandbox %s: %w", i.id, err)
+	}
+	return nil
+}
+
+// hostname is the sandbox's hostname (at most 64 bytes).
+func hostname(id string) string {
+	return "sandbox-" + id
+}
