@@ -51,6 +51,7 @@ type fakeAPI struct {
 	events  chan fakeEvent
 	results chan fakeResult
 	out     *outputCapture
+	outW    *os.File // the write end of out, for the runtime
 	exited  chan int // the runtime's exit code, once
 	seq     int
 }
@@ -62,6 +63,9 @@ func newFakeAPI(t *testing.T) *fakeAPI {
 		results: make(chan fakeResult, 16),
 		exited:  make(chan int, 1),
 	}
+	// Created before the server starts: its handlers use it.
+	f.out, f.outW = newOutputCapture(t)
+	t.Cleanup(func() { f.outW.Close() }) // if no runtime took it
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /2018-06-01/runtime/invocation/next", f.next)
 	mux.HandleFunc("POST /2018-06-01/runtime/invocation/{id}/response", f.post("response"))
@@ -101,9 +105,7 @@ func (f *fakeAPI) post(kind string) http.HandlerFunc {
 			body:      body,
 			errorType: r.Header.Get("Lambda-Runtime-Function-Error-Type"),
 		}
-		if f.out != nil {
-			res.output = f.out.take()
-		}
+		res.output = f.out.take()
 		w.WriteHeader(http.StatusAccepted)
 		f.results <- res
 	}
@@ -238,9 +240,6 @@ func (c *outputCapture) drainLocked() bool {
 
 // take returns the output since the previous take.
 func (c *outputCapture) take() string {
-	if c == nil {
-		return ""
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.drainLocked()
@@ -280,8 +279,7 @@ func detected(t *testing.T, family Family) *Runtime {
 // with taskRoot as LAMBDA_TASK_ROOT and its working directory.
 func startProcess(t *testing.T, f *fakeAPI, argv []string, handler, taskRoot string) {
 	t.Helper()
-	out, w := newOutputCapture(t)
-	f.out = out
+	w := f.outW
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = taskRoot
 	cmd.Env = []string{
