@@ -78,6 +78,20 @@ func (s *Service) runtimeFor(ctx context.Context, id string) (*runtimes.Runtime,
 	return rt, nil
 }
 
+// defaultHandler fills an empty handler: from the runtime's default, or
+// "bootstrap" for provided runtimes, whose handler is informational.
+func defaultHandler(rt *runtimes.Runtime, handler string) (string, error) {
+	switch {
+	case handler != "":
+		return handler, nil
+	case rt.DefaultHandler != "":
+		return rt.DefaultHandler, nil
+	case rt.Family == runtimes.FamilyProvided:
+		return "bootstrap", nil
+	}
+	return "", errdefs.Invalid("Runtime and Handler are mandatory parameters for functions created with deployment packages.")
+}
+
 // checkCode verifies that the package can start under rt with handler.
 func checkCode(rt *runtimes.Runtime, handler string, m *codezip.Manifest) error {
 	err := runtimes.CheckCode(rt, handler, m.Lookup)
@@ -155,11 +169,8 @@ func (s *Service) CreateFunction(ctx context.Context, in *function.Config, zip [
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Handler == "" {
-		if rt.DefaultHandler == "" {
-			return nil, errdefs.Invalid("Runtime and Handler are mandatory parameters for functions created with deployment packages.")
-		}
-		cfg.Handler = rt.DefaultHandler
+	if cfg.Handler, err = defaultHandler(rt, cfg.Handler); err != nil {
+		return nil, err
 	}
 	m, err := codezip.Inspect(zip, s.cfg.Limits)
 	if err != nil {
@@ -393,11 +404,8 @@ func (s *Service) recheckCode(ctx context.Context, cfg *function.Config) error {
 	if err != nil {
 		return err
 	}
-	if cfg.Handler == "" {
-		if rt.DefaultHandler == "" {
-			return errdefs.Invalid("Runtime and Handler are mandatory parameters for functions created with deployment packages.")
-		}
-		cfg.Handler = rt.DefaultHandler
+	if cfg.Handler, err = defaultHandler(rt, cfg.Handler); err != nil {
+		return err
 	}
 	zip, err := s.readCode(ctx, cfg.CodeSha256)
 	if err != nil {
