@@ -60,6 +60,12 @@ type asyncQueue struct {
 	// exclusively by stop, so no request is sent after the batcher exits.
 	gate   sync.RWMutex
 	closed bool
+
+	// commitMu is held exclusively by the batcher from its commit until the
+	// batch's Queued records are written, and shared by workers while they
+	// claim, so a worker cannot run an event (and write its final record)
+	// before that event's Queued record is written, which would overwrite it.
+	commitMu sync.RWMutex
 }
 
 type enqueueReq struct {
@@ -238,16 +244,18 @@ func (q *asyncQueue) commit(batch []*enqueueReq) {
 		evs[i] = r.ev
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), enqueueTimeout)
+	q.commitMu.Lock()
 	err := q.s.store.Queue().Enqueue(ctx, evs)
 	cancel()
 	if err != nil {
 		err = fmt.Errorf("queueing event: %w", err)
 	} else {
-		// Queued records go to the writer before any worker can run the
-		// event, so a final record can never be overwritten by them.
 		for _, r := range batch {
 			q.s.records.write(r.queued)
 		}
+	}
+	q.commitMu.Unlock()
+	if err == nil {
 		q.signal()
 	}
 	for _, r := range batch {
@@ -264,7 +272,9 @@ func (q *asyncQueue) worker(ctx context.Context) {
 			return
 		default:
 		}
+		q.commitMu.RLock()
 		evs, err := q.s.store.Queue().Claim(ctx, q.s.now(), asyncLease, 1)
+		q.commitMu.RUnlock()
 		if err != nil && ctx.Err() == nil {
 			q.s.log.Warn("claiming queued events", "error", err)
 		}
@@ -378,7 +388,9 @@ func (s *Service) runEvent(ctx context.Context, ev *store.Event) {
 		// event is too old.
 		runs := ev.Attempts - fnErrs
 		backoff := s.cfg.ThrottleRetryBase << min(max(runs-1, 0), 20)
-		backoff = min(backoff, maxThrottleBackoff)
+		if backoff <= 0 || backoff > maxThrottleBackoff { // also catches overflow
+			backoff = maxThrottleBackoff
+		}
 		at := s.now().Add(backoff)
 		if at.After(deadline) {
 			rec.ErrorMessage = capMessage(fmt.Sprintf("event exceeded maximum age of %s; last error: %s", s.cfg.MaxEventAge, rec.ErrorMessage))

@@ -342,8 +342,9 @@ func (s *Service) UpdateFunctionConfiguration(ctx context.Context, name string, 
 	defer unlock()
 	_, updated, err := s.mutate(ctx, name, revisionID, func(cfg *function.Config) (*function.Config, error) {
 		oldRuntime, oldHandler := cfg.Runtime, cfg.Handler
+		// No ApplyDefaults here: the stored values are complete, and an
+		// explicit 0 (timeout, memory) is invalid rather than "default".
 		applyUpdate(cfg, upd)
-		cfg.ApplyDefaults()
 		if err := cfg.Validate(); err != nil {
 			return nil, err
 		}

@@ -10,6 +10,7 @@ import (
 	"github.com/invokex/invokex/internal/controlplane/store"
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/function"
+	"github.com/invokex/invokex/internal/runtimes"
 )
 
 func TestStartSyncsRuntimes(t *testing.T) {
@@ -343,7 +344,8 @@ func TestUpdateFunctionConfiguration(t *testing.T) {
 		msg  string
 	}{
 		{"reserved env", &ConfigUpdate{Environment: ptr(map[string]string{"AWS_LAMBDA_RUNTIME_API": "x"})}, "reserved keys"},
-		{"timeout", &ConfigUpdate{Timeout: ptr(0)}, ""},
+		{"timeout zero", &ConfigUpdate{Timeout: ptr(0)}, "'timeout'"},
+		{"memory zero", &ConfigUpdate{MemorySize: ptr(0)}, "'memorySize'"},
 		{"timeout high", &ConfigUpdate{Timeout: ptr(1000)}, "'timeout'"},
 		{"memory", &ConfigUpdate{MemorySize: ptr(100)}, "'memorySize'"},
 		{"unknown runtime", &ConfigUpdate{Runtime: ptr("java99")}, "enum value set"},
@@ -352,13 +354,6 @@ func TestUpdateFunctionConfiguration(t *testing.T) {
 	}
 	for _, b := range bad {
 		_, err := e.svc.UpdateFunctionConfiguration(ctx, "f", b.upd, "")
-		if b.name == "timeout" {
-			// Timeout 0 means "default" to ApplyDefaults, as in CreateFunction.
-			if err != nil {
-				t.Errorf("%s: %v", b.name, err)
-			}
-			continue
-		}
 		if !errors.Is(err, errdefs.ErrInvalidParameter) || !strings.Contains(errdefs.Message(err), b.msg) {
 			t.Errorf("%s: error = %v, want invalid with %q", b.name, err, b.msg)
 		}
@@ -426,4 +421,25 @@ func TestPutFunctionConcurrency(t *testing.T) {
 	}
 	_, err = e.svc.PutFunctionConcurrency(ctx, "ghost", ptr(1))
 	wantKind(t, err, errdefs.ErrNotFound, "")
+}
+
+func TestStartMarksForgottenRuntimesUnavailable(t *testing.T) {
+	st, bl := newBackends(t)
+	ctx := context.Background()
+	if err := st.Runtimes().Put(ctx, &runtimes.Runtime{ID: "python2.7", Family: runtimes.FamilyPython, Available: true}); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := New(Config{Store: st, Blobs: bl, DetectRuntimes: testRuntimes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := svc.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close(ctx)
+	rt, err := st.Runtimes().Get(ctx, "python2.7")
+	if err != nil || rt.Available || rt.Reason == "" {
+		t.Fatalf("forgotten runtime = %+v, %v", rt, err)
+	}
+	wantKind(t, svc.Start(ctx), errdefs.ErrConflict, "already started")
 }

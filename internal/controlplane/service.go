@@ -192,11 +192,9 @@ func (s *Service) Start(ctx context.Context) error {
 	if !s.state.CompareAndSwap(stateNew, stateRunning) {
 		return fmt.Errorf("starting control plane: already started or closed: %w", errdefs.ErrConflict)
 	}
-	for _, rt := range s.cfg.DetectRuntimes(ctx) {
-		if err := s.store.Runtimes().Put(ctx, rt); err != nil {
-			s.state.Store(stateClosed)
-			return fmt.Errorf("syncing runtime %s: %w", rt.ID, err)
-		}
+	if err := s.syncRuntimes(ctx); err != nil {
+		s.state.Store(stateClosed)
+		return err
 	}
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.bgCancel = cancel
@@ -208,6 +206,34 @@ func (s *Service) Start(ctx context.Context) error {
 			defer s.bgWG.Done()
 			s.retentionLoop(bg)
 		}()
+	}
+	return nil
+}
+
+// syncRuntimes writes what this host can run into the runtimes DB. Rows
+// this version no longer knows are kept (functions may name them) but
+// marked unavailable.
+func (s *Service) syncRuntimes(ctx context.Context) error {
+	detected := s.cfg.DetectRuntimes(ctx)
+	known := make(map[string]bool, len(detected))
+	for _, rt := range detected {
+		known[rt.ID] = true
+		if err := s.store.Runtimes().Put(ctx, rt); err != nil {
+			return fmt.Errorf("syncing runtime %s: %w", rt.ID, err)
+		}
+	}
+	stored, err := s.store.Runtimes().List(ctx)
+	if err != nil {
+		return fmt.Errorf("listing runtimes: %w", err)
+	}
+	for _, rt := range stored {
+		if known[rt.ID] || !rt.Available {
+			continue
+		}
+		rt.Available, rt.Reason = false, "this version of InvokeX does not support it"
+		if err := s.store.Runtimes().Put(ctx, rt); err != nil {
+			return fmt.Errorf("syncing runtime %s: %w", rt.ID, err)
+		}
 	}
 	return nil
 }
