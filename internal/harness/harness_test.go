@@ -682,3 +682,32 @@ func TestMetrics(t *testing.T) {
 		t.Fatal("registering the metrics twice succeeded")
 	}
 }
+
+func TestDefaultRuntimeFiles(t *testing.T) {
+	e := newTestEnv(t, func(c *Config) { c.RuntimeFiles = nil }) // runtimes.SupportFiles
+	req := request(e.fn("py", "r1"), "x")
+	req.Runtime.Family = runtimes.FamilyPython
+	mustInvoke(t, e.h, req)
+	mustInvoke(t, e.h, request(e.fn("prov", "r1"), "y"))
+	pyDir, provDir := e.drv.specs[0].RuntimeDir, e.drv.specs[1].RuntimeDir
+	if provDir != "" {
+		t.Errorf("provided runtime got support files at %s", provDir)
+	}
+	want := 0
+	_ = fs.WalkDir(runtimes.SupportFiles(runtimes.FamilyPython), ".", func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			want++
+		}
+		return err
+	})
+	got := 0
+	_ = filepath.WalkDir(pyDir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			got++
+		}
+		return err
+	})
+	if want == 0 || got != want {
+		t.Fatalf("python runtime dir %q holds %d files, want %d", pyDir, got, want)
+	}
+}

@@ -115,7 +115,6 @@ func TestHarnessWithProcessDriver(t *testing.T) {
 	})
 	h, err := harness.New(harness.Config{
 		Driver: drv, CacheDir: t.TempDir(), Code: blob, Logger: log,
-		RuntimeFiles: func(runtimes.Family) fs.FS { return nil },
 	})
 	if err != nil {
 		t.Fatal(err)
