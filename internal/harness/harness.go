@@ -108,7 +108,8 @@ type Harness struct {
 
 	mu      sync.Mutex
 	pools   map[string]*pool
-	started bool
+	started bool // Start was called
+	running bool // Start succeeded
 	closing bool
 	// inflight counts Invoke calls and their background work.
 	inflight sync.WaitGroup
@@ -281,6 +282,7 @@ func (h *Harness) Start(ctx context.Context) error {
 	h.stopReaper = make(chan struct{})
 	h.reaperDone = make(chan struct{})
 	go h.reaper(h.stopReaper, h.reaperDone)
+	h.running = true
 	return nil
 }
 
@@ -314,7 +316,7 @@ func (h *Harness) enter() error {
 	if h.closing {
 		return fmt.Errorf("harness is shutting down: %w", errdefs.ErrUnavailable)
 	}
-	if !h.started {
+	if !h.running {
 		return fmt.Errorf("harness is not started: %w", errdefs.ErrUnavailable)
 	}
 	h.inflight.Add(1)
