@@ -86,3 +86,15 @@ func TestLogStreamName(t *testing.T) {
 		t.Fatalf("instance id %q is not a valid driver.Spec.ID", id)
 	}
 }
+
+func TestDecodeClientContext(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                         "",
+		"eyJjdXN0b20iOnsiYSI6MX19": `{"custom":{"a":1}}`,
+		"not base64!":              "not base64!",
+	} {
+		if got := decodeClientContext(in); got != want {
+			t.Errorf("decodeClientContext(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -318,7 +319,7 @@ func (h *Harness) invokeOn(i *instance, req *InvokeRequest, cold bool, start tim
 		DeadlineUnixMs: h.now().Add(timeout).UnixMilli(),
 		FunctionARN:    req.ARN,
 		TraceID:        req.TraceID,
-		ClientContext:  req.ClientContext,
+		ClientContext:  decodeClientContext(req.ClientContext),
 	}
 	payload := req.Payload
 	if payload == nil {
@@ -382,4 +383,20 @@ func errorPayload(info protocol.ErrorInfo) []byte {
 		panic(err)
 	}
 	return b
+}
+
+// decodeClientContext turns X-Amz-Client-Context (base64 of JSON, as the
+// client sends it) into the JSON the Runtime API hands to the runtime in
+// Lambda-Runtime-Client-Context: aws-lambda-go and the other runtime
+// clients unmarshal that header as JSON. A value that is not base64 is
+// passed through unchanged.
+func decodeClientContext(s string) string {
+	if s == "" {
+		return ""
+	}
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return s
+	}
+	return string(b)
 }

@@ -123,10 +123,11 @@ type InitDone struct {
 
 // Invoke hands one event to the runtime. The body is the event payload.
 type Invoke struct {
-	RequestID       string
-	DeadlineUnixMs  int64
-	FunctionARN     string
-	TraceID         string `json:",omitempty"`
+	RequestID      string
+	DeadlineUnixMs int64
+	FunctionARN    string
+	TraceID        string `json:",omitempty"`
+	// ClientContext is the decoded JSON of X-Amz-Client-Context.
 	ClientContext   string `json:",omitempty"`
 	CognitoIdentity string `json:",omitempty"`
 }
