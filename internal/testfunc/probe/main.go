@@ -31,7 +31,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"runtime"
 	"sort"
 	"strings"
@@ -232,26 +231,30 @@ func forkbomb(max int) Outcome {
 	}
 	wg.Wait()
 
-	path, args := "/bin/sleep", []string{"3600"}
-	if _, err := os.Stat(path); err != nil {
-		path, args = "/proc/self/exe", []string{childArg}
+	argv := []string{"/bin/sleep", "3600"}
+	if _, err := os.Stat(argv[0]); err != nil {
+		argv = []string{"/proc/self/exe", childArg}
 	}
-	var procs []*os.Process
+	// syscall.ForkExec rather than os/exec: an os.Process holds a pidfd,
+	// so the descriptor limit would stop the bomb before the process
+	// limit does. The children get no descriptors at all.
+	var pids []int
 	var out Outcome
-	for len(procs) < max {
-		cmd := exec.Command(path, args...)
-		if err := cmd.Start(); err != nil {
+	for len(pids) < max {
+		pid, err := syscall.ForkExec(argv[0], argv, &syscall.ProcAttr{Files: []uintptr{}})
+		if err != nil {
 			out.Error = errText(err)
 			break
 		}
-		procs = append(procs, cmd.Process)
+		pids = append(pids, pid)
 	}
-	out.Count = len(procs)
-	for _, p := range procs {
-		p.Signal(syscall.SIGKILL)
+	out.Count = len(pids)
+	for _, pid := range pids {
+		syscall.Kill(pid, syscall.SIGKILL)
 	}
-	for _, p := range procs {
-		p.Wait()
+	for _, pid := range pids {
+		var ws syscall.WaitStatus
+		syscall.Wait4(pid, &ws, 0, nil)
 	}
 	return out
 }

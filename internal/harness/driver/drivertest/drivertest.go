@@ -49,6 +49,8 @@ func Run(t *testing.T, newDriver func(t *testing.T, stateDir string) driver.Driv
 	}{
 		{"Echo", s.testEcho},
 		{"InvalidSpec", s.testInvalidSpec},
+		{"StartCancelled", s.testStartCancelled},
+		{"Close", s.testClose},
 		{"Concurrent", s.testConcurrent},
 		{"FunctionErrors", s.testFunctionErrors},
 		{"Timeout", s.testTimeout},
@@ -134,6 +136,58 @@ func (s *suite) testInvalidSpec(t *testing.T) {
 		if inst != nil {
 			t.Errorf("%s: Start returned an instance", name)
 		}
+	}
+}
+
+// testStartCancelled: a Start whose context ends, before or during the
+// start, either fails and leaves nothing or returns a working instance.
+func (s *suite) testStartCancelled(t *testing.T) {
+	e := s.env(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	sp := e.spec()
+	if inst, err := e.d.Start(ctx, sp); err == nil || inst != nil {
+		t.Errorf("Start with a cancelled context = %v, %v; want an error", inst, err)
+	}
+	waitNoLeftovers(t, sp.ID, 0, e.stateDir)
+
+	for _, after := range []time.Duration{time.Millisecond, 10 * time.Millisecond, 50 * time.Millisecond} {
+		ctx, cancel := context.WithTimeout(context.Background(), after)
+		sp := e.spec()
+		inst, err := e.d.Start(ctx, sp)
+		cancel()
+		if err != nil {
+			waitNoLeftovers(t, sp.ID, 0, e.stateDir)
+			continue
+		}
+		sb := &sandbox{t: t, spec: sp, inst: inst, conn: protocol.NewConn(inst.Conn())}
+		sb.init()
+		sb.call(map[string]any{"action": "echo"}, nil)
+		stopAndCheck(t, e, sb)
+	}
+}
+
+// testClose: Close stops every instance, and Start fails afterwards.
+func (s *suite) testClose(t *testing.T) {
+	e := s.env(t)
+	c, ok := e.d.(driver.Closer)
+	if !ok {
+		t.Skip("skipping: the driver is not a driver.Closer")
+	}
+	sb := e.start(t, e.spec())
+	pid := 0
+	if hp, ok := sb.inst.(HostProcess); ok {
+		pid = hp.PID()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	defer cancel()
+	if err := c.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	waitNoLeftovers(t, sb.spec.ID, pid, e.stateDir)
+	sp := e.spec()
+	if _, err := e.d.Start(ctx, sp); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Errorf("Start after Close: %v, want ErrUnavailable", err)
 	}
 }
 
@@ -227,6 +281,7 @@ func (s *suite) testMemoryLimit(t *testing.T) {
 	sb := e.start(t, sp)
 	sb.init()
 	r := sb.invoke(map[string]any{"action": "alloc", "mb": 1024}, 60*time.Second)
+	t.Logf("alloc 1024 MB: %s %s %s", r.FunctionError, r.ErrorType, r.Payload)
 	if r.FunctionError != "Unhandled" || !r.Reset {
 		t.Errorf("alloc 1024 MB in 128 MB: FunctionError %q Reset %v payload %s, want Unhandled and Reset",
 			r.FunctionError, r.Reset, r.Payload)
@@ -273,6 +328,7 @@ func (s *suite) testForkBomb(t *testing.T) {
 	const max = 4096
 	var o outcome
 	sb.call(map[string]any{"action": "forkbomb", "max": max}, &o)
+	t.Logf("fork bomb: %d children, then %q", o.Count, o.Error)
 	// Lambda allows 1,024 processes and threads per environment.
 	if o.Count >= max || o.Count > 1024 || o.Error == "" {
 		t.Errorf("fork bomb started %d children (error %q); want it stopped by a limit of at most 1024", o.Count, o.Error)

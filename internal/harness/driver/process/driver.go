@@ -27,6 +27,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -79,6 +80,7 @@ type Driver struct {
 	opts         Options
 	log          *slog.Logger
 	cg           *cgroupManager
+	fork         *forker
 	rootless     bool
 	degradations []string
 
@@ -114,6 +116,7 @@ func New(opts Options) (*Driver, error) {
 	if opts.CgroupRoot == "" {
 		opts.CgroupRoot = "/sys/fs/cgroup"
 	}
+	opts.CgroupRoot = filepath.Clean(opts.CgroupRoot)
 	if opts.CgroupParent == "" {
 		sum := sha256.Sum256([]byte(dir))
 		opts.CgroupParent = "invokex/" + hex.EncodeToString(sum[:4])
@@ -126,6 +129,7 @@ func New(opts Options) (*Driver, error) {
 		log:       opts.Logger.With("driver", "process"),
 		rootless:  os.Geteuid() != 0,
 		instances: map[string]*instance{},
+		fork:      newForker(),
 	}
 	if d.rootless {
 		d.degradations = append(d.degradations,
@@ -277,7 +281,13 @@ func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 		return err
 	}
 	if rec != nil {
-		paths = append(paths, rec.Cgroups...)
+		for _, p := range rec.Cgroups {
+			// The record is trusted only as far as naming this
+			// instance's cgroups under the cgroup root.
+			if filepath.Base(p) == id && strings.HasPrefix(p, d.opts.CgroupRoot+"/") {
+				paths = append(paths, p)
+			}
+		}
 		if sameProcess(rec.PID, rec.StartTime) {
 			d.log.Info("killing leftover sandbox", "instance", id, "pid", rec.PID)
 			if err := killRecorded(ctx, rec.PID, rec.StartTime); err != nil {
@@ -332,8 +342,10 @@ func dedupe(ss []string) []string {
 }
 
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
+// Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
 	d.mu.Lock()
+	wasClosed := d.closed
 	d.closed = true
 	insts := make([]*instance, 0, len(d.instances))
 	for _, inst := range d.instances {
@@ -350,6 +362,11 @@ func (d *Driver) Close(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
+	// Every Start that got past the closed check registered itself and
+	// was waited for above, so nothing forks any more.
+	if !wasClosed {
+		d.fork.close()
+	}
 	return errors.Join(errs...)
 }
 
@@ -422,7 +439,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	}
 	rec.PID = i.cmd.Process.Pid
 	if rec.StartTime, err = procStartTime(rec.PID); err != nil {
-		return fmt.Errorf("reading init start time: %w", err)
+		return i.withStderr(fmt.Errorf("reading init start time: %w", err))
 	}
 	if err := writeRecord(i.dir, rec); err != nil {
 		return err
@@ -430,12 +447,25 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	// The init waits for syncGo before it allocates anything of note, so
 	// joining here puts the whole sandbox under the limits.
 	if err := joinCgroups(i.cgroups, rec.PID); err != nil {
-		return err
+		return i.withStderr(err)
 	}
 	if _, err := i.conn.Write([]byte{syncGo}); err != nil {
-		return fmt.Errorf("releasing init: %w", err)
+		return i.withStderr(fmt.Errorf("releasing init: %w", err))
 	}
 	return i.waitReady(ctx)
+}
+
+// withStderr adds what the init wrote to an error caused by its early
+// death, waiting a moment for the last lines to arrive.
+func (i *instance) withStderr(err error) error {
+	select {
+	case <-i.done:
+	case <-time.After(time.Second):
+	}
+	if tail := i.stderr.lastLines(); tail != "" {
+		return fmt.Errorf("%w (sandbox said: %s)", err, tail)
+	}
+	return err
 }
 
 func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File) error {
@@ -473,7 +503,7 @@ func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File)
 		attr.GidMappingsEnableSetgroups = false
 	}
 	cmd.SysProcAttr = attr
-	if err := cmd.Start(); err != nil {
+	if err := d.fork.start(cmd); err != nil {
 		return fmt.Errorf("starting sandbox init: %w", err)
 	}
 	i.cmd = cmd
@@ -512,25 +542,12 @@ func (i *instance) waitReady(ctx context.Context) error {
 		return fmt.Errorf("waiting for the sandbox agent: %w", context.Cause(ctx))
 	}
 	if err != nil {
-		<-i.doneOrTimeout(time.Second) // lets the last stderr lines arrive
-		return fmt.Errorf("sandbox failed before its agent was ready (%s): %w", i.stderr.lastLines(), err)
+		return i.withStderr(fmt.Errorf("sandbox failed before its agent was ready: %w", err))
 	}
 	if b[0] != syncReady {
 		return fmt.Errorf("sandbox agent sent %q instead of ready", b[0])
 	}
 	return nil
-}
-
-func (i *instance) doneOrTimeout(d time.Duration) <-chan struct{} {
-	ch := make(chan struct{})
-	go func() {
-		defer close(ch)
-		select {
-		case <-i.done:
-		case <-time.After(d):
-		}
-	}()
-	return ch
 }
 
 // stop runs the teardown exactly once; concurrent callers wait for it.

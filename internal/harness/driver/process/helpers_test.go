@@ -1,10 +1,13 @@
-package process_test
+package process
 
 import (
 	"log/slog"
 	"sync"
 	"testing"
 )
+
+// NewTestLogger is testLogger for the external test package.
+var NewTestLogger = testLogger
 
 // testLogger sends the driver's log to the test's log until the test ends
 // (the sandbox's last lines may arrive after it).

@@ -20,7 +20,7 @@ func TestMain(m *testing.M) {
 
 func TestDriver(t *testing.T) {
 	drivertest.Run(t, func(t *testing.T, stateDir string) driver.Driver {
-		d, err := process.New(process.Options{StateDir: stateDir, Logger: testLogger(t)})
+		d, err := process.New(process.Options{StateDir: stateDir, Logger: process.NewTestLogger(t)})
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}

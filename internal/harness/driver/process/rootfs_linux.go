@@ -27,9 +27,10 @@ const rootDirName = "root"
 // symlinks on merged-/usr systems, where /bin is a link to usr/bin).
 var hostSystemDirs = []string{"usr", "lib", "lib32", "lib64", "libx32", "bin", "sbin"}
 
-// hostEtcDirs are bound read-only when present: TLS roots and the
-// alternatives links some interpreters resolve through.
-var hostEtcDirs = []string{"ssl", "ca-certificates", "alternatives", "pki"}
+// hostEtcDirs are bound read-only when present: TLS roots, the
+// alternatives links some interpreters resolve through, and Debian's
+// python configuration (its sitecustomize.py in /usr links there).
+var hostEtcDirs = []string{"ssl", "ca-certificates", "alternatives", "pki", "python3*"}
 
 // hostEtcFiles are copied (symlinks recreated) when present: what libc and
 // language runtimes read for name resolution, dynamic linking and time.
@@ -192,11 +193,13 @@ func buildEtc(cfg *sandboxConfig, etc string) error {
 	if err := os.MkdirAll(etc, 0o755); err != nil {
 		return fmt.Errorf("creating /etc: %w", err)
 	}
-	for _, d := range hostEtcDirs {
-		src := filepath.Join("/etc", d)
-		if fi, err := os.Stat(src); err == nil && fi.IsDir() {
-			if err := bindRO(src, filepath.Join(etc, d)); err != nil {
-				return err
+	for _, pattern := range hostEtcDirs {
+		srcs, _ := filepath.Glob(filepath.Join("/etc", pattern))
+		for _, src := range srcs {
+			if fi, err := os.Stat(src); err == nil && fi.IsDir() {
+				if err := bindRO(src, filepath.Join(etc, filepath.Base(src))); err != nil {
+					return err
+				}
 			}
 		}
 	}
