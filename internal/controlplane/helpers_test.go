@@ -8,12 +8,14 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/invokex/invokex/internal/controlplane/blob"
 	"github.com/invokex/invokex/internal/controlplane/store"
+	"github.com/invokex/invokex/internal/controlplane/store/sqlite"
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/function"
 	"github.com/invokex/invokex/internal/harness"
@@ -29,9 +31,21 @@ type testEnv struct {
 	host  *fakeHost
 }
 
-// newBackends returns the store and blob store the tests run against.
+// newBackends returns the store and blob store the tests run against: the
+// real SQLite store in a temporary directory.
 func newBackends(t *testing.T) (store.Store, blob.Store) {
-	return newMemStore(), newMemBlobs()
+	t.Helper()
+	st, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "invokex.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Registered before newEnv's Close cleanup, so it runs after it.
+	t.Cleanup(func() {
+		if err := st.Close(); err != nil {
+			t.Errorf("closing store: %v", err)
+		}
+	})
+	return st, newMemBlobs()
 }
 
 // testRuntimes is the catalog with provided.al2023 and python3.12
