@@ -67,7 +67,7 @@ CREATE TABLE invocations (
 );
 
 -- ListByFunction pages a function's records newest first.
-CREATE INDEX invocations_function_start ON invocations (function, start_at);
+CREATE INDEX invocations_function_start ON invocations (function, start_at, request_id);
 -- DeleteBefore removes expired records by end time.
 CREATE INDEX invocations_end ON invocations (end_at);
 
