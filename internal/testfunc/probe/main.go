@@ -20,6 +20,8 @@
 //	dial          {addr}: TCP dial with a 1 s timeout
 //	random        {n}: n bytes from crypto/rand, hex
 //	big-response  {bytes}: a response string of that many bytes
+//	daemon        start a sleeping process in its own session, which outlives the runtime
+//	ps            the processes the sandbox can see
 package main
 
 import (
@@ -33,6 +35,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -82,6 +85,15 @@ type Outcome struct {
 	Count int    `json:"count,omitempty"`
 	Data  string `json:"data,omitempty"`
 	Error string `json:"error,omitempty"`
+	PID   int    `json:"pid,omitempty"`
+	Procs []Proc `json:"procs,omitempty"`
+}
+
+// Proc is one process as "ps" sees it.
+type Proc struct {
+	PID   int    `json:"pid"`
+	Comm  string `json:"comm"`
+	State string `json:"state"`
 }
 
 func main() {
@@ -146,6 +158,12 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 		return Outcome{Data: hex.EncodeToString(b)}, nil
 	case "big-response":
 		return strings.Repeat("x", ev.Bytes), nil
+	case "daemon":
+		pid, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "3600"},
+			&syscall.ProcAttr{Files: []uintptr{}, Sys: &syscall.SysProcAttr{Setsid: true}})
+		return Outcome{PID: pid, Error: errText(err)}, nil
+	case "ps":
+		return ps(), nil
 	}
 	return nil, fmt.Errorf("unknown action %q", ev.Action)
 }
@@ -255,6 +273,31 @@ func forkbomb(max int) Outcome {
 	for _, pid := range pids {
 		var ws syscall.WaitStatus
 		syscall.Wait4(pid, &ws, 0, nil)
+	}
+	return out
+}
+
+func ps() Outcome {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return Outcome{Error: errText(err)}
+	}
+	var out Outcome
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		open, close := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || close < open || close+2 >= len(s) {
+			continue
+		}
+		out.Procs = append(out.Procs, Proc{PID: pid, Comm: s[open+1 : close], State: s[close+2 : close+3]})
 	}
 	return out
 }

@@ -293,4 +293,10 @@ type outcome struct {
 	Count int    `json:"count"`
 	Data  string `json:"data"`
 	Error string `json:"error"`
+	PID   int    `json:"pid"`
+	Procs []struct {
+		PID   int    `json:"pid"`
+		Comm  string `json:"comm"`
+		State string `json:"state"`
+	} `json:"procs"`
 }

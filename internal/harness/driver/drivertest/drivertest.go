@@ -55,6 +55,7 @@ func Run(t *testing.T, newDriver func(t *testing.T, stateDir string) driver.Driv
 		{"FunctionErrors", s.testFunctionErrors},
 		{"Timeout", s.testTimeout},
 		{"RuntimeCrash", s.testRuntimeCrash},
+		{"ResetKillsStrays", s.testResetKillsStrays},
 		{"OutputFlood", s.testOutputFlood},
 		{"MemoryLimit", s.testMemoryLimit},
 		{"EphemeralLimit", s.testEphemeralLimit},
@@ -65,6 +66,7 @@ func Run(t *testing.T, newDriver func(t *testing.T, stateDir string) driver.Driv
 		{"Shutdown", s.testShutdown},
 		{"StopRemovesEverything", s.testStopRemovesEverything},
 		{"StopIdempotent", s.testStopIdempotent},
+		{"StopWhileBusy", s.testStopWhileBusy},
 		{"RecoverAfterCrash", s.testRecoverAfterCrash},
 	} {
 		t.Run(tc.name, tc.fn)
@@ -254,6 +256,43 @@ func (s *suite) testRuntimeCrash(t *testing.T) {
 	r = sb.call(map[string]any{"action": "echo"}, &a)
 	if r.InitDuration <= 0 {
 		t.Errorf("invocation after a crash reports no InitDuration: INIT did not run again")
+	}
+}
+
+// testResetKillsStrays: a process the function left behind in a session of
+// its own does not survive the reset after the runtime dies, so nothing of
+// one invocation leaks into the next runtime's environment.
+func (s *suite) testResetKillsStrays(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	var d outcome
+	sb.call(map[string]any{"action": "daemon"}, &d)
+	if d.Error != "" || d.PID <= 0 {
+		t.Fatalf("starting a daemon: pid %d, error %q", d.PID, d.Error)
+	}
+	var before outcome
+	sb.call(map[string]any{"action": "ps"}, &before)
+	alive := false
+	for _, p := range before.Procs {
+		alive = alive || (p.PID == d.PID && p.State != "Z")
+	}
+	if !alive {
+		t.Fatalf("the daemon (pid %d) is not running before the reset: %+v", d.PID, before.Procs)
+	}
+	r := sb.invoke(map[string]any{"action": "exit", "code": 3}, 30*time.Second)
+	if !r.Reset {
+		t.Fatalf("exit 3 did not reset the runtime: %+v", r.Result)
+	}
+	var ps outcome
+	sb.call(map[string]any{"action": "ps"}, &ps)
+	for _, p := range ps.Procs {
+		if p.PID == d.PID && p.State != "Z" {
+			t.Errorf("the daemon (pid %d, %s) survived the reset: %+v", d.PID, p.Comm, ps.Procs)
+		}
+	}
+	if len(ps.Procs) == 0 {
+		t.Errorf("ps saw no processes: %q", ps.Error)
 	}
 }
 
@@ -489,6 +528,36 @@ func (s *suite) testStopIdempotent(t *testing.T) {
 		pid = hp.PID()
 	}
 	waitNoLeftovers(t, sb.spec.ID, pid, e.stateDir)
+}
+
+// testStopWhileBusy stops an instance in the middle of an invocation: the
+// harness's reader sees the stream end and nothing is left.
+func (s *suite) testStopWhileBusy(t *testing.T) {
+	e := s.env(t)
+	sb := e.start(t, e.spec())
+	sb.init()
+	inv := protocol.Invoke{
+		RequestID:      randomID("req"),
+		DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli(),
+		FunctionARN:    sb.initMsg().FunctionARN,
+	}
+	if err := sb.conn.WriteFrame(protocol.TypeInvoke, inv, []byte(`{"action":"sleep","ms":60000}`)); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		_, err := sb.conn.ReadFrame()
+		got <- err
+	}()
+	stopAndCheck(t, e, sb)
+	select {
+	case err := <-got:
+		if err == nil {
+			t.Errorf("a frame arrived for an invocation whose instance was stopped")
+		}
+	case <-time.After(stopTimeout):
+		t.Errorf("the harness's pending read did not end after Stop")
+	}
 }
 
 func contains(ss []string, s string) bool {

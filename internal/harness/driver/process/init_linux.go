@@ -3,7 +3,6 @@ package process
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -22,8 +21,6 @@ const InitArg = "sandbox-init"
 const (
 	// configEnv carries the sandboxConfig JSON from the driver to the init.
 	configEnv = "INVOKEX_SANDBOX_CONFIG"
-	// stageEnv set to "agent" makes InitMain run the agent (see InitMain).
-	stageEnv = "INVOKEX_SANDBOX_STAGE"
 	// harnessFD is the sandbox's end of the socketpair.
 	harnessFD = 3
 	// sandboxNoFile is Lambda's limit of 1,024 file descriptors.
@@ -35,7 +32,7 @@ const (
 const (
 	// syncGo (driver -> init): the init is in its cgroups, go ahead.
 	syncGo = 'G'
-	// syncReady (agent -> driver): the sandbox is built and the agent is
+	// syncReady (init -> driver): the sandbox is built and the agent is
 	// about to serve the stream.
 	syncReady = 'R'
 )
@@ -55,94 +52,64 @@ type sandboxConfig struct {
 
 // InitMain is the entry point inside a new sandbox; the binary that
 // InitCommand names calls it when run with InitArg and exits with its
-// result. It runs twice, in two processes:
-//
-// First as the init: pid 1 of the sandbox's pid namespace. It waits until
-// the driver has put it into the sandbox's cgroups, builds the root file
-// system, brings up loopback, sets the hostname, forbids privilege gain,
-// protects itself from the OOM killer and re-executes itself as the agent.
-// Then it only reaps: orphans of the function are re-parented to pid 1 and
-// would stay zombies otherwise. That is why the agent is a separate process:
-// a reaper waiting for any child would steal the exit status of the runtime
-// the agent waits for. The init exits with the agent's status, and its exit
-// kills every process left in the namespace.
-//
-// Then as the agent (stageEnv=agent): it tells the driver it is ready and
-// serves the harness with agent.Run on the socketpair until Shutdown, until
-// the stream closes or until SIGTERM. The exit status is 0 on a clean exit.
+// result. It runs as pid 1 of the sandbox's pid namespace and becomes the
+// agent: it waits until the driver has put it into the sandbox's cgroups,
+// builds the root file system, brings up loopback, sets the hostname and
+// the rlimits, forbids privilege gain, protects itself from the OOM killer,
+// tells the driver it is ready and serves the harness with agent.Run on
+// the socketpair until Shutdown, until the stream closes or until SIGTERM.
+// As pid 1 the agent also reaps the orphans of the function and can kill
+// every process of the sandbox on a reset. When InitMain returns, the
+// kernel kills whatever is left in the namespace. The exit status is 0 on a
+// clean exit.
 func InitMain() int {
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 	var cfg sandboxConfig
 	if err := json.Unmarshal([]byte(os.Getenv(configEnv)), &cfg); err != nil {
-		fmt.Fprintf(os.Stderr, "sandbox-init: decoding %s: %v\n", configEnv, err)
+		log.Error("decoding sandbox config", "err", err)
 		return 2
 	}
-	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-	if os.Getenv(stageEnv) == "agent" {
-		return agentMain(&cfg, log.With("stage", "agent"))
-	}
-	return initMain(&cfg, log.With("stage", "init"))
-}
-
-func initMain(cfg *sandboxConfig, log *slog.Logger) int {
+	// The config must not leak into the runtime's environment (the agent
+	// builds the runtime's from Init, but be sure).
+	os.Unsetenv(configEnv)
 	var b [1]byte
 	if n, err := unix.Read(harnessFD, b[:]); n != 1 || b[0] != syncGo {
 		// The driver went away or gave up before the sandbox was ready.
 		log.Error("waiting for the driver", "err", err, "read", n)
 		return 3
 	}
-	if err := setupSandbox(cfg); err != nil {
+	if err := setupSandbox(&cfg); err != nil {
 		log.Error("building sandbox", "err", err)
 		return 3
 	}
-	agentEnv := []string{
-		"PATH=/usr/local/bin:/usr/bin:/bin",
-		configEnv + "=" + os.Getenv(configEnv),
-		stageEnv + "=agent",
-	}
-	harness := os.NewFile(harnessFD, "harness")
-	// /proc/self/exe still reaches this binary although its file system is
-	// no longer mounted here: the link resolves to the open executable.
-	proc, err := os.StartProcess("/proc/self/exe", os.Args, &os.ProcAttr{
-		Dir:   "/",
-		Env:   agentEnv,
-		Files: []*os.File{os.Stdin, os.Stderr, os.Stderr, harness},
-	})
-	harness.Close() // the agent holds the only sandbox end now
+	f := os.NewFile(harnessFD, "harness")
+	// A net.Conn, unlike a blocking *os.File, lets the agent's Close
+	// unblock its own pending read.
+	conn, err := net.FileConn(f)
+	f.Close()
 	if err != nil {
-		log.Error("starting agent", "err", err)
+		log.Error("opening harness stream", "err", err)
 		return 3
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, unix.SIGTERM, unix.SIGINT, unix.SIGHUP)
-	go func() {
-		for range sigs {
-			// The agent shuts the runtime down and exits; the reap loop
-			// then ends the init.
-			_ = proc.Signal(unix.SIGTERM)
-		}
-	}()
-	return reap(proc.Pid)
-}
-
-// reap waits for every child until agentPID exits, returning its status.
-func reap(agentPID int) int {
-	for {
-		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, 0, nil)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return 4 // ECHILD: the agent is gone without being seen
-		}
-		if pid != agentPID {
-			continue
-		}
-		if ws.Signaled() {
-			return 128 + int(ws.Signal())
-		}
-		return ws.ExitStatus()
+	if _, err := conn.Write([]byte{syncReady}); err != nil {
+		log.Error("signalling readiness", "err", err)
+		return 3
 	}
+	// As pid 1, signals from outside the namespace arrive only if handled.
+	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
+	defer stop()
+	// In its own network namespace the sandbox owns port 9001 as on
+	// Lambda; sharing the host's network, any free port will do.
+	addr := "127.0.0.1:9001"
+	if !cfg.OwnNetwork {
+		addr = "127.0.0.1:0"
+	}
+	err = agent.Run(ctx, conn, agent.Options{RuntimeAPIAddr: addr, Logger: log})
+	if err != nil && ctx.Err() == nil {
+		log.Error("agent failed", "err", err)
+		return 1
+	}
+	return 0
 }
 
 // setupSandbox prepares the namespaces the init was cloned into.
@@ -171,9 +138,8 @@ func setupSandbox(cfg *sandboxConfig) error {
 			return fmt.Errorf("setting rlimit %d: %w", res, err)
 		}
 	}
-	// The init and the agent (which inherits this) must survive an OOM in
-	// the sandbox so that the harness learns what happened; the agent sets
-	// the runtime's score back to 0. Lowering the score needs
+	// The agent must survive an OOM in the sandbox so that the harness
+	// learns what happened; it sets the runtime's score back to 0. Lowering the score needs
 	// CAP_SYS_RESOURCE, which a rootless sandbox (or a host that withholds
 	// it; New reports that) lacks: best effort.
 	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("-999"), 0)
@@ -199,34 +165,4 @@ func loopbackUp() error {
 		return fmt.Errorf("bringing up loopback: %w", err)
 	}
 	return nil
-}
-
-func agentMain(cfg *sandboxConfig, log *slog.Logger) int {
-	f := os.NewFile(harnessFD, "harness")
-	// A net.Conn, unlike a blocking *os.File, lets the agent's Close
-	// unblock its own pending read.
-	conn, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		log.Error("opening harness stream", "err", err)
-		return 3
-	}
-	if _, err := conn.Write([]byte{syncReady}); err != nil {
-		log.Error("signalling readiness", "err", err)
-		return 3
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
-	defer stop()
-	// In its own network namespace the sandbox owns port 9001 as on
-	// Lambda; sharing the host's network, any free port will do.
-	addr := "127.0.0.1:9001"
-	if !cfg.OwnNetwork {
-		addr = "127.0.0.1:0"
-	}
-	err = agent.Run(ctx, conn, agent.Options{RuntimeAPIAddr: addr, Logger: log})
-	if err != nil && ctx.Err() == nil {
-		log.Error("agent failed", "err", err)
-		return 1
-	}
-	return 0
 }
