@@ -1,56 +1,12 @@
 package controlplane
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/base64"
-	"fmt"
-	"io"
 	"sync"
 	"time"
 
-	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness"
 )
-
-// memBlobs is an in-memory blob.Store.
-type memBlobs struct {
-	mu    sync.Mutex
-	blobs map[string][]byte
-}
-
-func newMemBlobs() *memBlobs { return &memBlobs{blobs: map[string][]byte{}} }
-
-func (b *memBlobs) Put(ctx context.Context, r io.Reader) (string, int64, error) {
-	data, err := io.ReadAll(r)
-	if err != nil {
-		return "", 0, err
-	}
-	sum := sha256.Sum256(data)
-	d := base64.StdEncoding.EncodeToString(sum[:])
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.blobs[d] = data
-	return d, int64(len(data)), nil
-}
-
-func (b *memBlobs) Open(ctx context.Context, d string) (io.ReadCloser, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	data, ok := b.blobs[d]
-	if !ok {
-		return nil, fmt.Errorf("blob %s: %w", d, errdefs.ErrNotFound)
-	}
-	return io.NopCloser(bytes.NewReader(data)), nil
-}
-
-func (b *memBlobs) Delete(ctx context.Context, d string) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	delete(b.blobs, d)
-	return nil
-}
 
 // fakeHost is a harness.Host that records requests and runs a script.
 type fakeHost struct {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/invokex/invokex/internal/controlplane/blob"
+	"github.com/invokex/invokex/internal/controlplane/blob/fsblob"
 	"github.com/invokex/invokex/internal/controlplane/store"
 	"github.com/invokex/invokex/internal/controlplane/store/sqlite"
 	"github.com/invokex/invokex/internal/errdefs"
@@ -32,7 +33,7 @@ type testEnv struct {
 }
 
 // newBackends returns the store and blob store the tests run against: the
-// real SQLite store in a temporary directory.
+// real SQLite store and filesystem blob store in temporary directories.
 func newBackends(t *testing.T) (store.Store, blob.Store) {
 	t.Helper()
 	st, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "invokex.db"))
@@ -45,7 +46,11 @@ func newBackends(t *testing.T) (store.Store, blob.Store) {
 			t.Errorf("closing store: %v", err)
 		}
 	})
-	return st, newMemBlobs()
+	bl, err := fsblob.New(filepath.Join(t.TempDir(), "blobs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, bl
 }
 
 // testRuntimes is the catalog with provided.al2023 and python3.12
