@@ -60,7 +60,7 @@ const shutdownWait = 5 * time.Second
 // when ctx was cancelled, and an error for a broken stream or protocol.
 // In every case the runtime and all processes it started have been killed
 // and reaped when Run returns.
-func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) (retErr error) {
+func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/invokex/invokex/internal/errdefs"
@@ -110,6 +109,3 @@ func (m *machine) to(next state) error {
 
 // is reports whether the current state is s.
 func (m *machine) is(s state) bool { return m.cur == s }
-
-// isNotAllowed reports whether err is a refused state transition.
-func isNotAllowed(err error) bool { return errors.Is(err, errNotAllowed) }
