@@ -98,15 +98,15 @@ func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 	s := &session{e: e, conn: pc, log: log, frames: readFrames(pc)}
 
 	err = s.serve(ctx)
+	if errors.Is(err, errStopped) {
+		err = s.stopErr
+	}
 
 	// Teardown, in dependency order; none of it depends on ctx.
-	if cerr := e.close(); cerr != nil {
-		log.Error("killing runtime", "err", cerr)
-	}
+	killErr := e.close()
+	var doneErr error
 	if s.shutdown {
-		if werr := pc.WriteFrame(protocol.TypeShutdownDone, protocol.ShutdownDone{}); werr != nil && err == nil {
-			err = werr
-		}
+		doneErr = pc.WriteFrame(protocol.TypeShutdownDone, protocol.ShutdownDone{})
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownWait)
 	if serr := srv.Shutdown(sctx); serr != nil {
@@ -117,10 +117,7 @@ func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 	pc.Close() // unblocks the frame reader, which then ends
 	for range s.frames {
 	}
-	if errors.Is(err, errStopped) {
-		return s.stopErr
-	}
-	return err
+	return errors.Join(err, killErr, doneErr)
 }
 
 // frameMsg is one ReadFrame result.
