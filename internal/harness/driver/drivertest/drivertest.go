@@ -273,27 +273,38 @@ func (s *suite) testResetKillsStrays(t *testing.T) {
 	}
 	var before outcome
 	sb.call(map[string]any{"action": "ps"}, &before)
-	alive := false
-	for _, p := range before.Procs {
-		alive = alive || (p.PID == d.PID && p.State != "Z")
-	}
-	if !alive {
+	if !running(before, d.PID) {
 		t.Fatalf("the daemon (pid %d) is not running before the reset: %+v", d.PID, before.Procs)
 	}
 	r := sb.invoke(map[string]any{"action": "exit", "code": 3}, 30*time.Second)
 	if !r.Reset {
 		t.Fatalf("exit 3 did not reset the runtime: %+v", r.Result)
 	}
+	// SIGKILL is delivered at once but a process needs a moment to die,
+	// so the check polls (bounded) rather than looking once.
 	var ps outcome
-	sb.call(map[string]any{"action": "ps"}, &ps)
+	for range 100 {
+		ps = outcome{}
+		sb.call(map[string]any{"action": "ps"}, &ps)
+		if len(ps.Procs) == 0 {
+			t.Fatalf("ps saw no processes: %q", ps.Error)
+		}
+		if !running(ps, d.PID) {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Errorf("the daemon (pid %d) survived the reset: %+v", d.PID, ps.Procs)
+}
+
+// running reports whether ps shows pid as a live (not zombie) process.
+func running(ps outcome, pid int) bool {
 	for _, p := range ps.Procs {
-		if p.PID == d.PID && p.State != "Z" {
-			t.Errorf("the daemon (pid %d, %s) survived the reset: %+v", d.PID, p.Comm, ps.Procs)
+		if p.PID == pid && p.State != "Z" {
+			return true
 		}
 	}
-	if len(ps.Procs) == 0 {
-		t.Errorf("ps saw no processes: %q", ps.Error)
-	}
+	return false
 }
 
 func (s *suite) testOutputFlood(t *testing.T) {

@@ -16,8 +16,9 @@ const cgroupRoot = "/sys/fs/cgroup"
 
 // leftovers lists what of instance id exists on the host: host processes
 // (pid if known, and any process whose command line or environment names
-// the ID), entries of stateDir whose path contains the ID, and cgroups
-// named after it. Drivers name their resources after the ID, so an empty
+// the ID), entries of stateDir whose path contains the ID, mounts in the
+// host's mount namespace whose path contains it, and cgroups named after
+// it. Drivers name their resources after the ID, so an empty
 // answer means the instance is gone.
 func leftovers(id string, pid int, stateDir string) []string {
 	var found []string
@@ -31,6 +32,13 @@ func leftovers(id string, pid int, stateDir string) []string {
 		}
 		return nil
 	})
+	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, id) {
+				found = append(found, "mount "+line)
+			}
+		}
+	}
 	found = append(found, cgroupsNamed(id)...)
 	return found
 }

@@ -189,7 +189,9 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 	cancel()
 	close(inst.started)
 	if err != nil {
-		if cerr := inst.stop(context.WithoutCancel(ctx)); cerr != nil {
+		// A sandbox that never became ready has nothing to shut down
+		// gracefully (and ignores SIGTERM until its agent runs).
+		if cerr := inst.stopWithGrace(context.WithoutCancel(ctx), 0); cerr != nil {
 			err = errors.Join(err, cerr)
 		}
 		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, err)
@@ -402,6 +404,9 @@ func (i *instance) Done() <-chan struct{}    { return i.done }
 func (i *instance) PID() int { return i.cmd.Process.Pid }
 
 func (i *instance) start(ctx context.Context, spec driver.Spec) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	d := i.d
 	rec := &record{ID: spec.ID, Function: spec.Function, RevisionID: spec.RevisionID,
 		Cgroups: d.cg.paths(spec.ID), Created: time.Now().UTC()}
@@ -552,10 +557,14 @@ func (i *instance) waitReady(ctx context.Context) error {
 
 // stop runs the teardown exactly once; concurrent callers wait for it.
 func (i *instance) stop(ctx context.Context) error {
+	return i.stopWithGrace(ctx, i.d.opts.StopGrace)
+}
+
+func (i *instance) stopWithGrace(ctx context.Context, grace time.Duration) error {
 	i.cancelStart()
 	<-i.started
 	i.stopOnce.Do(func() {
-		i.stopErr = i.destroy(ctx)
+		i.stopErr = i.destroy(ctx, grace)
 		i.d.mu.Lock()
 		delete(i.d.instances, i.id)
 		i.d.mu.Unlock()
@@ -568,21 +577,20 @@ func (i *instance) stop(ctx context.Context) error {
 // namespace's init kills the namespace), then removes the cgroups and the
 // state directory. It runs to completion even when ctx is cancelled; ctx
 // only shortens the grace period.
-func (i *instance) destroy(ctx context.Context) error {
+func (i *instance) destroy(ctx context.Context, grace time.Duration) error {
 	var errs []error
 	if i.conn != nil {
 		i.conn.Close()
 	}
 	if i.cmd != nil {
-		grace := i.d.opts.StopGrace
 		if dl, ok := ctx.Deadline(); ok {
 			grace = min(grace, time.Until(dl))
 		}
-		select {
-		case <-i.done:
-		default:
+		if grace > 0 {
+			// The closed stream already makes the agent exit; SIGTERM
+			// covers an agent that is not reading it.
 			_ = i.cmd.Process.Signal(syscall.SIGTERM)
-			t := time.NewTimer(max(grace, 0))
+			t := time.NewTimer(grace)
 			select {
 			case <-i.done:
 			case <-t.C:
