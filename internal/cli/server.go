@@ -1,0 +1,74 @@
+package cli
+
+import (
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/invokex/invokex/internal/server"
+)
+
+// serverFlags are shared by `server` and `up`.
+type serverFlags struct {
+	listen         string
+	dataDir        string
+	driver         string
+	keepAlive      time.Duration
+	concurrency    int
+	sandboxNetwork bool
+	asyncWorkers   int
+}
+
+func (f *serverFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:9000", "address of the HTTP API")
+	cmd.Flags().StringVar(&f.dataDir, "data-dir", defaultDataDir(), "directory for the database, code and sandbox state (env INVOKEX_DATA_DIR)")
+	cmd.Flags().StringVar(&f.driver, "driver", "auto", "sandbox driver: auto or process (qemu and firecracker: later)")
+	cmd.Flags().DurationVar(&f.keepAlive, "keep-alive", 10*time.Minute, "stop instances idle this long (scale to zero)")
+	cmd.Flags().IntVar(&f.concurrency, "default-concurrency", 100, "concurrent executions per function without reserved concurrency")
+	cmd.Flags().BoolVar(&f.sandboxNetwork, "sandbox-network", false, "give sandboxes the host's network (default: loopback only, so functions cannot reach this server or the host's services)")
+	cmd.Flags().IntVar(&f.asyncWorkers, "async-workers", 8, "workers running Event invocations")
+}
+
+func (f *serverFlags) config(g *globals) server.Config {
+	return server.Config{
+		Listen:             f.listen,
+		DataDir:            f.dataDir,
+		Driver:             f.driver,
+		KeepAlive:          f.keepAlive,
+		DefaultConcurrency: f.concurrency,
+		SandboxNetwork:     f.sandboxNetwork,
+		AsyncWorkers:       f.asyncWorkers,
+		Logger:             g.logger(),
+	}
+}
+
+// defaultDataDir is $INVOKEX_DATA_DIR, else /var/lib/invokex for root, else
+// ~/.local/share/invokex.
+func defaultDataDir() string {
+	if d := os.Getenv("INVOKEX_DATA_DIR"); d != "" {
+		return d
+	}
+	if os.Geteuid() == 0 {
+		return "/var/lib/invokex"
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "share", "invokex")
+	}
+	return ".invokex"
+}
+
+func newServerCmd(g *globals) *cobra.Command {
+	var f serverFlags
+	cmd := &cobra.Command{
+		Use:   "server",
+		Short: "Run the all-in-one server (frontend, control plane, harness) until interrupted",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return server.Run(cmd.Context(), f.config(g))
+		},
+	}
+	f.register(cmd)
+	return cmd
+}

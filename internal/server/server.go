@@ -1,0 +1,221 @@
+// Package server wires InvokeX's roles into the all-in-one server: the
+// frontend, the control plane with its SQLite store and filesystem blob
+// store, and one harness with its sandbox driver, all in one process and
+// all talking through the interfaces they will use across hosts.
+//
+// Data directory layout:
+//
+//	DIR/invokex.db        SQLite: applications DB, runtimes DB, records, queue
+//	DIR/blobs/            deployment packages by SHA-256
+//	DIR/cache/            harness: unpacked code and runtime files
+//	DIR/sandboxes/        driver: one directory per live instance (crash recovery)
+//	DIR/LOCK              held while a server uses DIR
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/controlplane"
+	"github.com/invokex/invokex/internal/controlplane/blob/fsblob"
+	"github.com/invokex/invokex/internal/controlplane/store/sqlite"
+	"github.com/invokex/invokex/internal/frontend"
+	"github.com/invokex/invokex/internal/harness"
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/process"
+)
+
+// Config is the all-in-one server's configuration.
+type Config struct {
+	Listen  string // default 127.0.0.1:9000
+	DataDir string // default ./.data? set by the CLI
+	// Driver is auto or process (qemu and firecracker are later work).
+	Driver string
+	// KeepAlive stops instances idle this long (scale to zero).
+	KeepAlive time.Duration
+	// DefaultConcurrency caps a function without reserved concurrency.
+	DefaultConcurrency int
+	// SandboxNetwork gives sandboxes the host's network (off: loopback only).
+	SandboxNetwork bool
+	// AsyncWorkers run Event invocations.
+	AsyncWorkers int
+	// ShutdownTimeout bounds a graceful shutdown.
+	ShutdownTimeout time.Duration
+	Logger          *slog.Logger
+	// Ready, if set, is called with the bound address once the server serves.
+	Ready func(addr string)
+}
+
+func (c *Config) defaults() {
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:9000"
+	}
+	if c.Driver == "" {
+		c.Driver = "auto"
+	}
+	if c.KeepAlive == 0 {
+		c.KeepAlive = 10 * time.Minute
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 15 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Run serves until ctx is cancelled, then shuts down within
+// cfg.ShutdownTimeout: the listener stops accepting, in-flight requests
+// finish, async workers stop, every sandbox is stopped and the store closed.
+func Run(ctx context.Context, cfg Config) (retErr error) {
+	cfg.defaults()
+	log := cfg.Logger
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("creating data dir: %w", err)
+	}
+	unlock, err := lockDataDir(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	// Everything below is closed in reverse order on the way out, with a
+	// context that survives ctx's cancellation but is bounded.
+	var closers []func(context.Context) error
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
+		defer cancel()
+		for i := len(closers) - 1; i >= 0; i-- {
+			if err := closers[i](cctx); err != nil {
+				retErr = errors.Join(retErr, err)
+			}
+		}
+	}()
+
+	st, err := sqlite.Open(ctx, filepath.Join(cfg.DataDir, "invokex.db"))
+	if err != nil {
+		return fmt.Errorf("opening store: %w", err)
+	}
+	closers = append(closers, func(context.Context) error { return st.Close() })
+
+	blobs, err := fsblob.New(filepath.Join(cfg.DataDir, "blobs"))
+	if err != nil {
+		return fmt.Errorf("opening blob store: %w", err)
+	}
+
+	drv, err := newDriver(cfg)
+	if err != nil {
+		return err
+	}
+	if d, ok := drv.(driver.Describer); ok {
+		for _, msg := range d.Describe() {
+			log.Warn("sandbox isolation degraded", "driver", drv.Name(), "reason", msg)
+		}
+	}
+	if c, ok := drv.(driver.Closer); ok {
+		closers = append(closers, c.Close)
+	}
+
+	reg := prometheus.NewRegistry()
+	h, err := harness.New(harness.Config{
+		Driver:             drv,
+		CacheDir:           filepath.Join(cfg.DataDir, "cache"),
+		Code:               blobs,
+		KeepAlive:          cfg.KeepAlive,
+		DefaultConcurrency: cfg.DefaultConcurrency,
+		Network:            cfg.SandboxNetwork,
+		Logger:             log.With("component", "harness"),
+		Metrics:            reg,
+	})
+	if err != nil {
+		return fmt.Errorf("creating harness: %w", err)
+	}
+	if err := h.Start(ctx); err != nil {
+		return fmt.Errorf("starting harness: %w", err)
+	}
+	closers = append(closers, h.Close)
+
+	cp, err := controlplane.New(controlplane.Config{
+		Store:        st,
+		Blobs:        blobs,
+		Hosts:        []harness.Host{h},
+		Logger:       log.With("component", "controlplane"),
+		AsyncWorkers: cfg.AsyncWorkers,
+	})
+	if err != nil {
+		return fmt.Errorf("creating control plane: %w", err)
+	}
+	if err := cp.Start(ctx); err != nil {
+		return fmt.Errorf("starting control plane: %w", err)
+	}
+	closers = append(closers, cp.Close)
+
+	fe := frontend.New(frontend.Config{
+		API:     cp,
+		Logger:  log.With("component", "frontend"),
+		Metrics: reg,
+	})
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", cfg.Listen, err)
+	}
+	srv := &http.Server{Handler: fe, ReadHeaderTimeout: 10 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	closers = append(closers, srv.Shutdown)
+
+	log.Info("invokex serving", "addr", ln.Addr().String(), "data_dir", cfg.DataDir, "driver", drv.Name())
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr().String())
+	}
+	select {
+	case <-ctx.Done():
+		log.Info("invokex shutting down")
+		return nil
+	case err := <-serveErr:
+		return fmt.Errorf("serving http: %w", err)
+	}
+}
+
+// newDriver picks the sandbox driver. auto picks the strongest isolation
+// that works on this host; today that is the process sandbox.
+func newDriver(cfg Config) (driver.Driver, error) {
+	switch cfg.Driver {
+	case "auto", "process":
+		d, err := process.New(process.Options{
+			StateDir: filepath.Join(cfg.DataDir, "sandboxes"),
+			Logger:   cfg.Logger.With("component", "driver", "driver", "process"),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("creating process driver: %w", err)
+		}
+		return d, nil
+	case "qemu", "firecracker":
+		return nil, fmt.Errorf("driver %q is not available in this build yet (use process)", cfg.Driver)
+	default:
+		return nil, fmt.Errorf("unknown driver %q (want auto, process, qemu or firecracker)", cfg.Driver)
+	}
+}
+
+// lockDataDir takes an exclusive lock so two servers never share a data dir.
+func lockDataDir(dir string) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening lock file: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data dir %s is in use by another invokex server", dir)
+	}
+	return func() { f.Close() }, nil
+}
