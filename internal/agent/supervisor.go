@@ -88,6 +88,13 @@ type supervisor struct {
 func newSupervisor(pid1 bool, log *slog.Logger) *supervisor {
 	s := &supervisor{pid1: pid1, log: log, stop: make(chan struct{})}
 	if pid1 {
+		// A PID 1 agent owns its sandbox, so it takes the runtime's limits
+		// itself and every child inherits them from the fork on: prlimit on
+		// the runtime after exec needs CAP_SYS_RESOURCE once the runtime
+		// runs under another uid, which some hosts withhold even from root.
+		if err := lowerOwnLimits(); err != nil {
+			log.Warn("lowering the sandbox's resource limits", "err", err)
+		}
 		s.procs = make(map[int]*process)
 		s.sigs = make(chan os.Signal, 1)
 		signal.Notify(s.sigs, syscall.SIGCHLD)
@@ -263,7 +270,9 @@ func (s *supervisor) close() {
 func limitRuntime(pid int) error {
 	var errs []error
 	var cur unix.Rlimit
-	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &cur); err != nil {
+	if inheritedLimits() {
+		// Nothing to do: the runtime inherited them from the agent.
+	} else if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &cur); err != nil {
 		errs = append(errs, fmt.Errorf("reading RLIMIT_NOFILE: %w", err))
 	} else {
 		n := min(cur.Max, runtimeNoFile)
@@ -271,8 +280,10 @@ func limitRuntime(pid int) error {
 			errs = append(errs, fmt.Errorf("setting RLIMIT_NOFILE: %w", err))
 		}
 	}
-	if err := unix.Prlimit(pid, unix.RLIMIT_CORE, &unix.Rlimit{}, nil); err != nil {
-		errs = append(errs, fmt.Errorf("setting RLIMIT_CORE: %w", err))
+	if !inheritedLimits() {
+		if err := unix.Prlimit(pid, unix.RLIMIT_CORE, &unix.Rlimit{}, nil); err != nil {
+			errs = append(errs, fmt.Errorf("setting RLIMIT_CORE: %w", err))
+		}
 	}
 	if adj, err := readOOMScoreAdj("self"); err == nil && adj < 0 {
 		if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte("0"), 0); err != nil {
@@ -316,4 +327,32 @@ func lookPath(name string, env []string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("%q: executable file not found in $PATH", name)
+}
+
+// lowerOwnLimits sets the agent's own RLIMIT_NOFILE and RLIMIT_CORE to the
+// runtime's. syscall.Setrlimit (not x/sys) is used because it also stops Go
+// from restoring the start-up NOFILE soft limit in children.
+func lowerOwnLimits() error {
+	var nofile syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &nofile); err != nil {
+		return fmt.Errorf("reading RLIMIT_NOFILE: %w", err)
+	}
+	n := min(nofile.Max, runtimeNoFile)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: n, Max: n}); err != nil {
+		return fmt.Errorf("setting RLIMIT_NOFILE: %w", err)
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_CORE, &syscall.Rlimit{}); err != nil {
+		return fmt.Errorf("setting RLIMIT_CORE: %w", err)
+	}
+	return nil
+}
+
+// inheritedLimits reports whether the agent's own limits are already the
+// runtime's, so a child inherits them without prlimit.
+func inheritedLimits() bool {
+	var nofile, core syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &nofile) != nil || syscall.Getrlimit(syscall.RLIMIT_CORE, &core) != nil {
+		return false
+	}
+	return nofile.Max <= runtimeNoFile && nofile.Cur == nofile.Max && core.Max == 0
 }

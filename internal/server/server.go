@@ -117,11 +117,6 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 	if err != nil {
 		return err
 	}
-	if d, ok := drv.(driver.Describer); ok {
-		for _, msg := range d.Describe() {
-			log.Warn("sandbox isolation degraded", "driver", drv.Name(), "reason", msg)
-		}
-	}
 	if c, ok := drv.(driver.Closer); ok {
 		closers = append(closers, c.Close)
 	}
@@ -194,7 +189,7 @@ func newDriver(cfg Config) (driver.Driver, error) {
 	case "auto", "process":
 		d, err := process.New(process.Options{
 			StateDir: filepath.Join(cfg.DataDir, "sandboxes"),
-			Logger:   cfg.Logger.With("component", "driver", "driver", "process"),
+			Logger:   cfg.Logger.With("component", "driver"),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("creating process driver: %w", err)
