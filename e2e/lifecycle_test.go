@@ -168,7 +168,7 @@ func TestFunctionLifecycleThroughSDK(t *testing.T) {
 
 // probeEcho is the probe's answer to {"action":"echo"}.
 type probeEcho struct {
-	Event map[string]any `json:"event"`
+	Event      map[string]any `json:"event"`
 	probeFacts `json:"facts"`
 }
 

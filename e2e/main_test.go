@@ -247,8 +247,8 @@ func makeZip(t *testing.T, files map[string][]byte, modes map[string]os.FileMode
 	return buf.Bytes()
 }
 
-func probeZip(t *testing.T) []byte    { return zipDir(t, filepath.Join(binDir, "probe")) }
-func helloGoZip(t *testing.T) []byte  { return zipDir(t, filepath.Join(binDir, "hello-go")) }
+func probeZip(t *testing.T) []byte   { return zipDir(t, filepath.Join(binDir, "probe")) }
+func helloGoZip(t *testing.T) []byte { return zipDir(t, filepath.Join(binDir, "hello-go")) }
 func exampleZip(t *testing.T, name string) []byte {
 	return zipDir(t, filepath.Join(repoRoot, "examples", name))
 }
