@@ -323,6 +323,19 @@ func cgroupPIDs(dir string) ([]int, error) {
 	return pids, nil
 }
 
+// removeParents removes the manager's parent cgroups if they are empty, so
+// that closed drivers (each state directory has its own parent) leave
+// nothing behind. The shared "invokex" level above is kept: another
+// driver may be creating its parent in it right now.
+func (m *cgroupManager) removeParents() {
+	for i, parent := range []string{m.memDir, m.pidsDir} {
+		if parent == "" || (i == 1 && parent == m.memDir) {
+			continue
+		}
+		_ = unix.Rmdir(parent) // fails while instance cgroups remain: fine
+	}
+}
+
 // children lists the instance cgroup names under the manager's parents.
 func (m *cgroupManager) children() map[string][]string {
 	out := map[string][]string{}

@@ -368,6 +368,7 @@ func (d *Driver) Close(ctx context.Context) error {
 	// was waited for above, so nothing forks any more.
 	if !wasClosed {
 		d.fork.close()
+		d.cg.removeParents()
 	}
 	return errors.Join(errs...)
 }
