@@ -219,7 +219,8 @@ func TestSixtyFourConcurrentInvokes(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			payload, _ := json.Marshal(map[string]any{"action": "echo", "id": i})
+			// Sleeping keeps every instance busy, so all 64 run at once.
+			payload, _ := json.Marshal(map[string]any{"action": "sleep", "ms": 300, "id": i})
 			out, err := s.sdk().Invoke(ctxT(t), &lambda.InvokeInput{FunctionName: aws.String("fanout"), Payload: payload})
 			if err != nil {
 				errs <- fmt.Errorf("invoke %d: %w", i, err)
