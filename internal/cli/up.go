@@ -136,12 +136,14 @@ func familyOf(id string) string {
 
 func printNext(g *globals, addr string) {
 	ep := "http://" + addr
+	bin := os.Args[0]
 	fmt.Fprintf(g.stdout, `
 InvokeX is up on %[1]s. Try, in another terminal:
-  invokex invoke hello-go '{"name":"you"}' --tail
-  invokex logs hello-go
-  invokex ls
-  aws lambda invoke --endpoint-url %[1]s --function-name hello-go --payload '{"name":"sdk"}' --cli-binary-format raw-in-base64-out out.json
+  %[2]s invoke hello-go '{"name":"you"}' --tail
+  %[2]s logs hello-go
+  %[2]s ls
+  %[2]s deploy ./examples/hello-python --name mine --runtime python3.11 --handler app.handler
+Any AWS SDK or the aws CLI works with the endpoint %[1]s and any credentials.
 Press Ctrl-C to stop (sandboxes are stopped, data stays in the data dir).
-`, ep)
+`, ep, bin)
 }

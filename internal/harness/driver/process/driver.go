@@ -501,7 +501,10 @@ func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File)
 	if !spec.Network {
 		flags |= unix.CLONE_NEWNET
 	}
-	attr := &syscall.SysProcAttr{Cloneflags: flags, Pdeathsig: syscall.SIGKILL}
+	// Setsid: a sandbox is its own session, so a terminal's Ctrl-C (sent to
+	// the server's foreground process group) reaches only the server, which
+	// then stops sandboxes in order, instead of killing them under it.
+	attr := &syscall.SysProcAttr{Cloneflags: flags, Pdeathsig: syscall.SIGKILL, Setsid: true}
 	if d.rootless {
 		attr.Cloneflags |= unix.CLONE_NEWUSER
 		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}}
