@@ -8,8 +8,12 @@
 // caller may modify what it gets without affecting the store.
 //
 // Errors wrap errdefs kinds: ErrNotFound for a missing row, ErrAlreadyExists
-// for a duplicate key, ErrPreconditionFailed for a failed revision check.
-// Anything else is an internal error.
+// for a duplicate key, ErrPreconditionFailed for a failed revision check,
+// ErrInvalidParameter for a bad argument (a limit <= 0, a time that cannot
+// be stored), ErrUnavailable after Close. Anything else is an internal error.
+//
+// Times come back in UTC and exact to the nanosecond; an implementation on a
+// database with coarser timestamps must store integers.
 package store
 
 import (
@@ -94,14 +98,17 @@ type Event struct {
 // at-least-once: a claimed event whose lease expires before Complete or
 // Retry is claimed again.
 type Queue interface {
-	// Enqueue durably stores events (one transaction) before returning.
+	// Enqueue durably stores events (one transaction) before returning. A
+	// duplicate RequestID fails the whole batch with ErrAlreadyExists.
 	Enqueue(ctx context.Context, evs []*Event) error
 	// Claim leases up to max events whose NotBefore <= now and whose lease is
-	// not held, oldest first, increments their Attempts and holds them for lease.
+	// not held, earliest due first (oldest first among events due at the same
+	// time), increments their Attempts and holds them for lease.
 	Claim(ctx context.Context, now time.Time, lease time.Duration, max int) ([]*Event, error)
 	// Complete removes a claimed event. Idempotent.
 	Complete(ctx context.Context, requestID string) error
 	// Retry releases a claimed event to be claimed again at notBefore.
+	// ErrNotFound for an unknown event.
 	Retry(ctx context.Context, requestID string, notBefore time.Time, lastErr string) error
 	// Len returns the number of events in the queue (claimed or not).
 	Len(ctx context.Context) (int, error)
