@@ -1,11 +1,13 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // cli runs the invokex binary against s and returns stdout, stderr and the exit code.
@@ -47,6 +49,22 @@ func TestCLI(t *testing.T) {
 	if out, _, code = cli(t, s, "", "logs", "hello-go"); code != 0 || strings.Count(out, "START RequestId:") != 3 {
 		t.Fatalf("logs: code %d, want 3 invocations:\n%s", code, out)
 	}
+	// An Event invocation's record, by request id.
+	out, _, code = cli(t, s, "", "invoke", "hello-go", `{"name":"async"}`, "--async")
+	fields := strings.Fields(out)
+	if code != 0 || len(fields) < 2 || fields[0] != "queued" {
+		t.Fatalf("invoke --async: code %d %q", code, out)
+	}
+	eventually(t, time.Minute, func() error {
+		out, errOut, code := cli(t, s, "", "invocation", fields[1])
+		if code != 0 || !strings.Contains(out, "Succeeded") {
+			return fmt.Errorf("invocation %s: code %d %s %s", fields[1], code, out, errOut)
+		}
+		if !strings.Contains(out, "greeting async") || !strings.Contains(out, "Event") {
+			t.Fatalf("invocation record lacks the function's log or type:\n%s", out)
+		}
+		return nil
+	})
 	if out, _, code = cli(t, s, "", "ls"); code != 0 || !strings.Contains(out, "hello-go") || !strings.Contains(out, "provided.al2023") {
 		t.Fatalf("ls: code %d %s", code, out)
 	}

@@ -66,7 +66,7 @@ func TestMemoryLimitIsEnforced(t *testing.T) {
 func TestHugeOutputIsCappedAndCounted(t *testing.T) {
 	s := startServer(t, "")
 	createProbe(t, s, "chatty", func(in *lambda.CreateFunctionInput) { in.Timeout = aws.Int32(60) })
-	const spam = 200 << 20
+	const spam = 1 << 30 // a function that prints a gigabyte
 	out := invoke(t, s, "chatty", map[string]any{"action": "spam", "bytes": spam}, true)
 	if out.FunctionError != nil {
 		t.Fatalf("spam: %s", out.Payload)
