@@ -228,6 +228,7 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 		RevisionID:  fn.RevisionID,
 		Runtime:     *req.Runtime,
 		CodeDir:     codeDir,
+		CodeSha256:  fn.CodeSha256,
 		RuntimeDir:  runtimeDir,
 		MemoryMB:    fn.MemorySize,
 		EphemeralMB: fn.EphemeralStorage,

@@ -46,6 +46,9 @@ type Spec struct {
 	// CodeDir is a host directory holding the unpacked code; the sandbox sees
 	// it read-only at /var/task.
 	CodeDir string
+	// CodeSha256 is the base64 SHA-256 of the deployment package CodeDir was
+	// unpacked from: drivers that turn the code into an image cache it by this.
+	CodeSha256 string
 	// RuntimeDir is a host directory with the runtime's support files
 	// (runtime interface clients); the sandbox sees it read-only at /var/runtime.
 	RuntimeDir string
