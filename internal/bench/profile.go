@@ -1,0 +1,316 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Roles a profile sample is attributed to.
+const (
+	roleServer   = "server"
+	roleInit     = "sandbox init"
+	roleAgent    = "sandbox agent"
+	roleFunction = "function"
+	roleClient   = "bench client"
+	roleIdle     = "idle"
+	roleOther    = "other"
+)
+
+// roleMap attributes threads to roles: the server process, each instance's
+// init (a direct child of the server), the function processes (by command
+// name) and the agents (everything else under the server), the benchmark
+// itself, and the idle task.
+func roleMap(procs []Proc, tasks func(pid int) []int, server, self int, fnComm string) map[int]string {
+	roles := map[int]string{0: roleIdle}
+	assign := func(pid int, role string) {
+		roles[pid] = role
+		for _, tid := range tasks(pid) {
+			roles[tid] = role
+		}
+	}
+	assign(server, roleServer)
+	assign(self, roleClient)
+	for root, g := range Subtrees(procs, server) {
+		for _, p := range g {
+			switch {
+			case p.PID == root:
+				assign(p.PID, roleInit)
+			case p.Comm == fnComm:
+				assign(p.PID, roleFunction)
+			default:
+				assign(p.PID, roleAgent)
+			}
+		}
+	}
+	return roles
+}
+
+// tasksOf lists the thread ids of pid.
+func (p procFS) tasksOf(pid int) []int {
+	ents, err := os.ReadDir(filepath.Join(p.Root, strconv.Itoa(pid), "task"))
+	if err != nil {
+		return nil
+	}
+	out := make([]int, 0, len(ents))
+	for _, e := range ents {
+		if tid, err := strconv.Atoi(e.Name()); err == nil {
+			out = append(out, tid)
+		}
+	}
+	return out
+}
+
+var (
+	// "    25.74%    18226:sqlite.test" (perf report --sort pid).
+	perfPidLine = regexp.MustCompile(`^\s*([0-9.]+)%\s+(\d+):(.*?)\s*$`)
+	// "     5.12%  [.] runtime.futex" (perf report --sort sym).
+	perfSymLine = regexp.MustCompile(`^\s*([0-9.]+)%\s+(\[[^\]]*\]\s+.*?)\s*$`)
+)
+
+// parsePerfByRole sums `perf report --sort pid` percentages by role;
+// threads without a role count as "other".
+func parsePerfByRole(out string, roles map[int]string) []Share {
+	sum := map[string]float64{}
+	for _, line := range strings.Split(out, "\n") {
+		m := perfPidLine.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		v, err := strconv.ParseFloat(m[1], 64)
+		if err != nil {
+			continue
+		}
+		tid, _ := strconv.Atoi(m[2])
+		role, ok := roles[tid]
+		if !ok {
+			role = roleOther
+		}
+		sum[role] += v
+	}
+	return sortedShares(sum)
+}
+
+// parsePerfSyms returns the top n `perf report --sort sym` lines.
+func parsePerfSyms(out string, n int) []Share {
+	var s []Share
+	for _, line := range strings.Split(out, "\n") {
+		m := perfSymLine.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		v, err := strconv.ParseFloat(m[1], 64)
+		if err != nil {
+			continue
+		}
+		s = append(s, Share{Name: strings.Join(strings.Fields(m[2]), " "), Percent: v})
+	}
+	sort.SliceStable(s, func(i, j int) bool { return s[i].Percent > s[j].Percent })
+	if len(s) > n {
+		s = s[:n]
+	}
+	return s
+}
+
+func sortedShares(m map[string]float64) []Share {
+	s := make([]Share, 0, len(m))
+	for k, v := range m {
+		s = append(s, Share{Name: k, Percent: v})
+	}
+	sort.Slice(s, func(i, j int) bool {
+		if s[i].Percent != s[j].Percent {
+			return s[i].Percent > s[j].Percent
+		}
+		return s[i].Name < s[j].Name
+	})
+	return s
+}
+
+// profileInvokeX profiles InvokeX while load runs warm invokes at
+// concurrency conc for secs seconds. It uses the server's /debug/pprof
+// when served, and perf (whole machine, so the sandboxes and functions
+// are seen too) when installed.
+func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker, conc, secs int) ProfileResult {
+	res := ProfileResult{Seconds: secs, Concurrency: conc}
+	var notes []string
+
+	pprofOK := false
+	if req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.endpoint+"/debug/pprof/", nil); err == nil {
+		if resp, err := r.http.Do(req); err == nil {
+			resp.Body.Close()
+			pprofOK = resp.StatusCode == http.StatusOK
+		}
+	}
+	if !pprofOK {
+		notes = append(notes, "the server serves no /debug/pprof, so no Go profile of it")
+	}
+	perf, perfErr := exec.LookPath("perf")
+	if perfErr != nil {
+		notes = append(notes, "perf is not installed (apt-get install linux-perf), so no system-wide profile")
+	}
+	if !pprofOK && perfErr != nil {
+		res.Note = strings.Join(notes, "; ")
+		return res
+	}
+
+	lctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+time.Second)
+	defer cancel()
+	loadDone := make(chan struct{})
+	go func() {
+		defer close(loadDone)
+		runLoad(lctx, iv, conc, 1<<30, r.payload, r.want, nil)
+	}()
+	defer func() { cancel(); <-loadDone }()
+	// Let the load reach its steady state before sampling.
+	time.Sleep(300 * time.Millisecond)
+
+	var perfCmd *exec.Cmd
+	// perf's build-id cache, private to this run (perf's default is
+	// ~/.debug). The binaries are added to it explicitly: the sandboxes
+	// run the invokex binary and the function in other mount namespaces,
+	// where perf cannot open them by path, and a failed open of the
+	// shared invokex path would leave the server without symbols too.
+	buildIDDir := filepath.Join(r.work, "perf-buildid")
+	var perfStderr strings.Builder
+	perfData := filepath.Join(r.work, "perf.data")
+	if perfErr == nil {
+		perfCmd = exec.Command(perf, "--buildid-dir", buildIDDir, "record", "-a", "-g", "-F", "999", "-e", "cpu-clock",
+			"-o", perfData, "--", "sleep", strconv.Itoa(secs))
+		perfCmd.Stdout = io.Discard
+		perfCmd.Stderr = &perfStderr
+		if err := perfCmd.Start(); err != nil {
+			notes = append(notes, "perf record: "+err.Error())
+			perfCmd = nil
+		}
+	}
+	// Threads are attributed by a snapshot of the process tree taken now
+	// and another when perf is done (Go starts threads under load).
+	roles := map[int]string{}
+	snapshot := func() {
+		if procs, err := r.fs.Procs(); err == nil {
+			for tid, role := range roleMap(procs, r.fs.tasksOf, srv.pid(), os.Getpid(), r.fnComm) {
+				roles[tid] = role
+			}
+		}
+	}
+	snapshot()
+	var pprofTop string
+	if pprofOK {
+		pprofTop = r.fetchPprof(ctx, srv, secs, &notes)
+	}
+	if perfCmd != nil {
+		if err := perfCmd.Wait(); err != nil {
+			notes = append(notes, "perf record: "+err.Error()+": "+lastLine(perfStderr.String()))
+			perfCmd = nil
+		}
+		snapshot()
+	}
+	cancel()
+	<-loadDone
+
+	if perfCmd != nil {
+		for _, bin := range []string{r.opts.InvokexBin, r.bootstrap} {
+			if out, err := exec.CommandContext(ctx, perf, "--buildid-dir", buildIDDir, "buildid-cache", "-a", bin).CombinedOutput(); err != nil {
+				notes = append(notes, fmt.Sprintf("perf buildid-cache %s: %v: %s", filepath.Base(bin), err, lastLine(string(out))))
+			}
+		}
+		report := func(args ...string) (string, error) {
+			base := []string{"--buildid-dir", buildIDDir, "report", "-i", perfData, "--stdio", "--no-children", "-g", "none"}
+			out, err := exec.CommandContext(ctx, perf, append(base, args...)...).Output()
+			return string(out), err
+		}
+		if out, err := report("--sort", "pid", "--percent-limit", "0"); err == nil {
+			res.ByRole = parsePerfByRole(out, roles)
+			res.Tool = "perf"
+		} else {
+			notes = append(notes, "perf report: "+err.Error())
+		}
+		for _, part := range []struct {
+			dst   *[]Share
+			roles []string
+		}{{&res.Server, []string{roleServer}}, {&res.Sandbox, []string{roleInit, roleAgent}}, {&res.Function, []string{roleFunction}}} {
+			tids := tidsOf(roles, part.roles...)
+			if len(tids) == 0 {
+				continue
+			}
+			out, err := report("--tid", tids, "--sort", "sym", "--percentage", "absolute", "--percent-limit", "0.2")
+			if err != nil {
+				notes = append(notes, "perf report: "+err.Error())
+				continue
+			}
+			*part.dst = parsePerfSyms(out, 12)
+		}
+		notes = append(notes, "perf record -a -g -F 999 -e cpu-clock; shares are of all samples of both cores, idle included")
+	}
+	if pprofTop != "" {
+		res.PprofTop = pprofTop
+		if res.Tool == "" {
+			res.Tool = "pprof"
+		} else {
+			res.Tool += " + pprof"
+		}
+	}
+	res.Note = strings.Join(notes, "; ")
+	return res
+}
+
+// tidsOf returns the comma-separated thread ids with one of the roles.
+func tidsOf(roles map[int]string, want ...string) string {
+	var ids []int
+	for tid, role := range roles {
+		if tid != 0 && contains(want, role) {
+			ids = append(ids, tid)
+		}
+	}
+	sort.Ints(ids)
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = strconv.Itoa(id)
+	}
+	return strings.Join(s, ",")
+}
+
+// fetchPprof takes a CPU profile from the server and renders its top.
+func (r *runner) fetchPprof(ctx context.Context, srv *ixServer, secs int, notes *[]string) string {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", srv.endpoint, secs), nil)
+	if err != nil {
+		return ""
+	}
+	resp, err := r.http.Do(req)
+	if err != nil {
+		*notes = append(*notes, "pprof: "+err.Error())
+		return ""
+	}
+	defer resp.Body.Close()
+	path := filepath.Join(r.work, "server.pprof")
+	f, err := os.Create(path)
+	if err != nil {
+		*notes = append(*notes, "pprof: "+err.Error())
+		return ""
+	}
+	_, err = io.Copy(f, resp.Body)
+	f.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		*notes = append(*notes, fmt.Sprintf("pprof: HTTP %d %v", resp.StatusCode, err))
+		return ""
+	}
+	if r.opts.GoBin == "" {
+		*notes = append(*notes, "pprof: no go tool to render the profile")
+		return ""
+	}
+	out, err := exec.CommandContext(ctx, r.opts.GoBin, "tool", "pprof", "-top", "-nodecount=25", r.opts.InvokexBin, path).Output()
+	if err != nil {
+		*notes = append(*notes, "go tool pprof: "+err.Error())
+		return ""
+	}
+	return string(out)
+}
