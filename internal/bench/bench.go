@@ -235,6 +235,7 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	r.rep.Machine.LoadAvgEnd = loadAvg()
 	return r.rep, nil
 }
 

@@ -42,9 +42,9 @@ func (r *Report) Markdown(command string, prev []byte) []byte {
 
 	b.WriteString("## Machine\n\n")
 	m := r.Machine
-	t := table{header: []string{"cores", "CPU", "memory", "kernel", "Go", "driver", "load average at start"}}
+	t := table{header: []string{"cores", "CPU", "memory", "kernel", "Go", "driver", "load average at start / end"}}
 	t.rows = [][]string{{
-		fmt.Sprint(m.Cores), orNone(m.CPU), fmtGiB(m.MemTotal), orNone(m.Kernel), orNone(m.GoVersion), r.Driver, orNone(m.LoadAvg),
+		fmt.Sprint(m.Cores), orNone(m.CPU), fmtGiB(m.MemTotal), orNone(m.Kernel), orNone(m.GoVersion), r.Driver, orNone(m.LoadAvg) + " / " + orNone(m.LoadAvgEnd),
 	}}
 	writeMarkdownTable(&b, t)
 	fmt.Fprintf(&b, "\nSizes: %d measured invokes per concurrency level (%s), %d cold starts per series, %d code updates, %d Event invokes.\n",

@@ -134,3 +134,19 @@ func TestParseMachineFiles(t *testing.T) {
 		t.Errorf("probeMachine = %+v", m)
 	}
 }
+
+func TestParsePerfInclusive(t *testing.T) {
+	out := `# Children      Self  Symbol
+    44.95%     0.00%  [.] runtime.goexit.abi0
+     7.37%     0.00%  [.] github.com/invokex/invokex/internal/frontend.(*Server).invoke-fm
+     7.36%     0.01%  [.] github.com/invokex/invokex/internal/frontend.(*Server).invoke
+     1.67%     0.00%  [.] github.com/invokex/invokex/internal/controlplane.(*recordWriter).start.gowrap1
+     6.00%     0.04%  [.] github.com/invokex/invokex/internal/controlplane.(*Service).resolve
+     4.08%     0.03%  [.] github.com/invokex/invokex/internal/controlplane/store/sqlite.(*functions).Get
+`
+	got := parsePerfInclusive(out, 2)
+	want := []Share{{"frontend.(*Server).invoke", 7.36}, {"controlplane.(*Service).resolve", 6}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("parsePerfInclusive = %+v, want %+v", got, want)
+	}
+}

@@ -298,8 +298,11 @@ func (r *runner) warmPhase(ctx context.Context, srv *ixServer) error {
 		if wu.Errors > 0 {
 			r.note("InvokeX warm-up at concurrency %d: %d errors (%s)", conc, wu.Errors, kindsString(wu.ErrorKinds))
 		}
-		res := runLoad(ctx, iv, conc, r.opts.Runs, r.payload, r.want, srv.alive)
+		res, cpu := r.loadWithCPU(srv.pid(), func() LoadResult {
+			return runLoad(ctx, iv, conc, r.opts.Runs, r.payload, r.want, srv.alive)
+		})
 		r.rep.Warm[i].InvokeX = res
+		r.rep.Warm[i].InvokeXCPU = cpu
 		if g, err := srv.instances(r.fs); err == nil {
 			r.rep.Warm[i].InvokeXInstances = len(g)
 		}

@@ -40,9 +40,14 @@ func (r *runner) runRIE(ctx context.Context) error {
 		// RIE has one instance: a few sequential invokes warm it (and
 		// start it after a restart). Concurrent warm-up would only crash it.
 		runLoad(ctx, p.iv, 1, 20, r.payload, r.want, p.alive)
-		res := runLoad(ctx, p.iv, conc, r.opts.Runs, r.payload, r.want, p.alive)
+		res, cpu := r.loadWithCPU(p.pid(), func() LoadResult {
+			return runLoad(ctx, p.iv, conc, r.opts.Runs, r.payload, r.want, p.alive)
+		})
 		row := &r.rep.Warm[i]
 		row.RIE = res
+		if !res.Died {
+			row.RIECPU = cpu
+		}
 		switch {
 		case res.Died:
 			row.RIENote = fmt.Sprintf("crashed after %d successful invokes (%s): %s",

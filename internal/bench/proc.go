@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Proc is one process as /proc/<pid>/stat describes it.
@@ -17,7 +18,14 @@ type Proc struct {
 	PID  int
 	PPID int
 	Comm string
+	// CPU is the user plus system time the process has used, in clock
+	// ticks (USER_HZ, 100 per second on Linux); 0 when stat was short.
+	CPU int64
 }
+
+// clockTick is USER_HZ: the unit of /proc/<pid>/stat's utime and stime.
+// It is 100 on every Linux architecture Go supports.
+const clockTick = 10 * time.Millisecond
 
 // Mem is a process's memory in bytes. RSS counts every resident page the
 // process maps, including pages shared with other processes (the same
@@ -64,7 +72,16 @@ func parseStat(b []byte) (Proc, error) {
 	if err != nil {
 		return Proc{}, fmt.Errorf("malformed stat ppid %q: %w", rest[1], err)
 	}
-	return Proc{PID: pid, PPID: ppid, Comm: s[open+1 : closing]}, nil
+	p := Proc{PID: pid, PPID: ppid, Comm: s[open+1 : closing]}
+	// rest[11] and rest[12] are utime and stime.
+	if len(rest) >= 13 {
+		ut, err1 := strconv.ParseInt(rest[11], 10, 64)
+		st, err2 := strconv.ParseInt(rest[12], 10, 64)
+		if err1 == nil && err2 == nil {
+			p.CPU = ut + st
+		}
+	}
+	return p, nil
 }
 
 // parseStatusRSS returns VmRSS from /proc/<pid>/status, in bytes. A kernel

@@ -75,7 +75,41 @@ var (
 	perfPidLine = regexp.MustCompile(`^\s*([0-9.]+)%\s+(\d+):(.*?)\s*$`)
 	// "     5.12%  [.] runtime.futex" (perf report --sort sym).
 	perfSymLine = regexp.MustCompile(`^\s*([0-9.]+)%\s+(\[[^\]]*\]\s+.*?)\s*$`)
+	// "     6.00%     0.04%  [.] pkg.Func" (perf report --children --sort sym).
+	perfChildrenLine = regexp.MustCompile(`^\s*([0-9.]+)%\s+[0-9.]+%\s+\[[^\]]*\]\s+(.*?)\s*$`)
 )
+
+// ownCode is the prefix of InvokeX's own symbols.
+const ownCode = "github.com/invokex/invokex/internal/"
+
+// parsePerfInclusive returns the top n symbols of InvokeX's own code by
+// inclusive share (the function and everything it called, kernel time of
+// its system calls included), with the module prefix cut. Wrappers the
+// compiler makes (method values "-fm", "gowrap" closures) repeat their
+// callee's share and are left out.
+func parsePerfInclusive(out string, n int) []Share {
+	var s []Share
+	for _, line := range strings.Split(out, "\n") {
+		m := perfChildrenLine.FindStringSubmatch(line)
+		if m == nil || !strings.HasPrefix(m[2], ownCode) {
+			continue
+		}
+		name := strings.TrimPrefix(m[2], ownCode)
+		if strings.HasSuffix(name, "-fm") || strings.Contains(name, ".gowrap") {
+			continue
+		}
+		v, err := strconv.ParseFloat(m[1], 64)
+		if err != nil {
+			continue
+		}
+		s = append(s, Share{Name: name, Percent: v})
+	}
+	sort.SliceStable(s, func(i, j int) bool { return s[i].Percent > s[j].Percent })
+	if len(s) > n {
+		s = s[:n]
+	}
+	return s
+}
 
 // parsePerfByRole sums `perf report --sort pid` percentages by role;
 // threads without a role count as "other".
@@ -224,7 +258,10 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 			}
 		}
 		report := func(args ...string) (string, error) {
-			base := []string{"--buildid-dir", buildIDDir, "report", "-i", perfData, "--stdio", "--no-children", "-g", "none"}
+			base := []string{"--buildid-dir", buildIDDir, "report", "-i", perfData, "--stdio", "-g", "none"}
+			if args[0] != "--children" {
+				base = append(base, "--no-children")
+			}
 			out, err := exec.CommandContext(ctx, perf, append(base, args...)...).Output()
 			return string(out), err
 		}
@@ -235,9 +272,13 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 			notes = append(notes, "perf report: "+err.Error())
 		}
 		for _, part := range []struct {
-			dst   *[]Share
-			roles []string
-		}{{&res.Server, []string{roleServer}}, {&res.Sandbox, []string{roleInit, roleAgent}}, {&res.Function, []string{roleFunction}}} {
+			self, paths *[]Share
+			roles       []string
+		}{
+			{&res.Server, &res.ServerPaths, []string{roleServer}},
+			{&res.Sandbox, &res.SandboxPaths, []string{roleInit, roleAgent}},
+			{&res.Function, nil, []string{roleFunction}},
+		} {
 			tids := tidsOf(roles, part.roles...)
 			if len(tids) == 0 {
 				continue
@@ -247,7 +288,16 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 				notes = append(notes, "perf report: "+err.Error())
 				continue
 			}
-			*part.dst = parsePerfSyms(out, 12)
+			*part.self = parsePerfSyms(out, 10)
+			if part.paths == nil {
+				continue
+			}
+			out, err = report("--children", "--tid", tids, "--sort", "sym", "--percentage", "absolute", "--percent-limit", "0.5")
+			if err != nil {
+				notes = append(notes, "perf report --children: "+err.Error())
+				continue
+			}
+			*part.paths = parsePerfInclusive(out, 15)
 		}
 		notes = append(notes, "perf record -a -g -F 999 -e cpu-clock; shares are of all samples of both cores, idle included")
 	}

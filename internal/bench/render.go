@@ -55,7 +55,16 @@ func figure(name string, ix, rie float64, f func(float64) string) []string {
 // only is a figure RIE has no counterpart for.
 func only(name, ix string) []string { return []string{name, ix, none, none} }
 
-func msCell(v float64) string  { return fmtMs(msToDuration(v)) }
+func msCell(v float64) string { return fmtMs(msToDuration(v)) }
+func usCell(v float64) string { return fmt.Sprintf("%.0f µs", v) }
+
+// cellOr is s when ok, else the not-measured cell.
+func cellOr(ok bool, s string) string {
+	if !ok {
+		return none
+	}
+	return s
+}
 func mibCell(v float64) string { return fmtMiB(int64(v)) }
 func rateCell(v float64) string {
 	return strconv.FormatFloat(v, 'f', 0, 64) + "/s"
@@ -110,6 +119,21 @@ func (r *Report) warmTable() table {
 			row("c="+c+" invocations/s", rate(w.InvokeX, ixBad), rate(w.RIE, rieBad), countCell),
 			[]string{"c=" + c + " errors", errCell(w.InvokeX), errCell(w.RIE), none},
 		)
+		if w.InvokeXCPU.Measured || w.RIECPU.Measured {
+			cpu := func(m bool, d time.Duration) float64 {
+				if !m {
+					return -1
+				}
+				return float64(d) / float64(time.Microsecond)
+			}
+			ix, rie := w.InvokeXCPU, w.RIECPU
+			t.rows = append(t.rows,
+				row("c="+c+" CPU per invoke: platform (server + sandbox / emulator)", cpu(ix.Measured, ix.Platform), cpu(rie.Measured, rie.Platform), usCell),
+				only("c="+c+" CPU per invoke:   of which sandbox (init + agent)", cellOr(ix.Measured, usCell(float64(ix.Sandbox)/1e3))),
+				row("c="+c+" CPU per invoke: function", cpu(ix.Measured, ix.Function), cpu(rie.Measured, rie.Function), usCell),
+				row("c="+c+" CPU per invoke: benchmark client", cpu(ix.Measured, ix.Client), cpu(rie.Measured, rie.Client), usCell),
+			)
+		}
 		if w.InvokeXInstances > 0 {
 			t.notes = append(t.notes, fmt.Sprintf("InvokeX at concurrency %d ran %d instances", w.Concurrency, w.InvokeXInstances))
 		}
@@ -415,8 +439,10 @@ func (r *Report) profileLines() []string {
 		out = append(out, label+": "+strings.Join(parts, ", "))
 	}
 	add("CPU by process role (% of all samples)", p.ByRole)
-	add("hottest in the server", p.Server)
-	add("hottest in the sandboxes (init + agent)", p.Sandbox)
-	add("hottest in the function processes", p.Function)
+	add("server hot paths (InvokeX functions, inclusive of what they call)", p.ServerPaths)
+	add("sandbox hot paths (InvokeX functions, inclusive)", p.SandboxPaths)
+	add("hottest symbols in the server (self)", p.Server)
+	add("hottest symbols in the sandboxes (self)", p.Sandbox)
+	add("hottest symbols in the function processes (self)", p.Function)
 	return out
 }

@@ -41,7 +41,11 @@ type Machine struct {
 	Kernel    string
 	GoVersion string
 	MemTotal  int64 // bytes
-	LoadAvg   string
+	// LoadAvg is the 1, 5 and 15 minute load averages when the run
+	// started and LoadAvgEnd when it ended: other work on the machine
+	// skews every figure.
+	LoadAvg    string
+	LoadAvgEnd string
 }
 
 // WarmRow is warm invoke latency and throughput at one concurrency level.
@@ -53,6 +57,9 @@ type WarmRow struct {
 	RIENote string
 	// InvokeXInstances is how many instances InvokeX had after the level.
 	InvokeXInstances int
+	// CPU per successful invocation, by component.
+	InvokeXCPU CPUPerInvoke
+	RIECPU     CPUPerInvoke
 }
 
 // ColdSeries is a series of cold starts: the first invoke of a new
@@ -162,6 +169,10 @@ type ProfileResult struct {
 	Server   []Share
 	Sandbox  []Share
 	Function []Share
+	// ServerPaths and SandboxPaths are InvokeX's own functions by
+	// inclusive share (with everything they call): the hot paths.
+	ServerPaths  []Share
+	SandboxPaths []Share
 	// PprofTop is `go tool pprof -top` output when Tool is pprof.
 	PprofTop string
 }

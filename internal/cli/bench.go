@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -25,6 +26,7 @@ func newBenchCmd(g *globals) *cobra.Command {
 		moduleDir  string
 		keepAlive  time.Duration
 		serverLogs string
+		jsonOut    string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -70,6 +72,15 @@ results to --out. Run it as root from InvokeX's source tree (make bench).`,
 			if err := rep.WriteText(g.stdout); err != nil {
 				return err
 			}
+			if jsonOut != "" {
+				b, err := json.MarshalIndent(rep, "", "  ")
+				if err != nil {
+					return fmt.Errorf("encoding the report: %w", err)
+				}
+				if err := os.WriteFile(jsonOut, append(b, '\n'), 0o644); err != nil {
+					return fmt.Errorf("writing %s: %w", jsonOut, err)
+				}
+			}
 			if out == "" {
 				return nil
 			}
@@ -101,6 +112,7 @@ results to --out. Run it as root from InvokeX's source tree (make bench).`,
 	f.DurationVar(&keepAlive, "scale-to-zero-keep-alive", time.Second, "keep-alive of the server that measures cold starts after scale to zero")
 	f.StringVar(&serverLogs, "server-log-level", "info", "log level of the InvokeX servers under test")
 	f.StringVar(&out, "out", "docs/benchmarks.md", "Markdown report to write, relative to the source tree (empty: none)")
+	f.StringVar(&jsonOut, "json", "", "also write the whole report as JSON to this file")
 	f.StringVar(&rieBin, "rie", "", "aws-lambda-rie binary (default: on PATH or in GOPATH/bin, else installed with go install)")
 	f.BoolVar(&noInstall, "no-install", false, "fail instead of installing aws-lambda-rie when it is missing")
 	f.StringVar(&moduleDir, "source", "", "InvokeX source tree (default: found from the working directory)")
