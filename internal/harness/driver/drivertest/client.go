@@ -16,12 +16,13 @@ import (
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
-// Bounds that keep a broken driver or agent from hanging the suite. They
-// are liveness limits, not performance assertions.
+// Default bounds that keep a broken driver or agent from hanging the
+// suite (Options overrides them). They are liveness limits, not
+// performance assertions.
 const (
-	frameTimeout = 90 * time.Second
-	startTimeout = 60 * time.Second
-	stopTimeout  = 60 * time.Second
+	defaultFrameTimeout = 90 * time.Second
+	defaultStartTimeout = 60 * time.Second
+	defaultStopTimeout  = 60 * time.Second
 )
 
 // HostProcess is implemented by instances whose sandbox is one host
@@ -55,9 +56,10 @@ type env struct {
 	d        driver.Driver
 	stateDir string
 	probe    string
+	opts     Options
 }
 
-func newEnv(t *testing.T, newDriver func(*testing.T, string) driver.Driver, probe string) *env {
+func newEnv(t *testing.T, newDriver func(*testing.T, string) driver.Driver, probe string, opts Options) *env {
 	t.Helper()
 	stateDir := t.TempDir()
 	d := newDriver(t, stateDir)
@@ -69,10 +71,10 @@ func newEnv(t *testing.T, newDriver func(*testing.T, string) driver.Driver, prob
 	if len(insts) != 0 {
 		t.Fatalf("Recover on an empty state directory returned %d instances", len(insts))
 	}
-	e := &env{t: t, d: d, stateDir: stateDir, probe: probe}
+	e := &env{t: t, d: d, stateDir: stateDir, probe: probe, opts: opts}
 	t.Cleanup(func() {
 		if c, ok := d.(driver.Closer); ok {
-			ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), opts.StopTimeout)
 			defer cancel()
 			if err := c.Close(ctx); err != nil {
 				t.Errorf("Close: %v", err)
@@ -102,14 +104,14 @@ func (e *env) spec() driver.Spec {
 // subtest of the env's test, or that test).
 func (e *env) start(t *testing.T, spec driver.Spec) *sandbox {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StartTimeout)
 	defer cancel()
 	inst, err := e.d.Start(ctx, spec)
 	if err != nil {
 		t.Fatalf("Start(%s): %v", spec.ID, err)
 	}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
 		defer cancel()
 		if err := e.d.Stop(ctx, spec.ID); err != nil {
 			t.Errorf("Stop(%s): %v", spec.ID, err)
@@ -118,15 +120,21 @@ func (e *env) start(t *testing.T, spec driver.Spec) *sandbox {
 	if inst.ID() != spec.ID {
 		t.Fatalf("instance ID = %q, want %q", inst.ID(), spec.ID)
 	}
-	return &sandbox{t: t, spec: spec, inst: inst, conn: protocol.NewConn(inst.Conn())}
+	return e.sandbox(t, spec, inst)
+}
+
+// sandbox wraps a started instance.
+func (e *env) sandbox(t *testing.T, spec driver.Spec, inst driver.Instance) *sandbox {
+	return &sandbox{t: t, spec: spec, inst: inst, conn: protocol.NewConn(inst.Conn()), frameTimeout: e.opts.FrameTimeout}
 }
 
 // sandbox is the suite's harness side of one instance.
 type sandbox struct {
-	t    *testing.T
-	spec driver.Spec
-	inst driver.Instance
-	conn *protocol.Conn
+	t            *testing.T
+	spec         driver.Spec
+	inst         driver.Instance
+	conn         *protocol.Conn
+	frameTimeout time.Duration
 }
 
 // initMsg is the Init a harness sends for the probe.
@@ -227,7 +235,7 @@ func (s *sandbox) invokeID(requestID string, event any, timeout time.Duration) i
 // read waits for the next frame, which must be of type want.
 func (s *sandbox) read(want protocol.Type) *protocol.Frame {
 	s.t.Helper()
-	f, err := readFrame(s.conn, s.inst.Conn(), frameTimeout)
+	f, err := readFrame(s.conn, s.inst.Conn(), s.frameTimeout)
 	if err != nil {
 		s.t.Fatalf("waiting for %s: %v", want, err)
 	}

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/invokex/invokex/internal/harness/driver"
-	"github.com/invokex/invokex/internal/protocol"
 )
 
 // crashHelperEnv, set to a state directory, turns the test binary into a
@@ -32,16 +31,16 @@ type crashReport struct {
 }
 
 // runCrashHelper is the child side of RecoverAfterCrash.
-func runCrashHelper(t *testing.T, newDriver func(*testing.T, string) driver.Driver) {
+func runCrashHelper(t *testing.T, opts Options, newDriver func(*testing.T, string) driver.Driver) {
 	t.Run("RecoverAfterCrash", func(t *testing.T) {
 		stateDir := os.Getenv(crashHelperEnv)
 		d := newDriver(t, stateDir)
 		if _, err := d.Recover(context.Background()); err != nil {
 			t.Fatalf("Recover: %v", err)
 		}
-		e := &env{t: t, d: d, stateDir: stateDir, probe: BuildProbe(t)}
+		e := &env{t: t, d: d, stateDir: stateDir, probe: BuildProbe(t), opts: opts}
 		spec := e.spec()
-		ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), opts.StartTimeout)
 		defer cancel()
 		inst, err := d.Start(ctx, spec)
 		if err != nil {
@@ -49,7 +48,7 @@ func runCrashHelper(t *testing.T, newDriver func(*testing.T, string) driver.Driv
 		}
 		// A running function makes the crash realistic: the runtime is a
 		// process of the sandbox too.
-		sb := &sandbox{t: t, spec: spec, inst: inst, conn: protocol.NewConn(inst.Conn())}
+		sb := e.sandbox(t, spec, inst)
 		sb.init()
 		sb.call(map[string]any{"action": "echo"}, nil)
 		rep := crashReport{ID: spec.ID}
@@ -124,7 +123,7 @@ func (s *suite) testRecoverAfterCrash(t *testing.T) {
 			t.Fatalf("harness child ended without starting an instance:\n%s\n%s", strings.Join(lines, "\n"), stderr.String())
 		}
 		rep = r
-	case <-time.After(2 * startTimeout):
+	case <-time.After(2 * s.opts.StartTimeout):
 		t.Fatalf("harness child did not start an instance in time")
 	}
 	if rep.PID > 0 && !processAlive(rep.PID) {
@@ -139,7 +138,7 @@ func (s *suite) testRecoverAfterCrash(t *testing.T) {
 			c.Close(context.Background())
 		}
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.StopTimeout)
 	defer cancel()
 	insts, err := d.Recover(ctx)
 	if err != nil {

@@ -12,7 +12,9 @@
 //
 // newDriver must return a fresh driver on stateDir each time it is called
 // (subtests are independent and each gets its own state directory). Checks
-// that need root (limits, the sandbox user) skip when not root.
+// that need root (limits, the sandbox user) skip when not root. RunWith
+// takes Options for drivers that are slower (longer liveness bounds) or
+// cannot pass some subtests yet (skipped with a stated reason).
 //
 // The crash-recovery subtest re-executes the test binary to run a
 // short-lived "harness" child; that child runs the same Test function with
@@ -35,15 +37,49 @@ import (
 	"github.com/invokex/invokex/internal/protocol"
 )
 
+// Options adapts the suite to a driver. The zero value is the strictest
+// suite, which the process driver passes.
+type Options struct {
+	// Unsupported names subtests (top-level names, e.g. "NetworkShared")
+	// the driver cannot pass yet, each with the reason; they are skipped
+	// with that reason, never silently. A name the suite does not have
+	// fails it, so a renamed subtest cannot hide a skip.
+	Unsupported map[string]string
+	// StartTimeout bounds each Start (default 60 s), FrameTimeout each
+	// answer of the agent (default 90 s), StopTimeout each Stop and Close
+	// (default 60 s). Drivers whose sandboxes are slow to boot, such as VMs
+	// under software emulation, raise them. They are liveness bounds: a
+	// driver is never failed for being slower than another.
+	StartTimeout, FrameTimeout, StopTimeout time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.StartTimeout <= 0 {
+		o.StartTimeout = defaultStartTimeout
+	}
+	if o.FrameTimeout <= 0 {
+		o.FrameTimeout = defaultFrameTimeout
+	}
+	if o.StopTimeout <= 0 {
+		o.StopTimeout = defaultStopTimeout
+	}
+	return o
+}
+
 // Run runs the conformance suite against the drivers newDriver returns.
 func Run(t *testing.T, newDriver func(t *testing.T, stateDir string) driver.Driver) {
+	RunWith(t, Options{}, newDriver)
+}
+
+// RunWith runs the conformance suite adapted by opts.
+func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir string) driver.Driver) {
+	opts = opts.withDefaults()
 	if os.Getenv(crashHelperEnv) != "" {
-		runCrashHelper(t, newDriver)
+		runCrashHelper(t, opts, newDriver)
 		return
 	}
-	probe := BuildProbe(t)
-	s := &suite{newDriver: newDriver, probe: probe, topName: t.Name()}
-	for _, tc := range []struct {
+	s := &suite{newDriver: newDriver, topName: t.Name(), opts: opts}
+	tests := []struct {
 		name string
 		fn   func(*testing.T)
 	}{
@@ -68,8 +104,24 @@ func Run(t *testing.T, newDriver func(t *testing.T, stateDir string) driver.Driv
 		{"StopIdempotent", s.testStopIdempotent},
 		{"StopWhileBusy", s.testStopWhileBusy},
 		{"RecoverAfterCrash", s.testRecoverAfterCrash},
-	} {
-		t.Run(tc.name, tc.fn)
+	}
+	for name := range opts.Unsupported {
+		known := false
+		for _, tc := range tests {
+			known = known || tc.name == name
+		}
+		if !known {
+			t.Fatalf("drivertest: Options.Unsupported names %q, which is not a subtest of the suite", name)
+		}
+	}
+	s.probe = BuildProbe(t)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if reason, ok := opts.Unsupported[tc.name]; ok {
+				t.Skipf("skipping: unsupported by this driver: %s", reason)
+			}
+			tc.fn(t)
+		})
 	}
 }
 
@@ -77,9 +129,10 @@ type suite struct {
 	newDriver func(*testing.T, string) driver.Driver
 	probe     string
 	topName   string
+	opts      Options
 }
 
-func (s *suite) env(t *testing.T) *env { return newEnv(t, s.newDriver, s.probe) }
+func (s *suite) env(t *testing.T) *env { return newEnv(t, s.newDriver, s.probe, s.opts) }
 
 func (s *suite) testEcho(t *testing.T) {
 	e := s.env(t)
@@ -162,7 +215,7 @@ func (s *suite) testStartCancelled(t *testing.T) {
 			waitNoLeftovers(t, sp.ID, 0, e.stateDir)
 			continue
 		}
-		sb := &sandbox{t: t, spec: sp, inst: inst, conn: protocol.NewConn(inst.Conn())}
+		sb := e.sandbox(t, sp, inst)
 		sb.init()
 		sb.call(map[string]any{"action": "echo"}, nil)
 		stopAndCheck(t, e, sb)
@@ -181,7 +234,7 @@ func (s *suite) testClose(t *testing.T) {
 	if hp, ok := sb.inst.(HostProcess); ok {
 		pid = hp.PID()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
 	defer cancel()
 	if err := c.Close(ctx); err != nil {
 		t.Fatalf("Close: %v", err)
@@ -469,7 +522,7 @@ func (s *suite) testShutdown(t *testing.T) {
 	sb.read(protocol.TypeShutdownDone)
 	select {
 	case <-sb.inst.Done():
-	case <-time.After(stopTimeout):
+	case <-time.After(e.opts.StopTimeout):
 		t.Fatalf("Done not closed after the agent shut down")
 	}
 	stopAndCheck(t, e, sb)
@@ -500,7 +553,7 @@ func stopAndCheck(t *testing.T, e *env, sb *sandbox) {
 	if hp, ok := sb.inst.(HostProcess); ok {
 		pid = hp.PID()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
 	defer cancel()
 	if err := e.d.Stop(ctx, sb.spec.ID); err != nil {
 		t.Fatalf("Stop: %v", err)
@@ -566,7 +619,7 @@ func (s *suite) testStopWhileBusy(t *testing.T) {
 		if err == nil {
 			t.Errorf("a frame arrived for an invocation whose instance was stopped")
 		}
-	case <-time.After(stopTimeout):
+	case <-time.After(e.opts.StopTimeout):
 		t.Errorf("the harness's pending read did not end after Stop")
 	}
 }
