@@ -1,0 +1,233 @@
+// Package vminit is the agent as PID 1 of an InvokeX microVM.
+//
+// The guest kernel runs /sbin/init (the invokex binary itself) with no
+// arguments. Main mounts what a runtime needs, opens the virtio-serial port
+// the host attached for the agent, tells the host it is ready and then runs
+// exactly the agent of the process sandbox (package agent) on that port.
+// When the agent returns (Shutdown, host gone) it syncs and ends the VM.
+//
+// # Guest layout
+//
+//	/            root image, read-only (/dev/vda)
+//	/mnt/code    code image, read-only (invokex.code, default /dev/vdb)
+//	/var/task    bind of /mnt/code/task, read-only
+//	/var/runtime bind of /mnt/code/runtime, read-only
+//	/tmp         scratch image, read-write, mode 1777 (invokex.scratch, default /dev/vdc)
+//	/dev         devtmpfs; /dev/shm tmpfs
+//	/run         tmpfs (the generated /etc/hosts lives here)
+//
+// # Kernel command line
+//
+// Parameters with a dot are ignored by the kernel and passed to nobody, so
+// Main reads them from /proc/cmdline:
+//
+//	invokex.code=/dev/vdb      code disk
+//	invokex.scratch=/dev/vdc   scratch disk ("tmpfs" for a tmpfs /tmp)
+//	invokex.port=invokex.agent name of the virtio-serial port to the host
+//	invokex.hostname=NAME      hostname (default: the kernel's, "invokex")
+//	invokex.clock=UNIX_MS      host wall clock when the VM was launched
+//	invokex.debug=1            log progress to the console
+//
+// # Host handshake
+//
+// After opening the port, Main writes Ready ("INVOKEX-AGENT-READY\n")
+// to it. The write blocks until the host has connected to its end, and
+// the host must not send anything before it has read that line: data sent
+// before the guest opened the port is lost.
+package vminit
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/agent"
+)
+
+// Ready is the line the agent writes on its port once it serves.
+const Ready = "INVOKEX-AGENT-READY\n"
+
+// Defaults of the kernel command line parameters.
+const (
+	DefaultCodeDevice    = "/dev/vdb"
+	DefaultScratchDevice = "/dev/vdc"
+	DefaultPortName      = "invokex.agent"
+)
+
+// portWait bounds the wait for the host to name the agent's port (the
+// name arrives on virtio-serial's control queue after the port appears).
+const portWait = 10 * time.Second
+
+// IsVMInit reports whether this process is PID 1 of a microVM: run by the
+// kernel as init (argv[0] "/sbin/init" or "init"), not the process
+// sandbox's init (which is PID 1 of a pid namespace, started as
+// "invokex sandbox-init").
+func IsVMInit() bool {
+	return isVMInit(os.Getpid(), os.Args)
+}
+
+func isVMInit(pid int, args []string) bool {
+	if pid != 1 || len(args) == 0 {
+		return false
+	}
+	if len(args) > 1 && args[1] == "sandbox-init" {
+		return false
+	}
+	return filepath.Base(args[0]) == "init"
+}
+
+// Config is what Main takes from the kernel command line.
+type Config struct {
+	CodeDevice    string
+	ScratchDevice string
+	PortName      string
+	Hostname      string
+	// ClockUnixMs is the host's wall clock at launch (0: keep the RTC's).
+	ClockUnixMs int64
+	Debug       bool
+}
+
+// ParseCmdline reads the invokex.* parameters of a kernel command line.
+// Unknown parameters are ignored; malformed values are errors.
+func ParseCmdline(cmdline string) (Config, error) {
+	c := Config{CodeDevice: DefaultCodeDevice, ScratchDevice: DefaultScratchDevice, PortName: DefaultPortName}
+	for _, f := range strings.Fields(cmdline) {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok || !strings.HasPrefix(k, "invokex.") {
+			continue
+		}
+		switch strings.TrimPrefix(k, "invokex.") {
+		case "code":
+			c.CodeDevice = v
+		case "scratch":
+			c.ScratchDevice = v
+		case "port":
+			c.PortName = v
+		case "hostname":
+			c.Hostname = v
+		case "clock":
+			ms, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || ms <= 0 {
+				return c, fmt.Errorf("invokex.clock=%q: not a unix time in ms", v)
+			}
+			c.ClockUnixMs = ms
+		case "debug":
+			c.Debug = v == "1" || v == "true"
+		}
+	}
+	if !isDevPath(c.CodeDevice) {
+		return c, fmt.Errorf("invokex.code=%q: want a /dev path", c.CodeDevice)
+	}
+	if c.ScratchDevice != "tmpfs" && !isDevPath(c.ScratchDevice) {
+		return c, fmt.Errorf("invokex.scratch=%q: want a /dev path or tmpfs", c.ScratchDevice)
+	}
+	if c.PortName == "" || strings.ContainsAny(c.PortName, "/ ") {
+		return c, fmt.Errorf("invokex.port=%q: bad port name", c.PortName)
+	}
+	if len(c.Hostname) > 64 {
+		return c, fmt.Errorf("invokex.hostname: longer than 64 bytes")
+	}
+	return c, nil
+}
+
+func isDevPath(p string) bool {
+	return strings.HasPrefix(p, "/dev/") && !strings.Contains(p, "..") && len(p) > len("/dev/")
+}
+
+// Main is PID 1 of the guest. It does not return while the VM is healthy:
+// after the agent is done it ends the VM (reboot, which QEMU's -no-reboot
+// and Firecracker turn into an exit). It returns only if ending the VM
+// failed, and the kernel then panics (panic=-1 reboots at once).
+func Main() int {
+	// The kernel opened /dev/console (the serial console) as stdin,
+	// stdout and stderr; every byte there is slow under emulation, so the
+	// init logs only warnings unless asked.
+	lvl := new(slog.LevelVar)
+	lvl.Set(slog.LevelWarn)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	err := run(log, lvl)
+	if err != nil {
+		log.Error("invokex init failed", "err", err)
+	}
+	end(log)
+	return 1
+}
+
+func run(log *slog.Logger, lvl *slog.LevelVar) error {
+	start := time.Now()
+	if err := mountBase(); err != nil {
+		return err
+	}
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		return fmt.Errorf("reading the kernel command line: %w", err)
+	}
+	cfg, err := ParseCmdline(string(b))
+	if err != nil {
+		return err
+	}
+	if cfg.Debug {
+		lvl.Set(slog.LevelDebug)
+	}
+	if cfg.ClockUnixMs > 0 {
+		if err := setClock(cfg.ClockUnixMs); err != nil {
+			log.Warn("setting the clock", "err", err)
+		}
+	}
+	if err := setupSystem(cfg, log); err != nil {
+		return err
+	}
+	port, err := openPort(context.Background(), sysVirtioPorts, cfg.PortName, portWait)
+	if err != nil {
+		return err
+	}
+	log.Debug("agent port open", "since_init", time.Since(start))
+	// Blocks until the host has connected to its end of the port.
+	if _, err := port.Write([]byte(Ready)); err != nil {
+		port.Close()
+		return fmt.Errorf("writing the handshake: %w", err)
+	}
+	// Run owns and closes the port. No signal reaches PID 1 unless
+	// handled, and nothing in the guest should stop the agent: the host
+	// ends it by Shutdown or by closing the stream.
+	err = agent.Run(context.Background(), port, agent.Options{RuntimeAPIAddr: agent.DefaultRuntimeAPIAddr, Logger: log})
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	log.Debug("agent done")
+	return nil
+}
+
+// end flushes the file systems and ends the VM. With reboot=t (QEMU) or
+// reboot=k (Firecracker) a restart resets the machine, which -no-reboot
+// and Firecracker turn into the VMM's exit; power-off needs ACPI, which a
+// microvm does not have, so it is only the fallback.
+func end(log *slog.Logger) {
+	unix.Sync()
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART); err != nil {
+		log.Error("restarting the VM", "err", err)
+	}
+	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF); err != nil {
+		log.Error("powering off the VM", "err", err)
+	}
+}
+
+// setClock sets the wall clock from the host's launch time plus the time
+// this kernel has been up: the guest then runs behind the host by only the
+// VMM's own start-up, instead of by up to a second (the RTC's resolution).
+func setClock(hostMs int64) error {
+	var up unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &up); err != nil {
+		return err
+	}
+	now := time.UnixMilli(hostMs).Add(time.Duration(up.Nano()))
+	tv := unix.NsecToTimeval(now.UnixNano())
+	return unix.Settimeofday(&tv)
+}
