@@ -160,6 +160,8 @@ type runner struct {
 	want      []byte
 	log       *slog.Logger
 	notesMu   sync.Mutex
+	// captures are perf recordings waiting for their server to stop.
+	captures []*perfCapture
 }
 
 // Run runs the whole benchmark and returns its report. Phases that fail

@@ -107,11 +107,15 @@ const method = `- **Same function, same client.** Both systems run the same bina
   for both InvokeX series.
 - **Memory.** From ` + "`/proc/<pid>/smaps_rollup`" + `: RSS (all resident pages, shared ones
   counted in every process), PSS (shared pages divided among their sharers: what N instances
-  really add up to). InvokeX: N instances are made warm by N concurrent 1 s invokes, left idle 1 s,
-  then each direct child of the server (one instance's init, its agent and the function) is
-  summed. RIE: one 1 s invoke, 1 s idle, then the emulator and its function process. The
-  function's own memory is its process under RIE; overhead = an instance's processes minus it.
-  Instances per GiB = 1 GiB / an instance's memory (RIE: emulator + function).
+  really add up to) and private (USS: what only that process holds, freed when it stops). InvokeX:
+  N instances are made warm by N concurrent 1 s invokes, left idle 1 s, then each direct child of
+  the server (one instance's init/agent and the function under it) is summed. RIE: one 1 s invoke,
+  1 s idle, then the emulator and its function process. The function's own memory is its process
+  under RIE. Overhead by RSS is the issue's definition: an instance's processes minus the
+  function's own RSS. Overhead by PSS and private is the sandbox processes' own (the functions of
+  N instances share their binary's pages, so subtracting the RIE function's PSS would understate
+  it); RIE's counterpart is the emulator process. Instances per GiB = 1 GiB / an instance's
+  memory (RIE: emulator + function).
 - **Control plane.** CreateFunction → Active: from sending CreateFunction until GetFunction says
   Active (polled every 2 ms; the SDK without retries). UpdateFunctionCode → new code: from sending
   UpdateFunctionCode until the first response produced by the new code (each zip carries its own
@@ -119,9 +123,20 @@ const method = `- **Same function, same client.** Both systems run the same bina
   accepted/s counts 202s over the time to the last 202; then every accepted invocation's record is
   read until final; "all run" ends at the latest record End; lost = never final within the
   timeout.
-- **Profile.** During an extra, unmeasured warm load on InvokeX: the server's /debug/pprof CPU
-  profile when it serves one, else ` + "`perf record -a -g`" + ` of the whole machine, attributed to
-  process roles (server, sandbox init/agent, function, benchmark client, idle, other) by pid.
+- **CPU per invoke.** utime + stime of every process of each system (from ` + "`/proc/<pid>/stat`" + `,
+  10 ms ticks) before and after each measured warm load, divided by the successful invokes:
+  platform (InvokeX's server plus its sandboxes' own processes; RIE's emulator), function and
+  benchmark client. It says what each hop costs in CPU, independent of how the scheduler
+  overlapped them; at concurrency ≥ 2 on 2 cores, throughput is bounded by 2 s / the sum.
+- **Profiles.** Two extra, unmeasured loads on InvokeX: warm invokes at concurrency 8, and a
+  burst of Event invokes. The server's /debug/pprof CPU profile is taken when it serves one;
+  ` + "`perf record -a -g`" + ` records the whole machine and is attributed to process roles (server,
+  sandbox init/agent, function, benchmark client, idle, other = anything else running on the
+  machine) by thread id. "Hot paths" are InvokeX's own functions by inclusive share (with all
+  they call, kernel included); "self" lists are the leaf symbols. On a VM without a PMU perf
+  samples with cpu-clock, and kernel time spent with interrupts off shows up where they are
+  re-enabled (` + "`_raw_spin_unlock_irqrestore`" + `, ` + "`finish_task_switch`" + `): read those as
+  scheduling and wake-ups.
 - No assertion is made on any timing in the tests; this document is the only verdict.
 `
 

@@ -141,6 +141,8 @@ func TestParsePerfInclusive(t *testing.T) {
      7.37%     0.00%  [.] github.com/invokex/invokex/internal/frontend.(*Server).invoke-fm
      7.36%     0.01%  [.] github.com/invokex/invokex/internal/frontend.(*Server).invoke
      1.67%     0.00%  [.] github.com/invokex/invokex/internal/controlplane.(*recordWriter).start.gowrap1
+     9.00%     0.00%  [.] github.com/invokex/invokex/internal/cli.Main
+     8.90%     0.00%  [.] github.com/invokex/invokex/internal/frontend.(*Server).routes.(*Server).handle.func15
      6.00%     0.04%  [.] github.com/invokex/invokex/internal/controlplane.(*Service).resolve
      4.08%     0.03%  [.] github.com/invokex/invokex/internal/controlplane/store/sqlite.(*functions).Get
 `

@@ -25,7 +25,12 @@ func (r *runner) runInvokeX(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("starting invokex server: %w", err)
 	}
-	defer r.stopServer(srv)
+	// Profiles are analysed once the server and its sandboxes are gone
+	// (see perfCapture).
+	defer func() {
+		r.stopServer(srv)
+		r.analyzeCaptures(context.WithoutCancel(ctx))
+	}()
 
 	if m, err := r.fs.Mem(srv.pid()); err == nil {
 		r.rep.Memory.ServerIdle = m
@@ -314,7 +319,8 @@ func (r *runner) warmPhase(ctx context.Context, srv *ixServer) error {
 			conc = r.opts.Concurrency[len(r.opts.Concurrency)-1]
 		}
 		r.say("InvokeX: profiling %d s of warm invokes at concurrency %d", r.opts.ProfileSeconds, conc)
-		r.rep.Profile = r.profileInvokeX(ctx, srv, iv, conc, r.opts.ProfileSeconds)
+		r.capturePerf(ctx, srv, &r.rep.Profile, fmt.Sprintf("warm invokes at concurrency %d", conc), r.opts.ProfileSeconds, true,
+			func(lctx context.Context) { runLoad(lctx, iv, conc, 1<<30, r.payload, r.want, nil) })
 	}
 	if m, err := r.fs.Mem(srv.pid()); err == nil {
 		r.rep.Memory.ServerAfterLoad = m
@@ -471,6 +477,26 @@ func (r *runner) eventPhase(ctx context.Context, srv *ixServer) error {
 		e.AfterAccept = lastEnd.Sub(lastOK)
 	}
 	r.say("InvokeX: Event invokes all run after %s: %d succeeded, %d failed, %d lost", fmtMs(e.AllRun), e.Succeeded, e.Failed, e.Lost)
+
+	if r.opts.ProfileSeconds > 0 && ctx.Err() == nil {
+		// An extra, unmeasured burst: what accepting Event invokes costs.
+		// Its invocations are left queued when the server stops.
+		r.say("InvokeX: profiling %d s of Event invokes", r.opts.ProfileSeconds)
+		r.capturePerf(ctx, srv, &r.rep.EventProfile, fmt.Sprintf("Event invokes from %d clients", e.Workers), r.opts.ProfileSeconds, false,
+			func(lctx context.Context) {
+				var wg sync.WaitGroup
+				for w := 0; w < e.Workers; w++ {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for lctx.Err() == nil {
+							iv.invoke(lctx, r.payload, "Event")
+						}
+					}()
+				}
+				wg.Wait()
+			})
+	}
 	return nil
 }
 

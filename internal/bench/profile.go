@@ -82,11 +82,21 @@ var (
 // ownCode is the prefix of InvokeX's own symbols.
 const ownCode = "github.com/invokex/invokex/internal/"
 
+// skipInclusive reports whether an inclusive entry only repeats another:
+// compiler-made wrappers (method values "-fm", "gowrap" closures, the
+// frontend's per-route closures) and the processes' entry points.
+func skipInclusive(name string) bool {
+	switch name {
+	case "cli.Main", "harness/driver/process.InitMain", "agent.Run":
+		return true
+	}
+	return strings.HasSuffix(name, "-fm") || strings.Contains(name, ".gowrap") || strings.Contains(name, ".routes.")
+}
+
 // parsePerfInclusive returns the top n symbols of InvokeX's own code by
 // inclusive share (the function and everything it called, kernel time of
-// its system calls included), with the module prefix cut. Wrappers the
-// compiler makes (method values "-fm", "gowrap" closures) repeat their
-// callee's share and are left out.
+// its system calls included), with the module prefix cut, without the
+// entries skipInclusive names.
 func parsePerfInclusive(out string, n int) []Share {
 	var s []Share
 	for _, line := range strings.Split(out, "\n") {
@@ -95,7 +105,7 @@ func parsePerfInclusive(out string, n int) []Share {
 			continue
 		}
 		name := strings.TrimPrefix(m[2], ownCode)
-		if strings.HasSuffix(name, "-fm") || strings.Contains(name, ".gowrap") {
+		if skipInclusive(name) {
 			continue
 		}
 		v, err := strconv.ParseFloat(m[1], 64)
@@ -169,31 +179,46 @@ func sortedShares(m map[string]float64) []Share {
 	return s
 }
 
-// profileInvokeX profiles InvokeX while load runs warm invokes at
-// concurrency conc for secs seconds. It uses the server's /debug/pprof
-// when served, and perf (whole machine, so the sandboxes and functions
-// are seen too) when installed.
-func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker, conc, secs int) ProfileResult {
-	res := ProfileResult{Seconds: secs, Concurrency: conc}
-	var notes []string
+// perfCapture is a perf recording taken while InvokeX ran a load, waiting
+// to be analysed. perf resolves symbols only after the sandboxes are gone:
+// while they live, perf looks for the invokex binary inside their mount
+// namespaces, fails, and then leaves the server without symbols too.
+type perfCapture struct {
+	dst      *ProfileResult
+	res      ProfileResult
+	notes    []string
+	perf     string
+	data     string
+	buildIDs string
+	roles    map[int]string
+}
 
+// capturePerf runs load (which must return when its context is done) for
+// secs seconds while perf records the whole machine, so that the sandboxes
+// and functions are seen too. It also takes the server's /debug/pprof
+// profile when withPprof is set and the server serves one. The result is
+// analysed by analyzePerf once the server has stopped.
+func (r *runner) capturePerf(ctx context.Context, srv *ixServer, dst *ProfileResult, label string, secs int, withPprof bool, load func(context.Context)) {
+	c := &perfCapture{dst: dst, res: ProfileResult{Seconds: secs, Load: label}, roles: map[int]string{}}
+	r.captures = append(r.captures, c)
 	pprofOK := false
-	if req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.endpoint+"/debug/pprof/", nil); err == nil {
-		if resp, err := r.http.Do(req); err == nil {
-			resp.Body.Close()
-			pprofOK = resp.StatusCode == http.StatusOK
+	if withPprof {
+		if req, err := http.NewRequestWithContext(ctx, http.MethodGet, srv.endpoint+"/debug/pprof/", nil); err == nil {
+			if resp, err := r.http.Do(req); err == nil {
+				resp.Body.Close()
+				pprofOK = resp.StatusCode == http.StatusOK
+			}
 		}
-	}
-	if !pprofOK {
-		notes = append(notes, "the server serves no /debug/pprof, so no Go profile of it")
+		if !pprofOK {
+			c.notes = append(c.notes, "the server serves no /debug/pprof, so no Go profile of it")
+		}
 	}
 	perf, perfErr := exec.LookPath("perf")
 	if perfErr != nil {
-		notes = append(notes, "perf is not installed (apt-get install linux-perf), so no system-wide profile")
+		c.notes = append(c.notes, "perf is not installed (apt-get install linux-perf), so no system-wide profile")
 	}
 	if !pprofOK && perfErr != nil {
-		res.Note = strings.Join(notes, "; ")
-		return res
+		return
 	}
 
 	lctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+time.Second)
@@ -201,64 +226,75 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 	loadDone := make(chan struct{})
 	go func() {
 		defer close(loadDone)
-		runLoad(lctx, iv, conc, 1<<30, r.payload, r.want, nil)
+		load(lctx)
 	}()
 	defer func() { cancel(); <-loadDone }()
 	// Let the load reach its steady state before sampling.
 	time.Sleep(300 * time.Millisecond)
 
 	var perfCmd *exec.Cmd
-	// perf's build-id cache, private to this run (perf's default is
-	// ~/.debug). The binaries are added to it explicitly: the sandboxes
-	// run the invokex binary and the function in other mount namespaces,
-	// where perf cannot open them by path, and a failed open of the
-	// shared invokex path would leave the server without symbols too.
-	buildIDDir := filepath.Join(r.work, "perf-buildid")
 	var perfStderr strings.Builder
-	perfData := filepath.Join(r.work, "perf.data")
+	// perf's build-id cache, private to this run (its default is ~/.debug).
+	c.buildIDs = filepath.Join(r.work, "perf-buildid")
+	c.data = filepath.Join(r.work, "perf-"+strconv.Itoa(len(r.captures))+".data")
 	if perfErr == nil {
-		perfCmd = exec.Command(perf, "--buildid-dir", buildIDDir, "record", "-a", "-g", "-F", "999", "-e", "cpu-clock",
-			"-o", perfData, "--", "sleep", strconv.Itoa(secs))
+		perfCmd = exec.Command(perf, "--buildid-dir", c.buildIDs, "record", "-a", "-g", "-F", "999", "-e", "cpu-clock",
+			"-o", c.data, "--", "sleep", strconv.Itoa(secs))
 		perfCmd.Stdout = io.Discard
 		perfCmd.Stderr = &perfStderr
 		if err := perfCmd.Start(); err != nil {
-			notes = append(notes, "perf record: "+err.Error())
+			c.notes = append(c.notes, "perf record: "+err.Error())
 			perfCmd = nil
 		}
 	}
 	// Threads are attributed by a snapshot of the process tree taken now
 	// and another when perf is done (Go starts threads under load).
-	roles := map[int]string{}
 	snapshot := func() {
 		if procs, err := r.fs.Procs(); err == nil {
 			for tid, role := range roleMap(procs, r.fs.tasksOf, srv.pid(), os.Getpid(), r.fnComm) {
-				roles[tid] = role
+				c.roles[tid] = role
 			}
 		}
 	}
 	snapshot()
-	var pprofTop string
 	if pprofOK {
-		pprofTop = r.fetchPprof(ctx, srv, secs, &notes)
+		c.res.PprofTop = r.fetchPprof(ctx, srv, secs, &c.notes)
+		if c.res.PprofTop != "" {
+			c.res.Tool = "pprof"
+		}
 	}
 	if perfCmd != nil {
 		if err := perfCmd.Wait(); err != nil {
-			notes = append(notes, "perf record: "+err.Error()+": "+lastLine(perfStderr.String()))
-			perfCmd = nil
+			c.notes = append(c.notes, "perf record: "+err.Error()+": "+lastLine(perfStderr.String()))
+		} else {
+			c.perf = perf
 		}
 		snapshot()
 	}
-	cancel()
-	<-loadDone
+}
 
-	if perfCmd != nil {
+// analyzeCaptures analyses every pending capture into its report field.
+func (r *runner) analyzeCaptures(ctx context.Context) {
+	for _, c := range r.captures {
+		*c.dst = r.analyzePerf(ctx, c)
+	}
+	r.captures = nil
+}
+
+// analyzePerf turns a capture into its ProfileResult. Call it after the
+// server and its sandboxes have stopped (see perfCapture).
+func (r *runner) analyzePerf(ctx context.Context, c *perfCapture) ProfileResult {
+	res := c.res
+	notes := c.notes
+	if c.perf != "" {
+		perf := c.perf
 		for _, bin := range []string{r.opts.InvokexBin, r.bootstrap} {
-			if out, err := exec.CommandContext(ctx, perf, "--buildid-dir", buildIDDir, "buildid-cache", "-a", bin).CombinedOutput(); err != nil {
+			if out, err := exec.CommandContext(ctx, perf, "--buildid-dir", c.buildIDs, "buildid-cache", "-a", bin).CombinedOutput(); err != nil {
 				notes = append(notes, fmt.Sprintf("perf buildid-cache %s: %v: %s", filepath.Base(bin), err, lastLine(string(out))))
 			}
 		}
 		report := func(args ...string) (string, error) {
-			base := []string{"--buildid-dir", buildIDDir, "report", "-i", perfData, "--stdio", "-g", "none"}
+			base := []string{"--buildid-dir", c.buildIDs, "report", "-i", c.data, "--stdio", "-g", "none"}
 			if args[0] != "--children" {
 				base = append(base, "--no-children")
 			}
@@ -266,8 +302,12 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 			return string(out), err
 		}
 		if out, err := report("--sort", "pid", "--percent-limit", "0"); err == nil {
-			res.ByRole = parsePerfByRole(out, roles)
-			res.Tool = "perf"
+			res.ByRole = parsePerfByRole(out, c.roles)
+			if res.Tool == "" {
+				res.Tool = "perf"
+			} else {
+				res.Tool = "perf + " + res.Tool
+			}
 		} else {
 			notes = append(notes, "perf report: "+err.Error())
 		}
@@ -279,7 +319,7 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 			{&res.Sandbox, &res.SandboxPaths, []string{roleInit, roleAgent}},
 			{&res.Function, nil, []string{roleFunction}},
 		} {
-			tids := tidsOf(roles, part.roles...)
+			tids := tidsOf(c.roles, part.roles...)
 			if len(tids) == 0 {
 				continue
 			}
@@ -300,14 +340,6 @@ func (r *runner) profileInvokeX(ctx context.Context, srv *ixServer, iv *invoker,
 			*part.paths = parsePerfInclusive(out, 15)
 		}
 		notes = append(notes, "perf record -a -g -F 999 -e cpu-clock; shares are of all samples of both cores, idle included")
-	}
-	if pprofTop != "" {
-		res.PprofTop = pprofTop
-		if res.Tool == "" {
-			res.Tool = "pprof"
-		} else {
-			res.Tool += " + pprof"
-		}
 	}
 	res.Note = strings.Join(notes, "; ")
 	return res

@@ -236,8 +236,9 @@ func (r *Report) memoryTable() table {
 		figure("  of which the function process, RSS", ixInst(m.Function.RSS), b(m.RIEFunction.RSS), mibCell),
 		figure("  of which the sandbox (init + agent) / emulator, RSS", ixInst(m.Sandbox.RSS), b(m.RIEEmulator.RSS), mibCell),
 		figure("  of which the sandbox (init + agent) / emulator, PSS", ixInst(m.Sandbox.PSS), b(m.RIEEmulator.PSS), mibCell),
-		figure("overhead beyond the function's own RSS", ovCell(ov.RSS), b(m.RIEEmulator.RSS), mibCell),
-		figure("overhead beyond the function's own PSS", ovCell(ov.PSS), b(m.RIEEmulator.PSS), mibCell),
+		figure("overhead beyond the function's own, RSS", ovCell(ov.RSS), b(m.RIEEmulator.RSS), mibCell),
+		figure("overhead beyond the function's own, PSS", ovCell(ov.PSS), b(m.RIEEmulator.PSS), mibCell),
+		figure("overhead beyond the function's own, private (USS)", ovCell(ov.Private), b(m.RIEEmulator.Private), mibCell),
 		figure("idle instances per GiB (by PSS)", perGiBIf(haveInst, m.PerInstance.PSS, perGiB), perGiB(rieInst.PSS), countCell),
 		figure("idle instances per GiB (by RSS)", perGiBIf(haveInst, m.PerInstance.RSS, perGiB), perGiB(rieInst.RSS), countCell),
 	)
@@ -418,16 +419,23 @@ func writeMarkdownTable(b *strings.Builder, t table) {
 	}
 }
 
-// profileLines summarises the profile for both renderings.
+// profileLines summarises the profiles for both renderings.
 func (r *Report) profileLines() []string {
-	p := r.Profile
+	var out []string
+	for _, p := range []ProfileResult{r.Profile, r.EventProfile} {
+		out = append(out, p.lines()...)
+	}
+	return out
+}
+
+func (p ProfileResult) lines() []string {
 	if p.Tool == "" {
 		if p.Note == "" {
 			return nil
 		}
-		return []string{"no profile: " + p.Note}
+		return []string{"no profile of " + orNone(p.Load) + ": " + p.Note}
 	}
-	out := []string{fmt.Sprintf("%s, %d s of warm invokes at concurrency %d; %s", p.Tool, p.Seconds, p.Concurrency, p.Note)}
+	out := []string{fmt.Sprintf("%s, %d s of %s; %s", p.Tool, p.Seconds, p.Load, p.Note)}
 	add := func(label string, s []Share) {
 		if len(s) == 0 {
 			return
@@ -436,7 +444,7 @@ func (r *Report) profileLines() []string {
 		for _, x := range s {
 			parts = append(parts, fmt.Sprintf("%s %.1f%%", x.Name, x.Percent))
 		}
-		out = append(out, label+": "+strings.Join(parts, ", "))
+		out = append(out, "  "+label+": "+strings.Join(parts, ", "))
 	}
 	add("CPU by process role (% of all samples)", p.ByRole)
 	add("server hot paths (InvokeX functions, inclusive of what they call)", p.ServerPaths)
