@@ -1,0 +1,223 @@
+package qemu
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Names of the files QEMU creates in the instance directory, its working
+// directory. They are given to QEMU relative to it, so a deep state
+// directory never overflows a unix socket address.
+const (
+	agentSock = "agent.sock"
+	qmpSock   = "qmp.sock"
+	pidFile   = "qemu.pid"
+	// scratchImage is the instance's writable /tmp.
+	scratchImage = "scratch.img"
+)
+
+// Names inside the guest, shared with package vminit through the kernel
+// command line.
+const (
+	// agentPort is the virtio-serial port the agent speaks on.
+	agentPort = "invokex.agent"
+	// readyLine is what the guest writes on the port when its agent is
+	// about to serve; protocol frames follow it.
+	readyLine = "INVOKEX-AGENT-READY\n"
+)
+
+// Lambda gives a function one vCPU's worth of time per 1,769 MB and at
+// most 6 vCPUs (at 10,240 MB).
+const (
+	mbPerVCPU = 1769
+	maxVCPUs  = 6
+)
+
+// accel is how QEMU runs guest code.
+type accel string
+
+const (
+	accelKVM accel = "kvm"
+	accelTCG accel = "tcg"
+)
+
+// vmConfig is everything the QEMU command line is built from.
+type vmConfig struct {
+	ID       string
+	Accel    accel
+	Kernel   string
+	Root     string // ext4 image, read-only: /dev/vda
+	Code     string // ext4 image, read-only: /dev/vdb
+	Scratch  string // ext4 image, writable: /dev/vdc (path relative to the instance directory or absolute)
+	MemoryMB int
+	VCPUs    int
+	// TSCkHz is the host's TSC frequency, 0 if unknown. Under TCG the
+	// guest's TSC runs at the host's rate; telling the guest skips the
+	// calibration against the PIT, which is slow and, under emulation,
+	// flaky (boots hung without it).
+	TSCkHz int64
+	// KernelHz is the guest kernel's CONFIG_HZ, for lpj.
+	KernelHz int
+	// ClockUnixMs is the host's wall clock at launch: the guest sets its
+	// clock from it (the RTC has only whole seconds), so deadlines the
+	// harness computes hold inside to the millisecond.
+	ClockUnixMs int64
+}
+
+// vcpusFor derives the vCPU count from the memory size as Lambda does,
+// capped by the host's cores (more vCPUs than cores only adds contention).
+func vcpusFor(memoryMB, hostCPUs int) int {
+	n := (memoryMB + mbPerVCPU - 1) / mbPerVCPU
+	n = min(max(n, 1), maxVCPUs)
+	if hostCPUs > 0 {
+		n = min(n, hostCPUs)
+	}
+	return n
+}
+
+// kernelCmdline is the guest's kernel command line. The tuning follows
+// what was measured under TCG (docs in shared/reference/qemu-tcg.md):
+// quiet, no keyboard controller probing, the TSC trusted and its rate
+// given, no APIC timer calibration.
+func (c vmConfig) kernelCmdline() string {
+	parts := []string{
+		"console=ttyS0", "quiet", "panic=-1", "reboot=t",
+		"i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
+		"tsc=reliable", "no_timer_check",
+	}
+	if c.Accel == accelTCG {
+		if c.TSCkHz > 0 {
+			hz := c.KernelHz
+			if hz <= 0 {
+				hz = defaultKernelHz
+			}
+			parts = append(parts,
+				"lpj="+strconv.FormatInt(c.TSCkHz*1000/int64(hz), 10),
+				"tsc_early_khz="+strconv.FormatInt(c.TSCkHz, 10))
+		}
+		// There is no TSC-deadline timer under TCG, so calibrating the
+		// APIC timer is slow; the PIT ticks instead.
+		parts = append(parts, "nolapic_timer")
+	}
+	parts = append(parts,
+		"root=/dev/vda", "rootfstype=ext4", "ro", "init=/sbin/init",
+		"invokex.code=/dev/vdb", "invokex.scratch=/dev/vdc", "invokex.port="+agentPort,
+		"invokex.hostname="+hostname(c.ID),
+	)
+	if c.ClockUnixMs > 0 {
+		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
+	}
+	return strings.Join(parts, " ")
+}
+
+// defaultKernelHz is CONFIG_HZ's default.
+const defaultKernelHz = 250
+
+// args is QEMU's command line (without argv[0]). Paths of files in the
+// instance directory are relative: QEMU runs there.
+func (c vmConfig) args() []string {
+	cpu := "max"
+	if c.Accel == accelKVM {
+		cpu = "host"
+	}
+	a := []string{
+		// The ID makes the process findable (ps, leftover checks).
+		"-name", "invokex-" + c.ID,
+		"-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
+		"-accel", string(c.Accel),
+		"-cpu", cpu,
+		"-m", strconv.Itoa(c.MemoryMB) + "M",
+		"-smp", strconv.Itoa(c.VCPUs),
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		// QEMU runs as the harness's user (root): deny it what a VMM
+		// never needs, in case a guest escapes into it.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+		"-kernel", c.Kernel,
+		"-append", c.kernelCmdline(),
+		// The order of the virtio-mmio devices is the order of vda, vdb, vdc.
+		"-drive", "id=root,file=" + escapeOpt(c.Root) + ",format=raw,if=none,readonly=on",
+		"-device", "virtio-blk-device,drive=root",
+		"-drive", "id=code,file=" + escapeOpt(c.Code) + ",format=raw,if=none,readonly=on",
+		"-device", "virtio-blk-device,drive=code",
+		// The scratch disk dies with the instance: never flush it.
+		"-drive", "id=scratch,file=" + escapeOpt(c.Scratch) + ",format=raw,if=none,cache=unsafe",
+		"-device", "virtio-blk-device,drive=scratch",
+		"-device", "virtio-rng-device",
+		"-device", "virtio-serial-device",
+		"-chardev", "socket,id=agent,path=" + agentSock + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=" + agentPort,
+		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+		// The console goes to QEMU's stdout, a pipe the driver drains
+		// into a bounded log: never into a file that could fill the disk.
+		"-chardev", "stdio,id=console,signal=off",
+		"-serial", "chardev:console",
+		"-pidfile", pidFile,
+	}
+	return a
+}
+
+// escapeOpt escapes a value for QEMU's option syntax, where ',' separates
+// options and ",," is a literal comma.
+func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+// hostname is the guest's hostname (at most 64 bytes).
+func hostname(id string) string { return "sandbox-" + id }
+
+// hostTSCkHz reads the CPU frequency the host's kernel reports, which on
+// hosts with a constant TSC is the TSC's rate; 0 when unknown.
+func hostTSCkHz() int64 {
+	f, err := os.Open("/proc/cpuinfo")
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	return parseCPUInfoKHz(f)
+}
+
+func parseCPUInfoKHz(r io.Reader) int64 {
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if !ok || strings.TrimSpace(k) != "cpu MHz" {
+			continue
+		}
+		mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil || mhz <= 0 || math.IsInf(mhz, 0) {
+			return 0
+		}
+		return int64(math.Round(mhz * 1000))
+	}
+	return 0
+}
+
+// String renders the command line for logs and errors.
+func (c vmConfig) String() string {
+	return fmt.Sprintf("accel=%s vcpus=%d memory=%dM", c.Accel, c.VCPUs, c.MemoryMB)
+}
+
+// kernelHzOf reads CONFIG_HZ from the config package guest keeps next to
+// the kernel it built; 0 when unknown.
+func kernelHzOf(vmlinux string) int {
+	f, err := os.Open(filepath.Join(filepath.Dir(vmlinux), "config"))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "CONFIG_HZ="); ok {
+			hz, err := strconv.Atoi(v)
+			if err == nil && hz > 0 {
+				return hz
+			}
+			return 0
+		}
+	}
+	return 0
+}

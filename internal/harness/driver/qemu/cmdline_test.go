@@ -1,0 +1,155 @@
+package qemu
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestVCPUsFor(t *testing.T) {
+	for _, tc := range []struct{ mem, host, want int }{
+		{128, 2, 1},
+		{1769, 8, 1},
+		{1770, 8, 2},
+		{3008, 8, 2},
+		{10240, 8, 6},
+		{10240, 2, 2},
+		{10240, 0, 6},
+		{1, 1, 1},
+	} {
+		if got := vcpusFor(tc.mem, tc.host); got != tc.want {
+			t.Errorf("vcpusFor(%d MB, %d cores) = %d, want %d", tc.mem, tc.host, got, tc.want)
+		}
+	}
+}
+
+// argValue returns the value after the first occurrence of flag whose
+// value starts with prefix.
+func argValues(args []string, flag string) []string {
+	var vs []string
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == flag {
+			vs = append(vs, args[i+1])
+		}
+	}
+	return vs
+}
+
+func TestArgsTCG(t *testing.T) {
+	c := vmConfig{
+		ID: "abc-1", Accel: accelTCG, Kernel: "/k/vmlinux",
+		Root: "/c/root,1.ext4", Code: "/c/code.ext4", Scratch: scratchImage,
+		MemoryMB: 256, VCPUs: 1, TSCkHz: 2445426, KernelHz: 100, ClockUnixMs: 1700000000123,
+	}
+	a := c.args()
+	for flag, want := range map[string]string{
+		"-name": "invokex-abc-1", "-accel": "tcg", "-cpu": "max", "-m": "256M", "-smp": "1",
+		"-kernel": "/k/vmlinux", "-pidfile": pidFile, "-qmp": "unix:qmp.sock,server=on,wait=off",
+		"-M": "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
+	} {
+		if got := argValues(a, flag); len(got) != 1 || got[0] != want {
+			t.Errorf("%s = %q, want [%q]", flag, got, want)
+		}
+	}
+	drives := argValues(a, "-drive")
+	wantDrives := []string{
+		"id=root,file=/c/root,,1.ext4,format=raw,if=none,readonly=on",
+		"id=code,file=/c/code.ext4,format=raw,if=none,readonly=on",
+		"id=scratch,file=scratch.img,format=raw,if=none,cache=unsafe",
+	}
+	if !slices.Equal(drives, wantDrives) {
+		t.Errorf("drives = %q, want %q", drives, wantDrives)
+	}
+	// Disks in the order vda, vdb, vdc; then rng and the serial port.
+	devs := argValues(a, "-device")
+	wantDevs := []string{
+		"virtio-blk-device,drive=root", "virtio-blk-device,drive=code", "virtio-blk-device,drive=scratch",
+		"virtio-rng-device", "virtio-serial-device", "virtserialport,chardev=agent,name=invokex.agent",
+	}
+	if !slices.Equal(devs, wantDevs) {
+		t.Errorf("devices = %q, want %q", devs, wantDevs)
+	}
+	if ch := argValues(a, "-chardev"); len(ch) < 1 || ch[0] != "socket,id=agent,path=agent.sock,server=on,wait=off" {
+		t.Errorf("chardevs = %q", ch)
+	}
+	for _, f := range []string{"-nodefaults", "-no-user-config", "-no-reboot"} {
+		if !slices.Contains(a, f) {
+			t.Errorf("missing %s", f)
+		}
+	}
+	app := strings.Fields(argValues(a, "-append")[0])
+	for _, want := range []string{
+		"console=ttyS0", "quiet", "panic=-1", "reboot=t", "nolapic_timer", "tsc=reliable",
+		"tsc_early_khz=2445426", "lpj=24454260", "root=/dev/vda", "ro", "init=/sbin/init",
+		"invokex.code=/dev/vdb", "invokex.scratch=/dev/vdc", "invokex.port=invokex.agent",
+		"invokex.hostname=sandbox-abc-1", "invokex.clock=1700000000123",
+	} {
+		if !slices.Contains(app, want) {
+			t.Errorf("kernel command line %q lacks %q", app, want)
+		}
+	}
+}
+
+func TestArgsKVM(t *testing.T) {
+	c := vmConfig{ID: "x", Accel: accelKVM, MemoryMB: 4096, VCPUs: 3, TSCkHz: 2000000}
+	a := c.args()
+	if got := argValues(a, "-cpu"); got[0] != "host" {
+		t.Errorf("-cpu %q under kvm, want host", got)
+	}
+	if got := argValues(a, "-smp"); got[0] != "3" {
+		t.Errorf("-smp %q, want 3", got)
+	}
+	app := argValues(a, "-append")[0]
+	for _, tcgOnly := range []string{"nolapic_timer", "lpj=", "tsc_early_khz="} {
+		if strings.Contains(app, tcgOnly) {
+			t.Errorf("kvm command line has the TCG workaround %s: %q", tcgOnly, app)
+		}
+	}
+}
+
+func TestArgsUnknownTSC(t *testing.T) {
+	app := vmConfig{ID: "x", Accel: accelTCG}.kernelCmdline()
+	if strings.Contains(app, "lpj=") || strings.Contains(app, "tsc_early_khz=") {
+		t.Errorf("command line guesses an unknown TSC rate: %q", app)
+	}
+	if !strings.Contains(app, "nolapic_timer") {
+		t.Errorf("tcg command line lacks nolapic_timer: %q", app)
+	}
+}
+
+func TestParseCPUInfo(t *testing.T) {
+	for in, want := range map[string]int64{
+		"processor\t: 0\ncpu MHz\t\t: 2445.426\n": 2445426,
+		"cpu MHz : 3000\n":                        3000000,
+		"processor : 0\n":                         0,
+		"cpu MHz : fast\n":                        0,
+		"cpu MHz : -5\n":                          0,
+	} {
+		if got := parseCPUInfoKHz(strings.NewReader(in)); got != want {
+			t.Errorf("parseCPUInfoKHz(%q) = %d, want %d", in, got, want)
+		}
+	}
+}
+
+func TestChooseAccel(t *testing.T) {
+	fake := fakeQEMUPath(t)
+	ctx := context.Background()
+	if a, _, err := chooseAccel(ctx, "tcg", fake); err != nil || a != accelTCG {
+		t.Errorf("tcg: %v, %v", a, err)
+	}
+	if _, _, err := chooseAccel(ctx, "hvf", fake); err == nil {
+		t.Errorf("an unknown accel was accepted")
+	}
+	if !kvmOpenable() {
+		t.Skip("skipping the KVM probe: /dev/kvm cannot be opened here")
+	}
+	// The fake fails as QEMU does where KVM cannot run a guest.
+	a, why, err := chooseAccel(ctx, "auto", fake)
+	if err != nil || a != accelTCG || !strings.Contains(why, "failed to set MSR") {
+		t.Errorf("auto with an unusable kvm = %v, %q, %v; want tcg and QEMU's reason", a, why, err)
+	}
+	if _, _, err := chooseAccel(ctx, "kvm", fake); err == nil || !strings.Contains(err.Error(), "failed to set MSR") {
+		t.Errorf("kvm with an unusable kvm: %v, want an error with QEMU's reason", err)
+	}
+}

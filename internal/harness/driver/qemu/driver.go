@@ -1,0 +1,436 @@
+// Package qemu is the QEMU microvm driver: each instance is one
+// qemu-system-x86_64 process running a "microvm" machine with the guest
+// kernel of package guest, the runtime's root image (/dev/vda, read-only),
+// the function's code image (/dev/vdb, read-only) and a scratch disk for
+// /tmp (/dev/vdc, writable, sized by EphemeralMB, deleted with the
+// instance). The guest's init is the agent (package vminit): it talks to
+// the harness over a virtio-serial port whose host end is a unix socket
+// QEMU serves in the instance directory. A second socket carries QMP, the
+// driver's control channel.
+//
+// KVM is used when /dev/kvm runs a standard guest (probed once per
+// process), TCG software emulation otherwise; Describe says which.
+//
+// # Files
+//
+// StateDir/<id>/ holds instance.json (written before QEMU starts: the pid
+// and its start time once known), agent.sock, qmp.sock, qemu.pid and
+// scratch.img. QEMU runs with that directory as its working directory and
+// names its files relative to it. The console is a pipe drained into the
+// harness's log under a byte budget, never a file.
+//
+// # Recovery
+//
+// Recover kills every QEMU a previous harness left running on the same
+// StateDir and removes its directory. Re-adopting a running VM would be
+// possible (QEMU is the server of the agent socket, so a new harness could
+// connect to it), but the harness cannot use re-adopted instances yet (it
+// stops them all), so the driver does not pretend to: it kills and removes.
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/guest"
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/runtimes"
+)
+
+var (
+	_ driver.Driver    = (*Driver)(nil)
+	_ driver.Closer    = (*Driver)(nil)
+	_ driver.Describer = (*Driver)(nil)
+)
+
+// Timeouts of the driver's own steps. They bound cleanup even when the
+// caller's context has no deadline.
+const (
+	defaultStopGrace = 2 * time.Second
+	// Booting under TCG takes about a second, several when the host is
+	// busy with other VMs; KVM boots in a fraction of that.
+	defaultReadyTimeoutTCG = 30 * time.Second
+	defaultReadyTimeoutKVM = 10 * time.Second
+	killTimeout            = 10 * time.Second
+	// qmpQuitTimeout bounds the graceful QMP quit before SIGTERM.
+	qmpQuitTimeout = time.Second
+)
+
+var idPattern = regexp.MustCompile(`^[a-z0-9-]{1,40}$`)
+
+// Options configures New.
+type Options struct {
+	// StateDir holds one directory per instance; required. Recover
+	// cleans up what it finds there.
+	StateDir string
+	// CacheDir is package guest's cache (kernel, root and code images);
+	// default guest.DefaultCacheDir().
+	CacheDir string
+	// QEMUPath is qemu-system-x86_64; default: looked up in PATH.
+	QEMUPath string
+	// KernelPath is the guest kernel (an uncompressed vmlinux); default
+	// the one `invokex guest kernel` built into CacheDir.
+	KernelPath string
+	// AgentBin is the statically linked invokex binary that becomes the
+	// guest's /sbin/init; default this executable.
+	AgentBin string
+	// Accel is "auto" (default: KVM if it runs a guest here, else TCG),
+	// "kvm" (New fails without it) or "tcg".
+	Accel string
+	// Logger receives the driver's and the guests' diagnostics; default
+	// slog.Default().
+	Logger *slog.Logger
+	// StopGrace bounds the graceful part of Stop; default 2 s.
+	StopGrace time.Duration
+	// ReadyTimeout bounds a boot, from QEMU's start to the agent's ready
+	// line; default 30 s under TCG, 10 s with KVM.
+	ReadyTimeout time.Duration
+}
+
+// imageMaker builds the disks of an instance (package guest in
+// production, fakes in unit tests). Implementations are safe for
+// concurrent use and cache what they can.
+type imageMaker interface {
+	// Root returns the root image of rt (shared, never written).
+	Root(ctx context.Context, rt *runtimes.Runtime) (string, error)
+	// Code returns the image of codeDir and runtimeDir, cached by key.
+	Code(ctx context.Context, codeDir, runtimeDir, key string) (string, error)
+	// Scratch creates an empty writable file system of sizeMB at path.
+	Scratch(ctx context.Context, path string, sizeMB int) error
+}
+
+// Driver is the QEMU microvm driver. See package driver for the contract.
+type Driver struct {
+	opts     Options
+	log      *slog.Logger
+	accel    accel
+	why      string // why this accel
+	images   imageMaker
+	fork     *forker
+	hostCPUs int
+	tscKHz   int64
+	kernelHz int
+
+	mu          sync.Mutex
+	closed      bool
+	instances   map[string]*instance
+	warnedNetwk bool
+}
+
+// New checks QEMU, the kernel and the agent binary, chooses the
+// accelerator (logged once) and prepares the state directory.
+func New(opts Options) (*Driver, error) {
+	if opts.StateDir == "" {
+		return nil, errdefs.Invalid("qemu driver: state directory is required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.CacheDir == "" {
+		opts.CacheDir = defaultCacheDir()
+	}
+	if opts.KernelPath == "" {
+		k, ok := defaultKernel(opts.CacheDir)
+		if !ok {
+			return nil, fmt.Errorf("qemu driver: no guest kernel in %s: run `invokex guest kernel`: %w",
+				opts.CacheDir, errdefs.ErrUnavailable)
+		}
+		opts.KernelPath = k
+	}
+	if opts.AgentBin == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("qemu driver: finding own executable: %w", err)
+		}
+		opts.AgentBin = exe
+	}
+	if err := guest.CheckStatic(opts.AgentBin); err != nil {
+		return nil, fmt.Errorf("qemu driver: agent binary: %w", err)
+	}
+	d, err := newDriver(opts, nil)
+	if err != nil {
+		return nil, err
+	}
+	d.images = newGuestImages(opts.CacheDir, opts.AgentBin, d.log)
+	return d, nil
+}
+
+// newDriver is New without the guest package: unit tests pass their own
+// imageMaker.
+func newDriver(opts Options, images imageMaker) (*Driver, error) {
+	dir, err := filepath.Abs(opts.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("qemu driver: resolving state directory: %w", err)
+	}
+	opts.StateDir = dir
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.QEMUPath == "" {
+		p, err := exec.LookPath("qemu-system-x86_64")
+		if err != nil {
+			return nil, fmt.Errorf("qemu driver: qemu-system-x86_64 not found (install qemu-system-x86): %w", errdefs.ErrUnavailable)
+		}
+		opts.QEMUPath = p
+	}
+	if p, err := filepath.Abs(opts.QEMUPath); err == nil {
+		opts.QEMUPath = p
+	}
+	if fi, err := os.Stat(opts.QEMUPath); err != nil || fi.IsDir() {
+		return nil, fmt.Errorf("qemu driver: %s is not a qemu binary: %w", opts.QEMUPath, errdefs.ErrUnavailable)
+	}
+	if fi, err := os.Stat(opts.KernelPath); err != nil || fi.IsDir() {
+		return nil, fmt.Errorf("qemu driver: guest kernel %s missing: run `invokex guest kernel`: %w", opts.KernelPath, errdefs.ErrUnavailable)
+	}
+	if opts.StopGrace <= 0 {
+		opts.StopGrace = defaultStopGrace
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("qemu driver: creating state directory: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*kvmProbeTimeout)
+	acc, why, err := chooseAccel(ctx, opts.Accel, opts.QEMUPath)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("qemu driver: %w", err)
+	}
+	if opts.ReadyTimeout <= 0 {
+		opts.ReadyTimeout = defaultReadyTimeoutTCG
+		if acc == accelKVM {
+			opts.ReadyTimeout = defaultReadyTimeoutKVM
+		}
+	}
+	d := &Driver{
+		opts:      opts,
+		log:       opts.Logger.With("driver", "qemu"),
+		accel:     acc,
+		why:       why,
+		images:    images,
+		fork:      newForker(),
+		hostCPUs:  runtime.NumCPU(),
+		tscKHz:    hostTSCkHz(),
+		kernelHz:  kernelHzOf(opts.KernelPath),
+		instances: map[string]*instance{},
+	}
+	if acc == accelTCG {
+		d.log.Warn("qemu driver uses TCG software emulation", "reason", why)
+	} else {
+		d.log.Info("qemu driver uses KVM")
+	}
+	return d, nil
+}
+
+// Name returns "qemu".
+func (d *Driver) Name() string { return "qemu" }
+
+// Describe lists how the VMs on this host are weaker or slower than
+// intended.
+func (d *Driver) Describe() []string {
+	var s []string
+	if d.accel == accelTCG {
+		s = append(s, "TCG software emulation (no usable KVM: "+d.why+"): ~10x slower")
+	}
+	s = append(s, "no guest network yet: Spec.Network is ignored and VMs have loopback only")
+	return s
+}
+
+// Start builds the instance's disks, boots its VM and waits until the
+// agent inside is ready.
+func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, error) {
+	if err := validate(spec); err != nil {
+		return nil, err
+	}
+	startCtx, cancel := context.WithCancel(ctx)
+	inst := &instance{
+		d:           d,
+		id:          spec.ID,
+		dir:         filepath.Join(d.opts.StateDir, spec.ID),
+		done:        make(chan struct{}),
+		started:     make(chan struct{}),
+		cancelStart: cancel,
+		log:         d.log.With("instance", spec.ID, "function", spec.Function),
+	}
+	d.mu.Lock()
+	switch {
+	case d.closed:
+		d.mu.Unlock()
+		cancel()
+		return nil, fmt.Errorf("starting vm %s: driver closed: %w", spec.ID, errdefs.ErrUnavailable)
+	case d.instances[spec.ID] != nil:
+		d.mu.Unlock()
+		cancel()
+		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, errdefs.ErrAlreadyExists)
+	}
+	d.instances[spec.ID] = inst
+	warn := spec.Network && !d.warnedNetwk
+	if warn {
+		d.warnedNetwk = true
+	}
+	d.mu.Unlock()
+	if warn {
+		d.log.Warn("sandbox network requested but the qemu driver has no guest network yet: vms get loopback only")
+	}
+
+	err := inst.start(startCtx, spec)
+	cancel()
+	close(inst.started)
+	if err != nil {
+		// A VM that never became ready has nothing to shut down gracefully.
+		if cerr := inst.stopWithGrace(context.WithoutCancel(ctx), 0); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
+	}
+	return inst, nil
+}
+
+func validate(spec driver.Spec) error {
+	if !idPattern.MatchString(spec.ID) {
+		return errdefs.Invalid("sandbox id %q must be 1 to 40 of [a-z0-9-]", spec.ID)
+	}
+	if spec.MemoryMB <= 0 || spec.EphemeralMB <= 0 {
+		return errdefs.Invalid("sandbox %s: MemoryMB and EphemeralMB must be positive", spec.ID)
+	}
+	if spec.MemoryMB < minMemoryMB {
+		return errdefs.Invalid("sandbox %s: a vm needs at least %d MB of memory, got %d", spec.ID, minMemoryMB, spec.MemoryMB)
+	}
+	for name, dir := range map[string]string{"CodeDir": spec.CodeDir, "RuntimeDir": spec.RuntimeDir} {
+		if dir == "" && name == "RuntimeDir" {
+			continue
+		}
+		if !filepath.IsAbs(dir) {
+			return errdefs.Invalid("sandbox %s: %s %q must be an absolute path", spec.ID, name, dir)
+		}
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return errdefs.Invalid("sandbox %s: %s %q is not a directory", spec.ID, name, dir)
+		}
+	}
+	return nil
+}
+
+// minMemoryMB is Lambda's smallest memory size, which the guest kernel
+// and agent fit in with room for a runtime.
+const minMemoryMB = 128
+
+// Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
+func (d *Driver) Stop(ctx context.Context, id string) error {
+	d.mu.Lock()
+	inst := d.instances[id]
+	d.mu.Unlock()
+	if inst == nil {
+		return nil
+	}
+	return inst.stop(ctx)
+}
+
+// Recover kills every QEMU a previous driver on the same StateDir left
+// running (identified by its recorded pid and start time, or by its
+// pidfile, and in both cases by running QEMUPath in the instance's
+// directory, so a recycled pid is never hit) and removes the instance
+// directories. It re-adopts nothing (see the package documentation) and
+// always returns an empty slice.
+func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
+	ctx = context.WithoutCancel(ctx)
+	ents, err := os.ReadDir(d.opts.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("recovering: reading state directory: %w", err)
+	}
+	var errs []error
+	for _, e := range ents {
+		id := e.Name()
+		if !e.IsDir() || d.known(id) {
+			continue
+		}
+		if err := d.removeLeftover(ctx, id); err != nil {
+			errs = append(errs, fmt.Errorf("recovering vm %s: %w", id, err))
+		}
+	}
+	return []driver.Instance{}, errors.Join(errs...)
+}
+
+func (d *Driver) known(id string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.instances[id] != nil
+}
+
+func (d *Driver) removeLeftover(ctx context.Context, id string) error {
+	dir := filepath.Join(d.opts.StateDir, id)
+	rec, err := readRecord(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		d.log.Warn("unreadable vm record; removing the directory", "instance", id, "err", err)
+	}
+	qemuPath := d.opts.QEMUPath
+	if rec != nil && rec.QEMU != "" {
+		qemuPath = rec.QEMU
+	}
+	// The recorded pid is written right after QEMU starts; the pidfile
+	// covers a crash in between.
+	var pids []int
+	if rec != nil && rec.PID > 0 {
+		pids = append(pids, rec.PID)
+	}
+	if p := readPIDFile(dir); p > 0 && (rec == nil || p != rec.PID) {
+		pids = append(pids, p)
+	}
+	for _, pid := range pids {
+		if !isOurQEMU(pid, qemuPath, dir) {
+			continue
+		}
+		st, err := procStartTime(pid)
+		if err != nil {
+			continue
+		}
+		if rec != nil && rec.PID == pid && rec.StartTime != 0 && rec.StartTime != st {
+			continue
+		}
+		d.log.Info("killing leftover vm", "instance", id, "pid", pid)
+		if err := killProcess(ctx, pid, st, func() bool { return isOurQEMU(pid, qemuPath, dir) }); err != nil {
+			return err
+		}
+	}
+	d.log.Info("removing leftover vm", "instance", id)
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("removing state directory: %w", err)
+	}
+	return nil
+}
+
+// Close stops every instance; Start fails with ErrUnavailable afterwards.
+// Close is idempotent.
+func (d *Driver) Close(ctx context.Context) error {
+	d.mu.Lock()
+	wasClosed := d.closed
+	d.closed = true
+	insts := make([]*instance, 0, len(d.instances))
+	for _, inst := range d.instances {
+		insts = append(insts, inst)
+	}
+	d.mu.Unlock()
+	errs := make([]error, len(insts))
+	var wg sync.WaitGroup
+	for i, inst := range insts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = inst.stop(ctx)
+		}()
+	}
+	wg.Wait()
+	// Every Start that got past the closed check registered itself and
+	// was waited for above, so nothing forks any more.
+	if !wasClosed {
+		d.fork.close()
+	}
+	return errors.Join(errs...)
+}

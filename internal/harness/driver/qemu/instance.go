@@ -1,0 +1,426 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/harness/driver"
+)
+
+// instance is one VM. Its fields are set by start and read-only once
+// started is closed.
+type instance struct {
+	d   *Driver
+	id  string
+	dir string
+	log *slog.Logger
+
+	cmd     *exec.Cmd
+	conn    net.Conn
+	console *lineLog // the guest's serial console (QEMU's stdout)
+	stderr  *lineLog // QEMU's own diagnostics
+	// done is closed when QEMU has exited (the only cmd.Wait).
+	done chan struct{}
+	// started is closed when Start has returned; cancelStart aborts it.
+	started     chan struct{}
+	cancelStart context.CancelFunc
+
+	stopOnce syncOnceErr
+}
+
+var _ driver.Instance = (*instance)(nil)
+
+func (i *instance) ID() string               { return i.id }
+func (i *instance) Conn() io.ReadWriteCloser { return i.conn }
+func (i *instance) Done() <-chan struct{}    { return i.done }
+
+// PID is QEMU's pid.
+func (i *instance) PID() int { return i.cmd.Process.Pid }
+
+func (i *instance) start(ctx context.Context, spec driver.Spec) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	d := i.d
+	rec := &record{
+		ID: spec.ID, Function: spec.Function, RevisionID: spec.RevisionID,
+		QEMU: d.opts.QEMUPath, AgentSocket: agentSock, QMPSocket: qmpSock,
+		Created: time.Now().UTC(),
+	}
+	// Record first, then create: Recover must know of every VM.
+	if err := os.Mkdir(i.dir, 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	if err := writeRecord(i.dir, rec); err != nil {
+		return err
+	}
+	cfg, err := i.disks(ctx, spec)
+	if err != nil {
+		return err
+	}
+	if err := i.launch(cfg); err != nil {
+		return err
+	}
+	rec.PID = i.cmd.Process.Pid
+	if rec.StartTime, err = procStartTime(rec.PID); err != nil {
+		return i.withOutput(fmt.Errorf("reading qemu start time: %w", err))
+	}
+	if err := writeRecord(i.dir, rec); err != nil {
+		return err
+	}
+	return i.waitReady(ctx)
+}
+
+// disks makes the root, code and scratch images and returns the VM's
+// configuration.
+func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmConfig, error) {
+	d := i.d
+	rt := spec.Runtime
+	root, err := d.images.Root(ctx, &rt)
+	if err != nil {
+		return vmConfig{}, fmt.Errorf("root image of %s: %w", spec.Runtime.ID, err)
+	}
+	key, err := codeKey(spec)
+	if err != nil {
+		return vmConfig{}, err
+	}
+	code, err := d.images.Code(ctx, spec.CodeDir, spec.RuntimeDir, key)
+	if err != nil {
+		return vmConfig{}, fmt.Errorf("code image: %w", err)
+	}
+	scratch := filepath.Join(i.dir, scratchImage)
+	if err := d.images.Scratch(ctx, scratch, spec.EphemeralMB); err != nil {
+		return vmConfig{}, fmt.Errorf("scratch image: %w", err)
+	}
+	return vmConfig{
+		ID: spec.ID, Accel: d.accel, Kernel: d.opts.KernelPath,
+		Root: root, Code: code, Scratch: scratchImage,
+		MemoryMB: spec.MemoryMB, VCPUs: vcpusFor(spec.MemoryMB, d.hostCPUs),
+		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
+	}, nil
+}
+
+// codeKey names the code image in the cache: the deployment package's
+// digest with the runtime directory it is paired with. A spec without a
+// digest (tests, tools) gets a digest of the directory tree, so a cached
+// image is never the wrong code.
+func codeKey(spec driver.Spec) (string, error) {
+	h := sha256.New()
+	if spec.CodeSha256 != "" {
+		fmt.Fprintf(h, "sha256:%s\n", spec.CodeSha256)
+	} else if err := hashTree(h, spec.CodeDir); err != nil {
+		return "", fmt.Errorf("hashing code directory: %w", err)
+	}
+	fmt.Fprintf(h, "runtime:")
+	if spec.RuntimeDir != "" {
+		if err := hashTree(h, spec.RuntimeDir); err != nil {
+			return "", fmt.Errorf("hashing runtime directory: %w", err)
+		}
+	}
+	return base64.RawURLEncoding.EncodeToString(h.Sum(nil)), nil
+}
+
+// hashTree writes every entry of the tree at dir (path, mode, link target
+// or content) to w.
+func hashTree(w io.Writer, dir string) error {
+	return filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		fi, err := e.Info()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "%q %o\n", rel, fi.Mode())
+		switch {
+		case fi.Mode()&fs.ModeSymlink != 0:
+			t, err := os.Readlink(p)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(w, "-> %q\n", t)
+		case fi.Mode().IsRegular():
+			f, err := os.Open(p)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(w, "%d\n", fi.Size())
+			_, err = io.Copy(w, f)
+			f.Close()
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// launch starts QEMU in the instance directory.
+func (i *instance) launch(cfg vmConfig) error {
+	d := i.d
+	cfg.ClockUnixMs = time.Now().UnixMilli()
+	cmd := exec.Command(d.opts.QEMUPath, cfg.args()...)
+	cmd.Dir = i.dir
+	// QEMU needs nothing of the harness's environment.
+	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
+	i.console = newLineLog(i.log.With("source", "console"), slog.LevelDebug, slog.LevelInfo)
+	i.stderr = newLineLog(i.log.With("source", "qemu"), slog.LevelInfo, slog.LevelWarn)
+	cmd.Stdout = i.console
+	cmd.Stderr = i.stderr
+	// Bounds cmd.Wait if something kept the pipes open after QEMU died.
+	cmd.WaitDelay = time.Second
+	// Setsid: a terminal's Ctrl-C reaches only the server, which then
+	// stops VMs in order. Pdeathsig: a harness that dies takes its VMs.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
+	i.log.Debug("starting vm", "config", cfg.String(), "args", cmd.Args)
+	if err := d.fork.start(cmd); err != nil {
+		return fmt.Errorf("starting qemu: %w", err)
+	}
+	i.cmd = cmd
+	go func() {
+		err := cmd.Wait()
+		i.console.flush()
+		i.stderr.flush()
+		if err != nil && !isKilled(err) {
+			i.log.Info("vm exited", "err", err)
+		}
+		close(i.done)
+	}()
+	return nil
+}
+
+func isKilled(err error) bool {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+			return true
+		}
+	}
+	return false
+}
+
+// withOutput adds what QEMU and the guest console said last to an error
+// caused by the VM's early death, waiting a moment for the last lines.
+func (i *instance) withOutput(err error) error {
+	select {
+	case <-i.done:
+	case <-time.After(time.Second):
+	}
+	var said []string
+	if t := i.stderr.lastLines(); t != "" {
+		said = append(said, "qemu said: "+t)
+	}
+	if t := i.console.lastLines(); t != "" {
+		said = append(said, "console: "+t)
+	}
+	if len(said) == 0 {
+		return err
+	}
+	return fmt.Errorf("%w (%s)", err, joinSaid(said))
+}
+
+func joinSaid(s []string) string {
+	var b bytes.Buffer
+	for n, x := range s {
+		if n > 0 {
+			b.WriteString("; ")
+		}
+		b.WriteString(x)
+	}
+	return b.String()
+}
+
+// connectPoll is how often the driver retries connecting to the agent
+// socket, which QEMU creates a few milliseconds after it starts.
+const connectPoll = 5 * time.Millisecond
+
+// waitReady connects to the agent socket and reads the guest's ready
+// line, byte by byte so no byte of the protocol that follows is consumed.
+// QEMU exiting first ends the wait with its output in the error.
+func (i *instance) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithTimeoutCause(ctx, i.d.opts.ReadyTimeout,
+		fmt.Errorf("vm not ready within %s", i.d.opts.ReadyTimeout))
+	defer cancel()
+	// QEMU's exit cancels the wait.
+	go func() {
+		select {
+		case <-i.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	sock := filepath.Join(i.dir, agentSock)
+	var conn net.Conn
+	for {
+		c, err := dialUnix(ctx, sock)
+		if err == nil {
+			conn = c
+			break
+		}
+		select {
+		case <-i.done:
+			return i.withOutput(errors.New("qemu exited before the guest was ready"))
+		case <-ctx.Done():
+			return i.readyErr(ctx)
+		case <-time.After(connectPoll):
+		}
+	}
+	i.conn = conn
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
+	defer stop()
+	got := make([]byte, 0, len(readyLine))
+	var b [1]byte
+	for len(got) < len(readyLine) {
+		if _, err := conn.Read(b[:]); err != nil {
+			if ctx.Err() != nil {
+				return i.readyErr(ctx)
+			}
+			return i.withOutput(fmt.Errorf("reading the agent's ready line: %w", err))
+		}
+		got = append(got, b[0])
+		if b[0] != readyLine[len(got)-1] {
+			return i.withOutput(fmt.Errorf("guest sent %q instead of its ready line", got))
+		}
+	}
+	if !stop() {
+		return i.readyErr(ctx)
+	}
+	return nil
+}
+
+func (i *instance) readyErr(ctx context.Context) error {
+	select {
+	case <-i.done:
+		return i.withOutput(errors.New("qemu exited before the guest was ready"))
+	default:
+	}
+	err := fmt.Errorf("waiting for the guest agent: %w", context.Cause(ctx))
+	if errors.Is(context.Cause(ctx), context.Canceled) || errors.Is(context.Cause(ctx), context.DeadlineExceeded) {
+		return err // the caller gave up; the guest's output adds nothing
+	}
+	return i.withOutput(err)
+}
+
+// stop runs the teardown exactly once; concurrent callers wait for it.
+func (i *instance) stop(ctx context.Context) error {
+	return i.stopWithGrace(ctx, i.d.opts.StopGrace)
+}
+
+func (i *instance) stopWithGrace(ctx context.Context, grace time.Duration) error {
+	i.cancelStart()
+	<-i.started
+	return i.stopOnce.do(func() error {
+		err := i.destroy(ctx, grace)
+		i.d.mu.Lock()
+		delete(i.d.instances, i.id)
+		i.d.mu.Unlock()
+		return err
+	})
+}
+
+// destroy closes the stream, asks QEMU to quit (QMP, else SIGTERM), kills
+// it after the grace period, and removes the instance directory. The VM is
+// never reused, so "graceful" only lets QEMU exit by itself; the guest's
+// disks are read-only or thrown away. It runs to completion even when ctx
+// is cancelled; ctx only shortens the grace period.
+func (i *instance) destroy(ctx context.Context, grace time.Duration) error {
+	var errs []error
+	if i.conn != nil {
+		i.conn.Close()
+	}
+	if i.cmd != nil {
+		if dl, ok := ctx.Deadline(); ok {
+			grace = min(grace, time.Until(dl))
+		}
+		if ctx.Err() != nil {
+			grace = 0
+		}
+		if grace > 0 {
+			i.quit(ctx, grace)
+			t := time.NewTimer(grace)
+			select {
+			case <-i.done:
+			case <-t.C:
+			case <-ctx.Done():
+			}
+			t.Stop()
+		}
+		// os.Process signals through a pidfd: never a recycled pid.
+		_ = i.cmd.Process.Signal(syscall.SIGKILL)
+		select {
+		case <-i.done:
+		case <-time.After(killTimeout):
+			errs = append(errs, fmt.Errorf("qemu %d did not exit after SIGKILL", i.cmd.Process.Pid))
+		}
+	}
+	if err := os.RemoveAll(i.dir); err != nil {
+		errs = append(errs, fmt.Errorf("removing state directory: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("stopping vm %s: %w", i.id, err)
+	}
+	return nil
+}
+
+// quit asks QEMU to exit: QMP quit, or SIGTERM (which QEMU also treats as
+// a request to quit) when QMP does not answer.
+func (i *instance) quit(ctx context.Context, grace time.Duration) {
+	select {
+	case <-i.done:
+		return
+	default:
+	}
+	qctx, cancel := context.WithTimeout(ctx, min(grace, qmpQuitTimeout))
+	defer cancel()
+	q, err := dialQMP(qctx, filepath.Join(i.dir, qmpSock))
+	if err == nil {
+		err = q.Quit(qctx)
+		q.Close()
+	}
+	if err != nil {
+		i.log.Debug("qmp quit failed; sending SIGTERM", "err", err)
+		_ = i.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
+// killProcess SIGKILLs pid (started at startTime) if still is true once
+// the process is pinned by a pidfd, and waits until it is gone.
+func killProcess(ctx context.Context, pid int, startTime uint64, still func() bool) error {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil // already gone
+	}
+	defer unix.Close(fd)
+	if !processRunning(pid, startTime) || !still() {
+		return nil
+	}
+	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		return fmt.Errorf("killing pid %d: %w", pid, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, killTimeout)
+	defer cancel()
+	for processRunning(pid, startTime) {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for pid %d to exit: %w", pid, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return nil
+}
