@@ -97,7 +97,7 @@ func EnsureKernel(ctx context.Context, cacheDir string, log *slog.Logger) (vmlin
 	log.Info("building the guest kernel (once; takes minutes)", "source", src.path, "version", src.version, "cache", dir)
 	start := time.Now()
 	if err := buildKernel(ctx, cacheDir, src, dir, log); err != nil {
-		return "", fmt.Errorf("building the guest kernel: %w", err)
+		return "", fmt.Errorf("building the guest kernel in %s: %w", dir, err)
 	}
 	log.Info("built the guest kernel", "vmlinux", out, "duration", time.Since(start).Round(time.Second))
 	return out, nil
@@ -143,6 +143,9 @@ func kernelHash(src source) string {
 // buildKernel extracts src under cacheDir, configures, builds and copies
 // vmlinux and .config into dir. The build tree is removed on every path.
 func buildKernel(ctx context.Context, cacheDir string, src source, dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(filepath.Join(cacheDir, "kernel"), 0o755); err != nil {
+		return fmt.Errorf("creating kernel cache: %w", err)
+	}
 	work, err := os.MkdirTemp(filepath.Join(cacheDir, "kernel"), "build-")
 	if err != nil {
 		return fmt.Errorf("creating build directory: %w", err)

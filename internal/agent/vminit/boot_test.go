@@ -39,7 +39,7 @@ func kernelForTest(t *testing.T) string {
 	defer cancel()
 	p, err := guest.EnsureKernel(ctx, cache, nil)
 	if err != nil {
-		t.Fatalf("building the guest kernel: %v", err)
+		t.Fatal(err)
 	}
 	return p
 }
@@ -83,7 +83,8 @@ func TestBootProvided(t *testing.T) {
 	}
 	sock := filepath.Join(dir, "agent.sock")
 	console := filepath.Join(dir, "console.log")
-	args := QEMUArgs(vmlinux, root, code, scratch, sock, console, "invokex.hostname=boot-test")
+	extra := append([]string{"invokex.hostname=boot-test"}, strings.Fields(os.Getenv("INVOKEX_TEST_CMDLINE"))...)
+	args := QEMUArgs(vmlinux, root, code, scratch, sock, console, extra...)
 
 	start := time.Now()
 	cmd := exec.Command(qemu, args...)
@@ -96,7 +97,7 @@ func TestBootProvided(t *testing.T) {
 	t.Cleanup(func() {
 		cmd.Process.Kill()
 		<-exited
-		if t.Failed() {
+		if t.Failed() || os.Getenv("INVOKEX_TEST_CONSOLE") == "1" {
 			b, _ := os.ReadFile(console)
 			t.Logf("guest console:\n%s", b)
 		}

@@ -5,7 +5,7 @@ import "strings"
 // KernelCmdline is the guest command line the boot test uses (see
 // guest/README.md for why each option is there).
 const KernelCmdline = "console=ttyS0 quiet panic=-1 reboot=t i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd " +
-	"tsc=reliable no_timer_check nolapic_timer root=/dev/vda ro rootfstype=ext4 rootwait=0 init=/sbin/init"
+	"tsc=reliable no_timer_check nolapic_timer root=/dev/vda ro rootfstype=ext4 init=/sbin/init"
 
 // QEMUArgs is a QEMU microvm command line (TCG) booting vmlinux with the
 // three disks, the agent's virtio-serial port on a unix socket, and the
