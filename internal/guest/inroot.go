@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -58,20 +59,51 @@ func (r *treeRoot) open(rel string, flags int, mode uint32) (int, error) {
 }
 
 // mkdirAll creates rel and its missing parents (mode 0755) inside the root
-// and returns an O_PATH fd of it.
-func (r *treeRoot) mkdirAll(rel string) (int, error) {
+// and returns an O_PATH fd of it. A dangling symlink on the way is
+// followed (inside the root) and its target created, as a layer that
+// writes through it expects.
+func (r *treeRoot) mkdirAll(rel string) (int, error) { return r.mkdirAllDepth(rel, 0) }
+
+// maxLinkDepth bounds the symlinks mkdirAll follows, as the kernel does.
+const maxLinkDepth = 40
+
+func (r *treeRoot) mkdirAllDepth(rel string, depth int) (int, error) {
+	if depth > maxLinkDepth {
+		return -1, &os.PathError{Op: "mkdir", Path: "/" + clean(rel), Err: unix.ELOOP}
+	}
 	rel = clean(rel)
 	fd, err := r.open(rel, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err == nil || !errors.Is(err, unix.ENOENT) {
 		return fd, err
 	}
 	parent, base := path.Split(rel)
-	pfd, err := r.mkdirAll(parent)
+	pfd, err := r.mkdirAllDepth(parent, depth)
 	if err != nil {
 		return -1, err
 	}
 	defer unix.Close(pfd)
-	if err := unix.Mkdirat(pfd, base, 0o755); err != nil && !errors.Is(err, unix.EEXIST) {
+	err = unix.Mkdirat(pfd, base, 0o755)
+	if errors.Is(err, unix.EEXIST) {
+		// base exists yet does not resolve: a dangling symlink.
+		target, lerr := readlinkat(pfd, base)
+		if lerr != nil {
+			return -1, &os.PathError{Op: "mkdirat", Path: "/" + rel, Err: err}
+		}
+		if !path.IsAbs(target) {
+			dir, derr := r.pathOf(pfd)
+			if derr != nil {
+				return -1, derr
+			}
+			target = path.Join(dir, target)
+		}
+		tfd, err := r.mkdirAllDepth(target, depth+1)
+		if err != nil {
+			return -1, err
+		}
+		unix.Close(tfd)
+		return r.open(rel, unix.O_PATH|unix.O_DIRECTORY, 0)
+	}
+	if err != nil {
 		return -1, &os.PathError{Op: "mkdirat", Path: "/" + rel, Err: err}
 	}
 	// Mkdirat honours the umask.
@@ -79,6 +111,36 @@ func (r *treeRoot) mkdirAll(rel string) (int, error) {
 		return -1, &os.PathError{Op: "fchmodat", Path: "/" + rel, Err: err}
 	}
 	return r.open(rel, unix.O_PATH|unix.O_DIRECTORY, 0)
+}
+
+// readlinkat reads the symlink name in dirfd.
+func readlinkat(dirfd int, name string) (string, error) {
+	buf := make([]byte, unix.PathMax)
+	n, err := unix.Readlinkat(dirfd, name, buf)
+	if err != nil {
+		return "", err
+	}
+	return string(buf[:n]), nil
+}
+
+// pathOf returns the path inside the root of a directory fd resolved in it.
+func (r *treeRoot) pathOf(fd int) (string, error) {
+	host, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd))
+	if err != nil {
+		return "", err
+	}
+	rootHost, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(r.fd))
+	if err != nil {
+		return "", err
+	}
+	if host == rootHost {
+		return "/", nil
+	}
+	rel, ok := strings.CutPrefix(host, rootHost+"/")
+	if !ok {
+		return "", fmt.Errorf("directory %s is outside the root %s", host, rootHost)
+	}
+	return "/" + rel, nil
 }
 
 // parent returns an O_PATH fd of rel's parent directory (created if

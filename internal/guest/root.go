@@ -83,6 +83,13 @@ func RootImage(ctx context.Context, cacheDir string, rt *runtimes.Runtime, agent
 	if err != nil {
 		return "", err
 	}
+	if tree != "" {
+		// Checked on every call, cached image or not: the runtime row may
+		// have changed since the image was made.
+		if err := checkTreeInterpreter(tree, rt); err != nil {
+			return "", err
+		}
+	}
 	d := digest([]byte(rootImageVersion), []byte(rt.ID), []byte(treeID), []byte(agentSum))
 	dir := filepath.Join(cacheDir, "images")
 	out := filepath.Join(dir, rt.ID+"-"+d+".ext4")
@@ -205,13 +212,19 @@ func treeRootImage(ctx context.Context, cacheDir string, rt *runtimes.Runtime, t
 		return err
 	}
 	defer r.Close()
-	if err := checkInterpreter(r, rt); err != nil {
-		return err
-	}
 	if err := installAgent(r, agentBin); err != nil {
 		return err
 	}
 	return makeImage(ctx, tree, out, imageOptions{label: "root", readOnly: true})
+}
+
+func checkTreeInterpreter(tree string, rt *runtimes.Runtime) error {
+	r, err := openTree(tree)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	return checkInterpreter(r, rt)
 }
 
 // checkInterpreter makes sure an interpreted runtime's tree can run its
