@@ -162,6 +162,9 @@ type runner struct {
 	notesMu   sync.Mutex
 	// captures are perf recordings waiting for their server to stop.
 	captures []*perfCapture
+	// rieT starts emulators; rie is the one the warm phase uses.
+	rieT *rieTarget
+	rie  *rieProc
 }
 
 // Run runs the whole benchmark and returns its report. Phases that fail
@@ -222,12 +225,21 @@ func Run(ctx context.Context, opts Options) (*Report, error) {
 	if err := r.prepareFunction(ctx); err != nil {
 		return nil, err
 	}
-	r.say("RIE: warm invokes, memory, cold starts")
-	if err := r.runRIE(ctx); err != nil {
+	r.rieT = &rieTarget{bin: opts.RIEBin, bootstrap: r.bootstrap, workDir: work, http: r.http}
+	r.say("RIE: memory of its idle warm instance")
+	if r.rie, err = r.startRIE(ctx, r.rieT); err != nil {
 		return nil, err
 	}
-	r.say("InvokeX: memory, cold starts after deploy, warm invokes, profile, code updates, Event invokes")
+	// r.rie changes when RIE has to be restarted: stop whichever is current.
+	defer func() { _ = r.rie.stop(0) }()
+	r.say("InvokeX: memory, cold starts after deploy, warm invokes beside RIE's, profile, code updates, Event invokes")
 	if err := r.runInvokeX(ctx); err != nil {
+		return nil, err
+	}
+	_ = r.rie.stop(0)
+	r.say("RIE: cold starts")
+	r.rep.ColdRIE = r.rieColdStarts(ctx, r.rieT)
+	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	r.say("InvokeX: cold starts after scale-to-zero")

@@ -59,13 +59,17 @@ func sampleCPU(fs procFS, root int, fnComm string) (cpuSample, error) {
 	return s, nil
 }
 
-// perInvoke turns two samples into CPU per invocation. A process seen only
-// in after started during the load and counts whole; one seen only in
-// before exited and its time is lost (the kernel keeps no account of it).
-func perInvoke(before, after cpuSample, n int) CPUPerInvoke {
-	if n <= 0 {
-		return CPUPerInvoke{}
-	}
+// cpuTicks is CPU time by component, in clock ticks.
+type cpuTicks struct{ platform, sandbox, function, client int64 }
+
+func (t cpuTicks) add(o cpuTicks) cpuTicks {
+	return cpuTicks{t.platform + o.platform, t.sandbox + o.sandbox, t.function + o.function, t.client + o.client}
+}
+
+// cpuDelta is the CPU used between two samples. A process seen only in
+// after started in between and counts whole; one seen only in before
+// exited and its time is lost (the kernel keeps no account of it).
+func cpuDelta(before, after cpuSample) cpuTicks {
 	delta := func(b, a map[int]int64) int64 {
 		var d int64
 		for pid, v := range a {
@@ -73,27 +77,46 @@ func perInvoke(before, after cpuSample, n int) CPUPerInvoke {
 		}
 		return d
 	}
-	per := func(ticks int64) time.Duration { return time.Duration(ticks) * clockTick / time.Duration(n) }
 	sb := delta(before.sandbox, after.sandbox)
+	return cpuTicks{
+		platform: delta(before.platform, after.platform) + sb,
+		sandbox:  sb,
+		function: delta(before.function, after.function),
+		client:   after.client - before.client,
+	}
+}
+
+// per returns the CPU per invocation for n invocations.
+func (t cpuTicks) per(n int) CPUPerInvoke {
+	if n <= 0 {
+		return CPUPerInvoke{}
+	}
+	per := func(ticks int64) time.Duration { return time.Duration(ticks) * clockTick / time.Duration(n) }
 	return CPUPerInvoke{
-		Platform: per(delta(before.platform, after.platform) + sb),
-		Sandbox:  per(sb),
-		Function: per(delta(before.function, after.function)),
-		Client:   per(after.client - before.client),
+		Platform: per(t.platform),
+		Sandbox:  per(t.sandbox),
+		Function: per(t.function),
+		Client:   per(t.client),
 		Measured: true,
 	}
 }
 
-// loadWithCPU runs load and measures the CPU it cost under root.
-func (r *runner) loadWithCPU(root int, load func() LoadResult) (LoadResult, CPUPerInvoke) {
+// perInvoke turns two samples into CPU per invocation.
+func perInvoke(before, after cpuSample, n int) CPUPerInvoke {
+	return cpuDelta(before, after).per(n)
+}
+
+// loadTicks runs load and measures the CPU it cost under root. ok is false
+// when /proc could not be read.
+func (r *runner) loadTicks(root int, load func() LoadResult) (LoadResult, cpuTicks, bool) {
 	before, err := sampleCPU(r.fs, root, r.fnComm)
 	res := load()
 	if err != nil {
-		return res, CPUPerInvoke{}
+		return res, cpuTicks{}, false
 	}
 	after, err := sampleCPU(r.fs, root, r.fnComm)
 	if err != nil {
-		return res, CPUPerInvoke{}
+		return res, cpuTicks{}, false
 	}
-	return res, perInvoke(before, after, res.OK)
+	return res, cpuDelta(before, after), true
 }

@@ -59,3 +59,15 @@ func TestSampleCPU(t *testing.T) {
 			s.platform, s.sandbox, s.function)
 	}
 }
+
+func TestCPUTicksAddAndPer(t *testing.T) {
+	a := cpuTicks{platform: 10, sandbox: 4, function: 6, client: 2}
+	sum := a.add(cpuTicks{platform: 30, sandbox: 6, function: 4, client: 8})
+	if sum != (cpuTicks{40, 10, 10, 10}) {
+		t.Errorf("add = %+v", sum)
+	}
+	got := sum.per(20)
+	if got.Platform != 20*time.Millisecond || got.Sandbox != 5*time.Millisecond || got.Function != 5*time.Millisecond || !got.Measured {
+		t.Errorf("per = %+v", got)
+	}
+}

@@ -132,6 +132,39 @@ type LoadResult struct {
 	ErrorKinds  map[string]int
 	// Died is set when the target process exited during the run.
 	Died bool
+	// lats are the successful invocations' latencies, kept for merging.
+	lats []time.Duration
+}
+
+// mergeLoads combines two runs at the same concurrency (blocks of one
+// measurement): counts add up, wall times add up, percentiles are those of
+// all latencies together.
+func mergeLoads(a, b LoadResult) LoadResult {
+	m := LoadResult{
+		Concurrency: max(a.Concurrency, b.Concurrency),
+		Sent:        a.Sent + b.Sent,
+		OK:          a.OK + b.OK,
+		Errors:      a.Errors + b.Errors,
+		Wall:        a.Wall + b.Wall,
+		Died:        a.Died || b.Died,
+		ErrorKinds:  map[string]int{},
+		lats:        append(append([]time.Duration(nil), a.lats...), b.lats...),
+	}
+	for _, k := range []map[string]int{a.ErrorKinds, b.ErrorKinds} {
+		for kind, n := range k {
+			m.ErrorKinds[kind] += n
+		}
+	}
+	for _, e := range append(append([]string(nil), a.FirstErrors...), b.FirstErrors...) {
+		if len(m.FirstErrors) < 3 && !contains(m.FirstErrors, e) {
+			m.FirstErrors = append(m.FirstErrors, e)
+		}
+	}
+	m.Latency = Summarize(m.lats)
+	if m.Wall > 0 {
+		m.PerSec = float64(m.OK) / m.Wall.Seconds()
+	}
+	return m
 }
 
 // runLoad sends total invocations of payload from conc concurrent clients.
@@ -197,6 +230,7 @@ func runLoad(ctx context.Context, iv *invoker, conc, total int, payload, want []
 	res.Wall = time.Since(start)
 	res.Died = stopped.Load()
 	res.Latency = Summarize(lats)
+	res.lats = lats
 	if res.Wall > 0 {
 		res.PerSec = float64(res.OK) / res.Wall.Seconds()
 	}

@@ -7,9 +7,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // echoServer answers like the echo function; every n-th request (n > 0)
@@ -154,4 +156,25 @@ func readZipFile(t *testing.T, f *zip.File) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func TestMergeLoads(t *testing.T) {
+	a := LoadResult{Concurrency: 2, Sent: 3, OK: 2, Errors: 1, Wall: 2 * time.Second,
+		ErrorKinds: map[string]int{"HTTP 400": 1}, FirstErrors: []string{"x"}, lats: durs(1, 9)}
+	b := LoadResult{Concurrency: 2, Sent: 2, OK: 2, Wall: 2 * time.Second, Died: true,
+		ErrorKinds: map[string]int{}, FirstErrors: []string{"x", "y"}, lats: durs(3, 5)}
+	m := mergeLoads(LoadResult{}, a)
+	m = mergeLoads(m, b)
+	if m.Sent != 5 || m.OK != 4 || m.Errors != 1 || !m.Died || m.Wall != 4*time.Second || m.Concurrency != 2 {
+		t.Errorf("merged counts: %+v", m)
+	}
+	if m.PerSec != 1 {
+		t.Errorf("PerSec = %v, want 4 ok / 4 s", m.PerSec)
+	}
+	if m.Latency.N != 4 || m.Latency.P50 != 3*time.Millisecond || m.Latency.Max != 9*time.Millisecond {
+		t.Errorf("merged latency: %+v", m.Latency)
+	}
+	if m.ErrorKinds["HTTP 400"] != 1 || !reflect.DeepEqual(m.FirstErrors, []string{"x", "y"}) {
+		t.Errorf("merged errors: %v %v", m.ErrorKinds, m.FirstErrors)
+	}
 }

@@ -89,8 +89,10 @@ const method = `- **Same function, same client.** Both systems run the same bina
   free loopback ports; InvokeX as ` + "`invokex server`" + ` on a temporary data directory, with the
   function deployed through the AWS SDK for Go v2 (runtime provided.al2023, 128 MB).
 - **Warm.** Per concurrency level, closed loop: each client sends its next invoke when the last one
-  answered. InvokeX first gets unmeasured warm-up invokes at the same concurrency so that every
-  instance exists; RIE gets a few sequential ones. Latency is until the whole response is read;
+  answered. Both systems run side by side and each level is cut into 10 blocks that alternate
+  between them (RIE first in even blocks, InvokeX first in odd ones), so that anything else
+  running on the machine weighs on both alike. InvokeX first gets unmeasured warm-up invokes at
+  the same concurrency so that every instance exists; RIE gets a few sequential ones. Latency is until the whole response is read;
   percentiles are nearest-rank; invocations/s counts successes over the wall time. An error is a
   transport error, a non-2xx status, a function error or a body that is not the echo.
   RIE runs one invocation at a time and has no queue: what it does under concurrency is recorded as

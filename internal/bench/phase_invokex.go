@@ -285,49 +285,6 @@ func (r *runner) coldDeployPhase(ctx context.Context, srv *ixServer) error {
 	return nil
 }
 
-// warmPhase runs the warm loads, then the profile.
-func (r *runner) warmPhase(ctx context.Context, srv *ixServer) error {
-	const name = "bench-echo"
-	iv, err := r.deployWarm(ctx, srv, name, "warm")
-	if err != nil {
-		return err
-	}
-	defer r.removeAndSettle(ctx, srv, name)
-	for i, conc := range r.opts.Concurrency {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		// Unmeasured warm-up at the same concurrency: every instance the
-		// level needs exists before measuring.
-		wu := runLoad(ctx, iv, conc, max(conc*5, 20), r.payload, r.want, srv.alive)
-		if wu.Errors > 0 {
-			r.note("InvokeX warm-up at concurrency %d: %d errors (%s)", conc, wu.Errors, kindsString(wu.ErrorKinds))
-		}
-		res, cpu := r.loadWithCPU(srv.pid(), func() LoadResult {
-			return runLoad(ctx, iv, conc, r.opts.Runs, r.payload, r.want, srv.alive)
-		})
-		r.rep.Warm[i].InvokeX = res
-		r.rep.Warm[i].InvokeXCPU = cpu
-		if g, err := srv.instances(r.fs); err == nil {
-			r.rep.Warm[i].InvokeXInstances = len(g)
-		}
-		r.say("InvokeX c=%d: p50 %s, %.0f inv/s, %d errors", conc, fmtMs(res.Latency.P50), res.PerSec, res.Errors)
-	}
-	if r.opts.ProfileSeconds > 0 && ctx.Err() == nil {
-		conc := 8
-		if !containsInt(r.opts.Concurrency, 8) {
-			conc = r.opts.Concurrency[len(r.opts.Concurrency)-1]
-		}
-		r.say("InvokeX: profiling %d s of warm invokes at concurrency %d", r.opts.ProfileSeconds, conc)
-		r.capturePerf(ctx, srv, &r.rep.Profile, fmt.Sprintf("warm invokes at concurrency %d", conc), r.opts.ProfileSeconds, true,
-			func(lctx context.Context) { runLoad(lctx, iv, conc, 1<<30, r.payload, r.want, nil) })
-	}
-	if m, err := r.fs.Mem(srv.pid()); err == nil {
-		r.rep.Memory.ServerAfterLoad = m
-	}
-	return nil
-}
-
 // updatePhase: UpdateFunctionCode → the first response from the new code.
 func (r *runner) updatePhase(ctx context.Context, srv *ixServer) error {
 	if r.opts.UpdateRuns == 0 {
