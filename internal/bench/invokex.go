@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
 	"path/filepath"
+	"regexp"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -212,4 +214,29 @@ func (s *ixServer) waitInstances(ctx context.Context, fs procFS, n int, timeout 
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// instanceStarted matches the harness's debug line for a new instance and
+// its driver_start duration (Go's time.Duration format).
+var instanceStarted = regexp.MustCompile(`msg="instance started".*?driver_start=([0-9.]+[a-zµ]+)`)
+
+// parseDriverStarts returns every driver_start of a server log written at
+// debug level: the sandbox driver's share of each cold start.
+func parseDriverStarts(log []byte) []time.Duration {
+	var out []time.Duration
+	for _, m := range instanceStarted.FindAllSubmatch(log, -1) {
+		if d, err := time.ParseDuration(string(m[1])); err == nil {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// driverStarts reads the server's log for driver_start durations.
+func (s *ixServer) driverStarts() []time.Duration {
+	b, err := os.ReadFile(s.logPath)
+	if err != nil {
+		return nil
+	}
+	return parseDriverStarts(b)
 }

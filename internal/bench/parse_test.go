@@ -152,3 +152,16 @@ func TestParsePerfInclusive(t *testing.T) {
 		t.Errorf("parsePerfInclusive = %+v, want %+v", got, want)
 	}
 }
+
+func TestParseDriverStarts(t *testing.T) {
+	log := `time=2026-11-25T22:31:28.419Z level=INFO msg="function created" component=controlplane function=c1
+time=2026-11-25T22:31:28.645Z level=DEBUG msg="instance started" component=harness driver=process function=c1 instance=ix-1 driver_start=21.776817ms init=5.09498ms
+time=2026-11-25T22:31:29.645Z level=DEBUG msg="instance started" component=harness driver=process function=c1 instance=ix-2 driver_start=950µs init=1s
+time=2026-11-25T22:31:29.646Z level=DEBUG msg=request component=frontend operation=Invoke duration_ms=208.668
+`
+	got := parseDriverStarts([]byte(log))
+	want := []time.Duration{21776817 * time.Nanosecond, 950 * time.Microsecond}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("parseDriverStarts = %v, want %v", got, want)
+	}
+}

@@ -461,11 +461,14 @@ func (r *runner) eventPhase(ctx context.Context, srv *ixServer) error {
 // server whose keep-alive is short.
 func (r *runner) runScaleToZero(ctx context.Context) error {
 	srv, err := startInvokeX(ctx, serverArgs{
-		bin:       r.opts.InvokexBin,
-		driver:    r.opts.Driver,
-		dataDir:   filepath.Join(r.work, "invokex-s2z-data"),
-		logPath:   filepath.Join(r.work, "invokex-s2z-server.log"),
-		logLevel:  r.opts.ServerLogLevel,
+		bin:     r.opts.InvokexBin,
+		driver:  r.opts.Driver,
+		dataDir: filepath.Join(r.work, "invokex-s2z-data"),
+		logPath: filepath.Join(r.work, "invokex-s2z-server.log"),
+		// Debug: the harness then logs each instance's driver_start, the
+		// sandbox's share of the cold start. Nothing here is a throughput
+		// figure that a log line per request could skew.
+		logLevel:  "debug",
 		keepAlive: r.opts.KeepAliveShort,
 	}, r.http)
 	if err != nil {
@@ -510,6 +513,10 @@ func (r *runner) runScaleToZero(ctx context.Context) error {
 	why := r.rep.ColdAfterScaleZero.Why
 	r.rep.ColdAfterScaleZero = summarizeCold(samples, errs, first)
 	r.rep.ColdAfterScaleZero.Why = why
+	// The first instance started for deployWarm's invoke, not a sample.
+	if ds := srv.driverStarts(); len(ds) > 1 {
+		r.rep.ColdAfterScaleZero.DriverStart = Summarize(ds[1:])
+	}
 	s := r.rep.ColdAfterScaleZero
 	r.say("InvokeX cold after scale-to-zero: to first byte p50 %s, init p50 %s", fmtMs(s.TTFB.P50), fmtMs(s.Init.P50))
 	return ctx.Err()

@@ -175,6 +175,12 @@ func (r *Report) coldTable() table {
 			figure(label+": first byte − init p99", durOr(s.Net, p99), durOr(rie.Net, p99), msCell),
 			[]string{label + ": samples (reported cold)", coldCount(s), coldCount(rie), none},
 		)
+		if s.DriverStart.N > 0 {
+			t.rows = append(t.rows,
+				only(label+":   of which sandbox start (driver) p50", fmtMs(s.DriverStart.P50)),
+				only(label+":   of which sandbox start (driver) p99", fmtMs(s.DriverStart.P99)),
+			)
+		}
 		if s.Errors > 0 {
 			t.notes = append(t.notes, fmt.Sprintf("%s: %d failed cold starts; first: %s", label, s.Errors, s.FirstError))
 		}

@@ -75,6 +75,9 @@ type ColdSeries struct {
 	Total Summary
 	Init  Summary
 	Net   Summary
+	// DriverStart is the sandbox driver's share of each cold start, from
+	// the server's debug log (InvokeX after scale-to-zero only).
+	DriverStart Summary
 	// Cold counts samples the system itself reported as cold starts
 	// (InvokeX's record says Cold; RIE logs an INIT REPORT).
 	Cold   int

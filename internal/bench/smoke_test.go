@@ -83,6 +83,9 @@ func TestRunSmoke(t *testing.T) {
 			t.Errorf("cold starts %s: %+v", name, s)
 		}
 	}
+	if n := rep.ColdAfterScaleZero.DriverStart.N; n != 2 {
+		t.Errorf("driver starts read from the scale-to-zero server's log: %d, want 2", n)
+	}
 	m := rep.Memory
 	if m.Instances != 2 || m.PerInstance.RSS <= 0 || m.Function.RSS <= 0 || m.RIEFunction.RSS <= 0 || m.RIEEmulator.RSS <= 0 || m.ServerIdle.RSS <= 0 {
 		t.Errorf("memory: %+v", m)
