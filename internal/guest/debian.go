@@ -185,6 +185,10 @@ func BuildRoot(ctx context.Context, cacheDir string, rt *runtimes.Runtime, log *
 		return "", err
 	}
 	defer removeStage(stage)
+	// MkdirTemp's 0700 would make / untraversable for the sandbox user.
+	if err := os.Chmod(stage, 0o755); err != nil {
+		return "", err
+	}
 	if err := debootstrap(ctx, rec, mirror, stage); err != nil {
 		return "", fmt.Errorf("building the %s root: %w", rt.ID, err)
 	}

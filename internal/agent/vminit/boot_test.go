@@ -19,7 +19,7 @@ import (
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
-// bootWait bounds each step of the boot test so a wedged guest fails the
+// bootWait bounds each step of the boot tests so a wedged guest fails the
 // test instead of hanging it; it asserts nothing about speed.
 const bootWait = 2 * time.Minute
 
@@ -44,6 +44,15 @@ func kernelForTest(t *testing.T) string {
 	return p
 }
 
+func requireQEMU(t *testing.T) string {
+	t.Helper()
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Skip("qemu-system-x86_64 is not installed")
+	}
+	return qemu
+}
+
 // buildInit builds the static stand-in for invokex as /sbin/init.
 func buildInit(t *testing.T) string {
 	t.Helper()
@@ -56,15 +65,127 @@ func buildInit(t *testing.T) string {
 	return bin
 }
 
-// TestBootProvided boots a microVM with the provided runtime's root, the
-// probe function as code and a scratch disk, then drives INIT and an
-// invocation through the agent over virtio-serial.
-func TestBootProvided(t *testing.T) {
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("qemu-system-x86_64 is not installed")
-	}
+// vm is one booted guest with its agent connected.
+type vm struct {
+	pc      *protocol.Conn
+	exited  chan error
+	console string
+}
+
+// bootVM boots QEMU microvm with the three disks and returns once the
+// agent's handshake has arrived.
+func bootVM(t *testing.T, root, code string) *vm {
+	t.Helper()
+	qemu := requireQEMU(t)
 	vmlinux := kernelForTest(t)
+	dir := t.TempDir()
+	scratch := filepath.Join(dir, "scratch.ext4")
+	if err := guest.ScratchImage(context.Background(), scratch, 64); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "agent.sock")
+	v := &vm{exited: make(chan error, 1), console: filepath.Join(dir, "console.log")}
+	extra := append([]string{"invokex.hostname=boot-test"}, strings.Fields(os.Getenv("INVOKEX_TEST_CMDLINE"))...)
+	args := QEMUArgs(vmlinux, root, code, scratch, sock, v.console, extra...)
+
+	start := time.Now()
+	cmd := exec.Command(qemu, args...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { v.exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-v.exited
+		if t.Failed() || os.Getenv("INVOKEX_TEST_CONSOLE") == "1" {
+			b, _ := os.ReadFile(v.console)
+			t.Logf("guest console:\n%s", b)
+		}
+	})
+
+	conn := dialAgent(t, sock, v.exited)
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(bootWait))
+	br := bufio.NewReader(conn)
+	line, err := br.ReadString('\n')
+	if err != nil {
+		t.Fatalf("waiting for the handshake: %v", err)
+	}
+	if line != vminit.Ready {
+		t.Fatalf("handshake %q, want %q", line, vminit.Ready)
+	}
+	t.Logf("agent ready %v after QEMU started", time.Since(start).Round(time.Millisecond))
+	v.pc = protocol.NewConn(bufferedConn{br, conn})
+	return v
+}
+
+// initRuntime sends Init and fails the test on an INIT error.
+func (v *vm) initRuntime(t *testing.T, command []string, handler string) {
+	t.Helper()
+	msg := protocol.Init{
+		FunctionName: "boot", FunctionVersion: "$LATEST", MemoryMB: 128, TimeoutSec: 60,
+		Command: command,
+		Env: []string{
+			"_HANDLER=" + handler, "AWS_LAMBDA_RUNTIME_API=127.0.0.1:9001", "LAMBDA_TASK_ROOT=/var/task",
+			"LAMBDA_RUNTIME_DIR=/var/runtime", "AWS_LAMBDA_FUNCTION_NAME=boot", "AWS_LAMBDA_FUNCTION_VERSION=$LATEST",
+			"AWS_LAMBDA_FUNCTION_MEMORY_SIZE=128", "PATH=/usr/local/bin:/usr/bin/:/bin", "TZ=:UTC", "LANG=en_US.UTF-8",
+		},
+		Dir: "/var/task", UID: 993, GID: 993, InitTimeoutMs: 60000,
+	}
+	if err := v.pc.WriteFrame(protocol.TypeInit, msg); err != nil {
+		t.Fatal(err)
+	}
+	f := readType(t, v.pc, protocol.TypeInitDone)
+	var done protocol.InitDone
+	if err := f.Decode(&done); err != nil {
+		t.Fatal(err)
+	}
+	if done.Error != nil {
+		t.Fatalf("INIT failed: %+v: %s", *done.Error, f.Body)
+	}
+}
+
+// invoke sends one event and returns the Result, its payload and its log.
+func (v *vm) invoke(t *testing.T, id, event string) (protocol.Result, []byte, []byte) {
+	t.Helper()
+	inv := protocol.Invoke{RequestID: id, DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli()}
+	if err := v.pc.WriteFrame(protocol.TypeInvoke, inv, []byte(event)); err != nil {
+		t.Fatal(err)
+	}
+	f := readType(t, v.pc, protocol.TypeResult)
+	var res protocol.Result
+	if err := f.Decode(&res); err != nil {
+		t.Fatal(err)
+	}
+	payload, log := res.Split(f.Body)
+	return res, payload, log
+}
+
+// shutdown asks the agent to stop and waits for the VM to end by itself.
+func (v *vm) shutdown(t *testing.T) {
+	t.Helper()
+	if err := v.pc.WriteFrame(protocol.TypeShutdown, protocol.Shutdown{}); err != nil {
+		t.Fatal(err)
+	}
+	readType(t, v.pc, protocol.TypeShutdownDone)
+	select {
+	case err := <-v.exited:
+		v.exited <- err // for the cleanup
+		if err != nil {
+			t.Errorf("QEMU exited with %v after the agent's shutdown, want 0", err)
+		}
+	case <-time.After(bootWait):
+		t.Fatal("the VM did not end after the agent's shutdown")
+	}
+}
+
+// TestBootProvided boots a microVM with the provided runtime's root, the
+// probe function as code and a scratch disk, then drives INIT and
+// invocations through the agent over virtio-serial.
+func TestBootProvided(t *testing.T) {
+	requireQEMU(t)
+	kernelForTest(t)
 	ctx := context.Background()
 	cache := t.TempDir()
 	rt := &runtimes.Runtime{ID: "provided.al2023", Family: runtimes.FamilyProvided, Bootstrap: []string{"/var/task/bootstrap"}}
@@ -76,87 +197,16 @@ func TestBootProvided(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	scratch := filepath.Join(dir, "scratch.ext4")
-	if err := guest.ScratchImage(ctx, scratch, 64); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "agent.sock")
-	console := filepath.Join(dir, "console.log")
-	extra := append([]string{"invokex.hostname=boot-test"}, strings.Fields(os.Getenv("INVOKEX_TEST_CMDLINE"))...)
-	args := QEMUArgs(vmlinux, root, code, scratch, sock, console, extra...)
+	v := bootVM(t, root, code)
+	v.initRuntime(t, rt.Bootstrap, "bootstrap")
 
-	start := time.Now()
-	cmd := exec.Command(qemu, args...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-		if t.Failed() || os.Getenv("INVOKEX_TEST_CONSOLE") == "1" {
-			b, _ := os.ReadFile(console)
-			t.Logf("guest console:\n%s", b)
-		}
-	})
-
-	conn := dialAgent(t, sock, exited)
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(bootWait))
-	br := bufio.NewReader(conn)
-	line, err := br.ReadString('\n')
-	if err != nil {
-		t.Fatalf("waiting for the handshake: %v", err)
-	}
-	if line != vminit.Ready {
-		t.Fatalf("handshake %q, want %q", line, vminit.Ready)
-	}
-	t.Logf("agent ready %v after QEMU started", time.Since(start).Round(time.Millisecond))
-
-	pc := protocol.NewConn(bufferedConn{br, conn})
-	initMsg := protocol.Init{
-		FunctionName: "probe", FunctionVersion: "$LATEST", MemoryMB: 128, TimeoutSec: 30,
-		Command: []string{"/var/task/bootstrap"},
-		Env: []string{
-			"_HANDLER=bootstrap", "AWS_LAMBDA_RUNTIME_API=127.0.0.1:9001", "LAMBDA_TASK_ROOT=/var/task",
-			"AWS_LAMBDA_FUNCTION_NAME=probe", "AWS_LAMBDA_FUNCTION_VERSION=$LATEST",
-			"AWS_LAMBDA_FUNCTION_MEMORY_SIZE=128", "PATH=/usr/local/bin:/usr/bin/:/bin", "TZ=:UTC",
-		},
-		Dir: "/var/task", UID: 993, GID: 993, InitTimeoutMs: 60000,
-	}
-	if err := pc.WriteFrame(protocol.TypeInit, initMsg); err != nil {
-		t.Fatal(err)
-	}
-	f := readType(t, pc, protocol.TypeInitDone)
-	var done protocol.InitDone
-	if err := f.Decode(&done); err != nil {
-		t.Fatal(err)
-	}
-	if done.Error != nil {
-		t.Fatalf("INIT failed: %+v: %s", *done.Error, f.Body)
-	}
-
-	event := `{"action":"echo","marker":"hello-from-the-host"}`
-	inv := protocol.Invoke{RequestID: "req-1", DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli()}
-	if err := pc.WriteFrame(protocol.TypeInvoke, inv, []byte(event)); err != nil {
-		t.Fatal(err)
-	}
-	f = readType(t, pc, protocol.TypeResult)
-	var res protocol.Result
-	if err := f.Decode(&res); err != nil {
-		t.Fatal(err)
-	}
-	payload, log := res.Split(f.Body)
+	res, payload, log := v.invoke(t, "req-1", `{"action":"echo","marker":"hello-from-the-host"}`)
 	if res.FunctionError != "" {
 		t.Fatalf("invocation failed: %s: %s\nlog: %s", res.FunctionError, payload, log)
 	}
 	var answer struct {
 		Event map[string]any `json:"event"`
 		Facts struct {
-			PID      int      `json:"pid"`
 			UID      int      `json:"uid"`
 			Hostname string   `json:"hostname"`
 			Task     []string `json:"task"`
@@ -179,40 +229,89 @@ func TestBootProvided(t *testing.T) {
 	}
 
 	// Writes to /tmp land on the scratch disk and stop at its size.
-	fill := invoke(t, pc, "req-2", `{"action":"fill-tmp","mb":200,"name":"big"}`)
+	_, fill, _ := v.invoke(t, "req-2", `{"action":"fill-tmp","mb":200,"name":"big"}`)
 	if !strings.Contains(strings.ToLower(string(fill)), "no space left") {
 		t.Errorf("filling a 64 MiB /tmp with 200 MiB: %s, want ENOSPC", fill)
 	}
-
-	if err := pc.WriteFrame(protocol.TypeShutdown, protocol.Shutdown{}); err != nil {
-		t.Fatal(err)
+	// The code is read-only.
+	_, wr, _ := v.invoke(t, "req-3", `{"action":"write-file","path":"/var/task/x","data":"y"}`)
+	if !strings.Contains(strings.ToLower(string(wr)), "read-only") {
+		t.Errorf("writing /var/task: %s, want a read-only file system", wr)
 	}
-	readType(t, pc, protocol.TypeShutdownDone)
-	select {
-	case err := <-exited:
-		exited <- err // for the cleanup
-		if err != nil {
-			t.Errorf("QEMU exited with %v after the agent's shutdown, want 0", err)
-		}
-	case <-time.After(bootWait):
-		t.Fatal("the VM did not end after the agent's shutdown")
-	}
+	v.shutdown(t)
 }
 
-// invoke sends one event and returns the answer's payload.
-func invoke(t *testing.T, pc *protocol.Conn, id, event string) []byte {
-	t.Helper()
-	inv := protocol.Invoke{RequestID: id, DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli()}
-	if err := pc.WriteFrame(protocol.TypeInvoke, inv, []byte(event)); err != nil {
-		t.Fatal(err)
+// TestBootInterpreted boots the Debian roots of python3.11 and nodejs18.x
+// when they are in the shared cache (built by `invokex guest runtime
+// build`, or INVOKEX_BUILD_ROOTS=1 in package guest's tests) and runs a
+// handler through InvokeX's runtime interface client.
+func TestBootInterpreted(t *testing.T) {
+	cases := []struct {
+		id, handler, file, src string
+		family                 runtimes.Family
+	}{
+		{"python3.11", "lambda_function.lambda_handler", "lambda_function.py",
+			"import os, sys\ndef lambda_handler(event, context):\n    return {'event': event, 'version': sys.version, 'uid': os.getuid()}\n",
+			runtimes.FamilyPython},
+		{"nodejs18.x", "index.handler", "index.js",
+			"exports.handler = async (event) => ({event, version: process.version, uid: process.getuid()});\n",
+			runtimes.FamilyNode},
 	}
-	f := readType(t, pc, protocol.TypeResult)
-	var res protocol.Result
-	if err := f.Decode(&res); err != nil {
-		t.Fatal(err)
+	for _, c := range cases {
+		t.Run(c.id, func(t *testing.T) {
+			requireQEMU(t)
+			kernelForTest(t)
+			cache := guest.DefaultCacheDir()
+			if _, ok := guest.CurrentRoot(cache, c.id); !ok {
+				t.Skipf("no %s root in %s (invokex guest runtime build %s)", c.id, cache, c.id)
+			}
+			rec, _ := guest.DebianRecipe(c.id)
+			bootstrap := map[runtimes.Family]string{runtimes.FamilyPython: "/var/runtime/python/bootstrap.py", runtimes.FamilyNode: "/var/runtime/nodejs/bootstrap.mjs"}[c.family]
+			rt := &runtimes.Runtime{ID: c.id, Family: c.family, Interpreter: rec.Interpreter, Bootstrap: []string{rec.Interpreter, bootstrap}}
+			ctx := context.Background()
+			root, err := guest.RootImage(ctx, cache, rt, buildInit(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			codeDir, rtDir := t.TempDir(), t.TempDir()
+			if err := os.WriteFile(filepath.Join(codeDir, c.file), []byte(c.src), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.CopyFS(rtDir, runtimes.SupportFiles(c.family)); err != nil {
+				t.Fatal(err)
+			}
+			code, err := guest.CodeImage(ctx, t.TempDir(), codeDir, rtDir, "code")
+			if err != nil {
+				t.Fatal(err)
+			}
+			v := bootVM(t, root, code)
+			v.initRuntime(t, rt.Bootstrap, c.handler)
+			res, payload, log := v.invoke(t, "req-1", `{"marker":"hi"}`)
+			if res.FunctionError != "" {
+				t.Fatalf("invocation failed: %s: %s\nlog: %s", res.FunctionError, payload, log)
+			}
+			var answer struct {
+				Event   map[string]any `json:"event"`
+				Version string         `json:"version"`
+				UID     int            `json:"uid"`
+			}
+			if err := json.Unmarshal(payload, &answer); err != nil {
+				t.Fatalf("decoding %s: %v", payload, err)
+			}
+			if answer.Event["marker"] != "hi" || answer.UID != 993 {
+				t.Errorf("answer %s, want the event back from uid 993", payload)
+			}
+			want := strings.TrimSuffix(rec.Version, ".")
+			if c.family == runtimes.FamilyNode {
+				want = "v" + want
+			}
+			if !strings.HasPrefix(answer.Version, want) {
+				t.Errorf("interpreter version %q, want %s", answer.Version, want)
+			}
+			t.Logf("%s answered from %s", c.id, answer.Version)
+			v.shutdown(t)
+		})
 	}
-	payload, _ := res.Split(f.Body)
-	return payload
 }
 
 func readType(t *testing.T, pc *protocol.Conn, want protocol.Type) *protocol.Frame {
@@ -248,6 +347,14 @@ func dialAgent(t *testing.T, sock string, exited chan error) net.Conn {
 	}
 }
 
+// bufferedConn reads through the reader that consumed the handshake.
+type bufferedConn struct {
+	r *bufio.Reader
+	net.Conn
+}
+
+func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
 func contains(ss []string, s string) bool {
 	for _, x := range ss {
 		if x == s {
@@ -256,11 +363,3 @@ func contains(ss []string, s string) bool {
 	}
 	return false
 }
-
-// bufferedConn reads through the reader that consumed the handshake.
-type bufferedConn struct {
-	r *bufio.Reader
-	net.Conn
-}
-
-func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
