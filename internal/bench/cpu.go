@@ -1,8 +1,10 @@
 package bench
 
 import (
+	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -62,6 +64,9 @@ func sampleCPU(fs procFS, root int, fnComm string) (cpuSample, error) {
 // cpuTicks is CPU time by component, in clock ticks.
 type cpuTicks struct{ platform, sandbox, function, client int64 }
 
+// total is all of it (sandbox is part of platform).
+func (t cpuTicks) total() int64 { return t.platform + t.function + t.client }
+
 func (t cpuTicks) add(o cpuTicks) cpuTicks {
 	return cpuTicks{t.platform + o.platform, t.sandbox + o.sandbox, t.function + o.function, t.client + o.client}
 }
@@ -119,4 +124,57 @@ func (r *runner) loadTicks(root int, load func() LoadResult) (LoadResult, cpuTic
 		return res, cpuTicks{}, false
 	}
 	return res, cpuDelta(before, after), true
+}
+
+// parseProcStatBusy returns the machine's busy CPU time, in ticks, from
+// /proc/stat's first line: everything but idle and iowait.
+func parseProcStatBusy(b []byte) (int64, error) {
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("malformed /proc/stat line %q", truncate(line, 80))
+	}
+	var busy int64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		if i >= 8 { // guest and guest_nice are already in user and nice
+			break
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("malformed /proc/stat line %q: %w", truncate(line, 80), err)
+		}
+		busy += n
+	}
+	return busy, nil
+}
+
+// machineBusy reads the machine's busy CPU ticks, or -1.
+func (p procFS) machineBusy() int64 {
+	b, err := os.ReadFile(p.Root + "/stat")
+	if err != nil {
+		return -1
+	}
+	n, err := parseProcStatBusy(b)
+	if err != nil {
+		return -1
+	}
+	return n
+}
+
+// otherShare is the share of the machine's CPU capacity that processes
+// other than the measured ones used over wall: busy ticks of the whole
+// machine minus ours, over cores × wall.
+func otherShare(busyDelta, oursTicks int64, wall time.Duration, cores int) float64 {
+	if busyDelta < 0 || wall <= 0 || cores <= 0 {
+		return -1
+	}
+	capacity := float64(wall) / float64(clockTick) * float64(cores)
+	other := float64(busyDelta - oursTicks)
+	if other < 0 {
+		other = 0
+	}
+	return other / capacity
 }

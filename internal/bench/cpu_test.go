@@ -71,3 +71,28 @@ func TestCPUTicksAddAndPer(t *testing.T) {
 		t.Errorf("per = %+v", got)
 	}
 }
+
+func TestParseProcStatBusy(t *testing.T) {
+	// user nice system idle iowait irq softirq steal guest guest_nice
+	stat := "cpu  100 5 50 1000 20 3 7 2 40 1\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+	got, err := parseProcStatBusy([]byte(stat))
+	if err != nil || got != 100+5+50+3+7+2 {
+		t.Errorf("parseProcStatBusy = %d, %v; want 167", got, err)
+	}
+	if _, err := parseProcStatBusy([]byte("intr 1 2 3\n")); err == nil {
+		t.Error("parseProcStatBusy accepted a line that is not cpu")
+	}
+}
+
+func TestOtherShare(t *testing.T) {
+	// 2 cores × 1 s = 200 ticks of capacity; 150 busy, 100 ours: 25%.
+	if got := otherShare(150, 100, time.Second, 2); got != 0.25 {
+		t.Errorf("otherShare = %v, want 0.25", got)
+	}
+	if got := otherShare(90, 100, time.Second, 2); got != 0 {
+		t.Errorf("otherShare with more of ours than busy = %v, want 0", got)
+	}
+	if got := otherShare(-1, 0, time.Second, 2); got != -1 {
+		t.Errorf("otherShare unknown = %v", got)
+	}
+}

@@ -3,6 +3,8 @@ package bench
 import (
 	"context"
 	"fmt"
+	"runtime"
+	"time"
 )
 
 // warmBlocks is how many alternating blocks each warm measurement is cut
@@ -42,6 +44,7 @@ func (r *runner) warmPhase(ctx context.Context, srv *ixServer) error {
 		var ixRes, rieRes LoadResult
 		var ixCPU, rieCPU cpuTicks
 		ixCPUOK, rieCPUOK := true, true
+		busy0, start := r.fs.machineBusy(), time.Now()
 		for b := 0; b < blocks && ctx.Err() == nil; b++ {
 			n := r.opts.Runs / blocks
 			if b < r.opts.Runs%blocks {
@@ -72,6 +75,10 @@ func (r *runner) warmPhase(ctx context.Context, srv *ixServer) error {
 		}
 		row := &r.rep.Warm[i]
 		row.InvokeX, row.RIE = ixRes, rieRes
+		row.OtherCPU = -1
+		if busy1 := r.fs.machineBusy(); busy0 >= 0 && busy1 >= 0 && ixCPUOK && rieCPUOK {
+			row.OtherCPU = otherShare(busy1-busy0, ixCPU.total()+rieCPU.total(), time.Since(start), runtime.NumCPU())
+		}
 		if ixCPUOK {
 			row.InvokeXCPU = ixCPU.per(ixRes.OK)
 		}

@@ -134,6 +134,9 @@ func (r *Report) warmTable() table {
 				row("c="+c+" CPU per invoke: benchmark client", cpu(ix.Measured, ix.Client), cpu(rie.Measured, rie.Client), usCell),
 			)
 		}
+		if w.OtherCPU >= 0.05 {
+			t.notes = append(t.notes, fmt.Sprintf("at concurrency %d, other processes used %.0f%% of the machine's CPU during the measurement", w.Concurrency, w.OtherCPU*100))
+		}
 		if w.InvokeXInstances > 0 {
 			t.notes = append(t.notes, fmt.Sprintf("InvokeX at concurrency %d ran %d instances", w.Concurrency, w.InvokeXInstances))
 		}

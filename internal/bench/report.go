@@ -63,6 +63,10 @@ type WarmRow struct {
 	// CPU per successful invocation, by component.
 	InvokeXCPU CPUPerInvoke
 	RIECPU     CPUPerInvoke
+	// OtherCPU is the share of the machine's CPU that other processes
+	// used during the level's measurement (-1: unknown). The machine may
+	// be shared; a high value means every figure of the level is low.
+	OtherCPU float64
 }
 
 // ColdSeries is a series of cold starts: the first invoke of a new
