@@ -237,7 +237,10 @@ func (d *Driver) Name() string { return "qemu" }
 // intended.
 func (d *Driver) Describe() []string {
 	var s []string
-	if d.accel == accelTCG {
+	switch {
+	case d.accel == accelTCG && d.opts.Accel == "tcg":
+		s = append(s, "TCG software emulation (requested): ~10x slower than KVM")
+	case d.accel == accelTCG:
 		s = append(s, "TCG software emulation (no usable KVM: "+d.why+"): ~10x slower")
 	}
 	s = append(s, "no guest network yet: Spec.Network is ignored and VMs have loopback only")

@@ -464,3 +464,16 @@ func TestNewErrors(t *testing.T) {
 		t.Errorf("New without a kernel in the cache: %v", err)
 	}
 }
+
+func TestDescribe(t *testing.T) {
+	e := newFakeEnv(t)
+	got := strings.Join(e.d.Describe(), "\n")
+	for _, want := range []string{"TCG software emulation (requested)", "no guest network"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("Describe() = %q, lacks %q", got, want)
+		}
+	}
+	if e.d.Name() != "qemu" {
+		t.Errorf("Name() = %q", e.d.Name())
+	}
+}

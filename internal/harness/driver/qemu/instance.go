@@ -73,6 +73,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err != nil {
 		return err
 	}
+	launched := time.Now()
 	if err := i.launch(cfg); err != nil {
 		return err
 	}
@@ -83,7 +84,11 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err := writeRecord(i.dir, rec); err != nil {
 		return err
 	}
-	return i.waitReady(ctx)
+	if err := i.waitReady(ctx); err != nil {
+		return err
+	}
+	i.log.Debug("vm ready", "boot", time.Since(launched), "disks", launched.Sub(rec.Created), "config", cfg.String())
+	return nil
 }
 
 // disks makes the root, code and scratch images and returns the VM's

@@ -2,6 +2,7 @@ package qemu_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
+	"github.com/invokex/invokex/internal/protocol"
+	"github.com/invokex/invokex/internal/runtimes"
 )
 
 // agentEnv hands the agent binary the parent test built to the suite's
@@ -68,9 +71,8 @@ func TestDriver(t *testing.T) {
 }
 
 var agentBuild struct {
-	once sync.Once
+	mu   sync.Mutex
 	path string
-	err  error
 }
 
 // agentPackage is the guest init the suite boots. It runs vminit.Main, as
@@ -78,35 +80,144 @@ var agentBuild struct {
 const agentPackage = "./internal/harness/driver/qemu/testdata/agent"
 
 // agentBinary builds agentPackage with CGO_ENABLED=0 into the test's
-// temporary directory, once, or takes the parent's build.
-func agentBinary(t *testing.T) string {
+// temporary directory, or returns the build of an earlier (still running)
+// test or of the parent process.
+func agentBinary(t testing.TB) string {
 	t.Helper()
-	if p := os.Getenv(agentEnv); p != "" {
+	agentBuild.mu.Lock()
+	defer agentBuild.mu.Unlock()
+	for _, p := range []string{agentBuild.path, os.Getenv(agentEnv)} {
+		if p == "" {
+			continue
+		}
 		if _, err := os.Stat(p); err == nil {
 			return p
 		}
 	}
-	dir := t.TempDir()
-	agentBuild.once.Do(func() {
-		out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
-		if err != nil {
-			agentBuild.err = err
-			return
-		}
-		bin := filepath.Join(dir, "invokex")
-		cmd := exec.Command("go", "build", "-o", bin, agentPackage)
-		cmd.Dir = strings.TrimSpace(string(out))
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			agentBuild.err = err
-			t.Logf("go build: %s", out)
-			return
-		}
-		agentBuild.path = bin
-		os.Setenv(agentEnv, bin) // inherited by the crash-helper child
-	})
-	if agentBuild.err != nil {
-		t.Fatalf("building the agent: %v", agentBuild.err)
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
+	if err != nil {
+		t.Fatalf("locating the module: %v", err)
 	}
-	return agentBuild.path
+	bin := filepath.Join(t.TempDir(), "invokex-agent")
+	cmd := exec.Command("go", "build", "-o", bin, agentPackage)
+	cmd.Dir = strings.TrimSpace(string(out))
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building the agent: %v\n%s", err, out)
+	}
+	agentBuild.path = bin
+	os.Setenv(agentEnv, bin) // inherited by the crash-helper child
+	return bin
+}
+
+// BenchmarkColdStart measures what a cold invocation costs through a VM:
+// Start (disks, QEMU, guest boot, agent handshake), INIT of the probe and
+// its first invocation, then Stop. It reports each phase in ms/op.
+func BenchmarkColdStart(b *testing.B) {
+	qemuPath, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		b.Skip("skipping: qemu-system-x86_64 is not installed")
+	}
+	cache := guest.DefaultCacheDir()
+	kernel, ok := guest.KernelPath(cache)
+	if !ok {
+		b.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel`", cache)
+	}
+	agent := agentBinary(b)
+	d, err := qemu.New(qemu.Options{StateDir: b.TempDir(), CacheDir: cache, QEMUPath: qemuPath, KernelPath: kernel, AgentBin: agent})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close(context.Background())
+	probe := drivertest.BuildProbe(b)
+	spec := func(n int) driver.Spec {
+		return driver.Spec{
+			ID: fmt.Sprintf("bench-%d-%d", os.Getpid(), n), Function: "probe",
+			Runtime: runtimes.Runtime{ID: "provided.al2023", Family: runtimes.FamilyProvided, Bootstrap: []string{"/var/task/bootstrap"}},
+			CodeDir: probe, CodeSha256: "bench-probe",
+			MemoryMB: 128, EphemeralMB: 64,
+		}
+	}
+	// Warm the image caches: the first Start builds them.
+	warm(b, d, spec(-1))
+	var start, initT, invoke, stop time.Duration
+	var rss int64
+	b.ResetTimer()
+	for n := range b.N {
+		sp := spec(n)
+		t0 := time.Now()
+		inst, err := d.Start(context.Background(), sp)
+		if err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		c := protocol.NewConn(inst.Conn())
+		if err := c.WriteFrame(protocol.TypeInit, benchInit(sp)); err != nil {
+			b.Fatal(err)
+		}
+		if f, err := c.ReadFrame(); err != nil || f.Type != protocol.TypeInitDone {
+			b.Fatalf("init: %v %v", f, err)
+		}
+		t2 := time.Now()
+		inv := protocol.Invoke{RequestID: fmt.Sprint("req-", n), DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli()}
+		if err := c.WriteFrame(protocol.TypeInvoke, inv, []byte(`{"action":"echo"}`)); err != nil {
+			b.Fatal(err)
+		}
+		if f, err := c.ReadFrame(); err != nil || f.Type != protocol.TypeResult {
+			b.Fatalf("invoke: %v %v", f, err)
+		}
+		t3 := time.Now()
+		if hp, ok := inst.(drivertest.HostProcess); ok {
+			rss += vmRSS(b, hp.PID())
+		}
+		if err := d.Stop(context.Background(), sp.ID); err != nil {
+			b.Fatal(err)
+		}
+		start += t1.Sub(t0)
+		initT += t2.Sub(t1)
+		invoke += t3.Sub(t2)
+		stop += time.Since(t3)
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(b.N) }
+	b.ReportMetric(ms(start), "start-ms/op")
+	b.ReportMetric(ms(initT), "init-ms/op")
+	b.ReportMetric(ms(invoke), "first-invoke-ms/op")
+	b.ReportMetric(ms(stop), "stop-ms/op")
+	b.ReportMetric(float64(rss)/float64(b.N)/1024, "qemu-rss-MiB")
+}
+
+// vmRSS returns the resident set of pid in KiB.
+func vmRSS(b *testing.B, pid int) int64 {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			fmt.Sscan(strings.TrimSuffix(strings.TrimSpace(v), " kB"), &kb)
+			return kb
+		}
+	}
+	b.Fatalf("no VmRSS for %d", pid)
+	return 0
+}
+
+func warm(b *testing.B, d *qemu.Driver, sp driver.Spec) {
+	b.Helper()
+	if _, err := d.Start(context.Background(), sp); err != nil {
+		b.Fatal(err)
+	}
+	if err := d.Stop(context.Background(), sp.ID); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func benchInit(sp driver.Spec) protocol.Init {
+	return protocol.Init{
+		FunctionName: sp.Function, FunctionVersion: "$LATEST", MemoryMB: sp.MemoryMB, TimeoutSec: 30,
+		Command: []string{"/var/task/bootstrap"},
+		Env:     []string{"AWS_LAMBDA_RUNTIME_API=127.0.0.1:9001", "LAMBDA_TASK_ROOT=/var/task", "_HANDLER=bootstrap"},
+		Dir:     "/var/task", UID: 993, GID: 993,
+	}
 }
