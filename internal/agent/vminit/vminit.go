@@ -175,6 +175,7 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	}
 	if cfg.Debug {
 		lvl.Set(slog.LevelDebug)
+		log.Debug("init started", "uptime", uptime()-time.Since(start))
 	}
 	if cfg.ClockUnixMs > 0 {
 		if err := setClock(cfg.ClockUnixMs); err != nil {
@@ -188,7 +189,7 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	if err != nil {
 		return err
 	}
-	log.Debug("agent port open", "since_init", time.Since(start))
+	log.Debug("agent port open", "since_init", time.Since(start), "uptime", uptime())
 	// Blocks until the host has connected to its end of the port.
 	if _, err := port.Write([]byte(Ready)); err != nil {
 		port.Close()
@@ -230,4 +231,13 @@ func setClock(hostMs int64) error {
 	now := time.UnixMilli(hostMs).Add(time.Duration(up.Nano()))
 	tv := unix.NsecToTimeval(now.UnixNano())
 	return unix.Settimeofday(&tv)
+}
+
+// uptime is the time since the kernel started, for boot timing logs.
+func uptime() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	return time.Duration(ts.Nano())
 }
