@@ -58,6 +58,11 @@ func (r *Report) Markdown(command string, prev []byte) []byte {
 	b.WriteString("\n## Profile\n\n")
 	if lines := r.profileLines(); len(lines) > 0 {
 		for _, l := range lines {
+			// The summary lines of a profile are indented under it.
+			if rest, ok := strings.CutPrefix(l, "  "); ok {
+				b.WriteString("  - " + rest + "\n")
+				continue
+			}
 			b.WriteString("- " + l + "\n")
 		}
 	} else {

@@ -51,6 +51,8 @@ func sampleReport() *Report {
 			CreateToActive: Summary{N: 50, P50: ms2(200), P99: ms2(300)},
 			Event:          EventResult{Sent: 5000, Accepted: 5000, AcceptedPerSec: 6000, Succeeded: 4999, Lost: 1, Workers: 32},
 		},
+		Profile: ProfileResult{Tool: "perf", Seconds: 5, Load: "warm invokes at concurrency 8", Note: "n",
+			ByRole: []Share{{roleServer, 20}}, ServerPaths: []Share{{"controlplane.(*Service).resolve", 6}}},
 		Notes: []string{"a note"},
 	}
 }
@@ -146,6 +148,8 @@ func TestMarkdownKeepsNotes(t *testing.T) {
 	for _, want := range []string{
 		"# Benchmarks", "invokex bench --runs 100", "| cores |", "| 2 | Xeon | 24.0 GiB | 6.1.0 | go1.26.8 | process |",
 		"## Targets", "| cold start after scale-to-zero |", "## What dominates", defaultNotes, "## How it is measured",
+		"- perf, 5 s of warm invokes at concurrency 8; n\n  - CPU by process role (% of all samples): server 20.0%\n",
+		"  - server hot paths (InvokeX functions, inclusive of what they call): controlplane.(*Service).resolve 6.0%",
 	} {
 		if !strings.Contains(first, want) {
 			t.Errorf("markdown lacks %q", want)

@@ -5,10 +5,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/invokex/invokex/internal/bench"
 )
@@ -91,7 +91,16 @@ results to --out. Run it as root from InvokeX's source tree (make bench).`,
 			if err != nil && !os.IsNotExist(err) {
 				return fmt.Errorf("reading %s: %w", out, err)
 			}
-			command := "invokex " + strings.Join(os.Args[1:], " ")
+			// The command as it bears on the figures: where the output went
+			// and which binaries were found are not part of it.
+			command := "invokex bench"
+			cmd.Flags().Visit(func(f *pflag.Flag) {
+				switch f.Name {
+				case "out", "json", "rie", "source", "no-install", "keep-work":
+					return
+				}
+				command += " --" + f.Name + " " + f.Value.String()
+			})
 			if err := os.WriteFile(out, rep.Markdown(command, prev), 0o644); err != nil {
 				return fmt.Errorf("writing %s: %w", out, err)
 			}
