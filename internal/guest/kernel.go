@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"os"
@@ -157,48 +158,13 @@ func buildKernel(ctx context.Context, cacheDir string, src source, dir string, l
 	}
 	defer buildLog.Close()
 
-	log.Info("extracting kernel source", "dir", work)
-	if err := run(ctx, buildLog, work, nil, "tar", "-xf", src.path, "--strip-components=1", "--one-top-level=linux"); err != nil {
-		return err
-	}
-	tree := filepath.Join(work, "linux")
-	for _, p := range kernel.Patches() {
-		pf := filepath.Join(work, p.Name)
-		if err := os.WriteFile(pf, p.Data, 0o644); err != nil {
-			return err
-		}
-		if err := run(ctx, buildLog, tree, nil, "patch", "-p1", "--forward", "-i", pf); err != nil {
-			return fmt.Errorf("applying %s: %w", p.Name, err)
-		}
-	}
-	frag := filepath.Join(work, kernel.ConfigName)
-	if err := os.WriteFile(frag, kernel.Config(), 0o644); err != nil {
-		return err
-	}
-	// A reproducible build: no host name, user or time in the image.
-	env := append(os.Environ(), "ARCH=x86_64", "KBUILD_BUILD_USER=invokex",
-		"KBUILD_BUILD_HOST=invokex", "KBUILD_BUILD_TIMESTAMP=2024-01-01")
-	steps := [][]string{
-		{"make", "tinyconfig"},
-		{"scripts/kconfig/merge_config.sh", "-m", ".config", frag},
-		{"make", "olddefconfig"},
-	}
-	for _, s := range steps {
-		if err := run(ctx, buildLog, tree, env, s[0], s[1:]...); err != nil {
-			return err
-		}
-	}
-	cfg, err := os.ReadFile(filepath.Join(tree, ".config"))
+	log.Info("extracting and configuring the kernel source", "dir", work)
+	tree, cfg, err := configureKernel(ctx, work, src, buildLog)
 	if err != nil {
 		return err
 	}
-	if missing := unmetOptions(kernel.Config(), cfg); len(missing) > 0 {
-		// Kconfig silently drops options whose dependencies are unmet; a
-		// kernel without virtio-mmio would boot to nothing, so fail here.
-		return fmt.Errorf("the config fragment did not take effect (unmet dependencies?): %s", strings.Join(missing, ", "))
-	}
 	log.Info("compiling the guest kernel", "jobs", runtime.NumCPU())
-	if err := run(ctx, buildLog, tree, env, "make", "-j"+strconv.Itoa(runtime.NumCPU()), "vmlinux"); err != nil {
+	if err := run(ctx, buildLog, tree, kbuildEnv(), "make", "-j"+strconv.Itoa(runtime.NumCPU()), "vmlinux"); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -209,6 +175,57 @@ func buildKernel(ctx context.Context, cacheDir string, src source, dir string, l
 	}
 	// vmlinux last: its presence marks the entry complete.
 	return copyFile(filepath.Join(tree, "vmlinux"), filepath.Join(dir, "vmlinux"), 0o644)
+}
+
+// kbuildEnv is the environment of every make: x86_64, and a reproducible
+// build (no host name, user or time in the image).
+func kbuildEnv() []string {
+	return append(os.Environ(), "ARCH=x86_64", "KBUILD_BUILD_USER=invokex",
+		"KBUILD_BUILD_HOST=invokex", "KBUILD_BUILD_TIMESTAMP=2024-01-01")
+}
+
+// configureKernel extracts src into work/linux, applies the patches and
+// makes the .config (tinyconfig + fragment + olddefconfig). It fails if an
+// option of the fragment did not take effect.
+func configureKernel(ctx context.Context, work string, src source, buildLog io.Writer) (tree string, config []byte, err error) {
+	if err := run(ctx, buildLog, work, nil, "tar", "-xf", src.path, "--strip-components=1", "--one-top-level=linux"); err != nil {
+		return "", nil, err
+	}
+	tree = filepath.Join(work, "linux")
+	for _, p := range kernel.Patches() {
+		pf := filepath.Join(work, p.Name)
+		if err := os.WriteFile(pf, p.Data, 0o644); err != nil {
+			return "", nil, err
+		}
+		if err := run(ctx, buildLog, tree, nil, "patch", "-p1", "--forward", "-i", pf); err != nil {
+			return "", nil, fmt.Errorf("applying %s: %w", p.Name, err)
+		}
+	}
+	frag := filepath.Join(work, kernel.ConfigName)
+	if err := os.WriteFile(frag, kernel.Config(), 0o644); err != nil {
+		return "", nil, err
+	}
+	steps := [][]string{
+		{"make", "tinyconfig"},
+		{"scripts/kconfig/merge_config.sh", "-m", ".config", frag},
+		{"make", "olddefconfig"},
+	}
+	for _, s := range steps {
+		if err := run(ctx, buildLog, tree, kbuildEnv(), s[0], s[1:]...); err != nil {
+			return "", nil, err
+		}
+	}
+	cfg, err := os.ReadFile(filepath.Join(tree, ".config"))
+	if err != nil {
+		return "", nil, err
+	}
+	if missing := unmetOptions(kernel.Config(), cfg); len(missing) > 0 {
+		// Kconfig silently drops options whose dependencies are unmet; a
+		// kernel without virtio-mmio would boot to nothing, so fail here.
+		return "", nil, fmt.Errorf("the config fragment did not take effect (unmet dependencies?): %s: %w",
+			strings.Join(missing, ", "), errdefs.ErrInvalidParameter)
+	}
+	return tree, cfg, nil
 }
 
 // unmetOptions returns the fragment's settings that the final .config does

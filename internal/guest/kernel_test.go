@@ -1,9 +1,11 @@
 package guest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -172,5 +174,33 @@ func TestEnsureKernelCancelled(t *testing.T) {
 	}
 	if _, ok := KernelPath(cache); ok {
 		t.Error("a cancelled build left a kernel")
+	}
+}
+
+// TestKernelConfigApplies configures the real kernel source with the
+// fragment (no compile: about a minute, mostly unpacking) and fails if
+// Kconfig dropped any of its options.
+func TestKernelConfigApplies(t *testing.T) {
+	if testing.Short() {
+		t.Skip("unpacks the kernel source (about a minute)")
+	}
+	src, err := sourceTarball()
+	if err != nil {
+		t.Skip(err)
+	}
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("make is not installed")
+	}
+	work := t.TempDir()
+	var log bytes.Buffer
+	_, cfg, err := configureKernel(context.Background(), work, src, &log)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log.String())
+	}
+	got := parseKconfig(cfg)
+	for _, k := range []string{"CONFIG_PVH", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_EXT4_FS"} {
+		if got[k] != "y" {
+			t.Errorf("%s = %q in the generated .config", k, got[k])
+		}
 	}
 }

@@ -53,9 +53,13 @@ func requireQEMU(t *testing.T) string {
 	return qemu
 }
 
-// buildInit builds the static stand-in for invokex as /sbin/init.
+// buildInit builds the static stand-in for invokex as /sbin/init, or
+// returns $INVOKEX_TEST_INIT (e.g. a CGO_ENABLED=0 build of invokex).
 func buildInit(t *testing.T) string {
 	t.Helper()
+	if p := os.Getenv("INVOKEX_TEST_INIT"); p != "" {
+		return p
+	}
 	bin := filepath.Join(t.TempDir(), "init")
 	cmd := exec.Command("go", "build", "-o", bin, "./testdata/init")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
