@@ -71,6 +71,7 @@ func buildInit(t *testing.T) string {
 
 // vm is one booted guest with its agent connected.
 type vm struct {
+	start   time.Time // QEMU started
 	pc      *protocol.Conn
 	exited  chan error
 	console string
@@ -121,6 +122,7 @@ func bootVM(t *testing.T, root, code string) *vm {
 	}
 	t.Logf("agent ready %v after QEMU started", time.Since(start).Round(time.Millisecond))
 	v.pc = protocol.NewConn(bufferedConn{br, conn})
+	v.start = start
 	return v
 }
 
@@ -205,6 +207,7 @@ func TestBootProvided(t *testing.T) {
 	v.initRuntime(t, rt.Bootstrap, "bootstrap")
 
 	res, payload, log := v.invoke(t, "req-1", `{"action":"echo","marker":"hello-from-the-host"}`)
+	t.Logf("first response %v after QEMU started", time.Since(v.start).Round(time.Millisecond))
 	if res.FunctionError != "" {
 		t.Fatalf("invocation failed: %s: %s\nlog: %s", res.FunctionError, payload, log)
 	}
@@ -245,21 +248,25 @@ func TestBootProvided(t *testing.T) {
 	v.shutdown(t)
 }
 
-// TestBootInterpreted boots the Debian roots of python3.11 and nodejs18.x
-// when they are in the shared cache (built by `invokex guest runtime
+// TestBootInterpreted boots the Debian roots of python3.11/3.13 and
+// nodejs18.x/20.x when they are in the shared cache (built by `invokex guest runtime
 // build`, or INVOKEX_BUILD_ROOTS=1 in package guest's tests) and runs a
 // handler through InvokeX's runtime interface client.
 func TestBootInterpreted(t *testing.T) {
-	cases := []struct {
+	const (
+		pySrc   = "import os, sys\ndef lambda_handler(event, context):\n    return {'event': event, 'version': sys.version, 'uid': os.getuid()}\n"
+		nodeSrc = "exports.handler = async (event) => ({event, version: process.version, uid: process.getuid()});\n"
+	)
+	type bootCase struct {
 		id, handler, file, src string
 		family                 runtimes.Family
-	}{
-		{"python3.11", "lambda_function.lambda_handler", "lambda_function.py",
-			"import os, sys\ndef lambda_handler(event, context):\n    return {'event': event, 'version': sys.version, 'uid': os.getuid()}\n",
-			runtimes.FamilyPython},
-		{"nodejs18.x", "index.handler", "index.js",
-			"exports.handler = async (event) => ({event, version: process.version, uid: process.getuid()});\n",
-			runtimes.FamilyNode},
+	}
+	var cases []bootCase
+	for _, id := range []string{"python3.11", "python3.13"} {
+		cases = append(cases, bootCase{id, "lambda_function.lambda_handler", "lambda_function.py", pySrc, runtimes.FamilyPython})
+	}
+	for _, id := range []string{"nodejs18.x", "nodejs20.x"} {
+		cases = append(cases, bootCase{id, "index.handler", "index.js", nodeSrc, runtimes.FamilyNode})
 	}
 	for _, c := range cases {
 		t.Run(c.id, func(t *testing.T) {
@@ -291,6 +298,7 @@ func TestBootInterpreted(t *testing.T) {
 			v := bootVM(t, root, code)
 			v.initRuntime(t, rt.Bootstrap, c.handler)
 			res, payload, log := v.invoke(t, "req-1", `{"marker":"hi"}`)
+			t.Logf("first response %v after QEMU started", time.Since(v.start).Round(time.Millisecond))
 			if res.FunctionError != "" {
 				t.Fatalf("invocation failed: %s: %s\nlog: %s", res.FunctionError, payload, log)
 			}
