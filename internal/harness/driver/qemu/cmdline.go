@@ -11,15 +11,24 @@ import (
 	"strings"
 )
 
-// Names of the files QEMU creates in the instance directory, its working
-// directory. They are given to QEMU relative to it, so a deep state
-// directory never overflows a unix socket address.
+// Files in the instance directory. The driver creates all of them (QEMU
+// gets descriptors, never paths, so it needs no access to the directory).
 const (
+	// agentSock and qmpSock are listening sockets QEMU serves.
 	agentSock = "agent.sock"
 	qmpSock   = "qmp.sock"
-	pidFile   = "qemu.pid"
 	// scratchImage is the instance's writable /tmp.
 	scratchImage = "scratch.img"
+)
+
+// Descriptors QEMU inherits (cmd.ExtraFiles starts at 3), in this order.
+const (
+	fdAgent = 3 + iota
+	fdQMP
+	fdKernel
+	fdRoot
+	fdCode
+	fdScratch
 )
 
 // Names inside the guest, shared with package vminit through the kernel
@@ -47,14 +56,12 @@ const (
 	accelTCG accel = "tcg"
 )
 
-// vmConfig is everything the QEMU command line is built from.
+// vmConfig is everything the QEMU command line is built from. The kernel
+// and the disks are the descriptors fdKernel ... fdScratch, the sockets
+// fdAgent and fdQMP.
 type vmConfig struct {
 	ID       string
 	Accel    accel
-	Kernel   string
-	Root     string // ext4 image, read-only: /dev/vda
-	Code     string // ext4 image, read-only: /dev/vdb
-	Scratch  string // ext4 image, writable: /dev/vdc (path relative to the instance directory or absolute)
 	MemoryMB int
 	VCPUs    int
 	// TSCkHz is the host's TSC frequency, 0 if unknown. Under TCG the
@@ -119,8 +126,13 @@ func (c vmConfig) kernelCmdline() string {
 // defaultKernelHz is CONFIG_HZ's default.
 const defaultKernelHz = 250
 
-// args is QEMU's command line (without argv[0]). Paths of files in the
-// instance directory are relative: QEMU runs there.
+// fdPath names an inherited descriptor as a file QEMU can open: opening
+// the magic link re-opens the file without walking its real path, so QEMU
+// needs no permission on the directories above it (the harness's state
+// and cache directories), only on the file itself.
+func fdPath(fd int) string { return "/proc/self/fd/" + strconv.Itoa(fd) }
+
+// args is QEMU's command line (without argv[0]).
 func (c vmConfig) args() []string {
 	cpu := "max"
 	if c.Accel == accelKVM {
@@ -128,7 +140,7 @@ func (c vmConfig) args() []string {
 	}
 	a := []string{
 		// The ID makes the process findable (ps, leftover checks).
-		"-name", "invokex-" + c.ID,
+		"-name", vmName(c.ID),
 		"-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
 		"-accel", string(c.Accel),
 		"-cpu", cpu,
@@ -138,33 +150,36 @@ func (c vmConfig) args() []string {
 		// QEMU runs as the harness's user (root): deny it what a VMM
 		// never needs, in case a guest escapes into it.
 		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-		"-kernel", c.Kernel,
+		"-kernel", fdPath(fdKernel),
 		"-append", c.kernelCmdline(),
 		// The order of the virtio-mmio devices is the order of vda, vdb, vdc.
-		"-drive", "id=root,file=" + escapeOpt(c.Root) + ",format=raw,if=none,readonly=on",
+		"-drive", "id=root,file=" + fdPath(fdRoot) + ",format=raw,if=none,readonly=on",
 		"-device", "virtio-blk-device,drive=root",
-		"-drive", "id=code,file=" + escapeOpt(c.Code) + ",format=raw,if=none,readonly=on",
+		"-drive", "id=code,file=" + fdPath(fdCode) + ",format=raw,if=none,readonly=on",
 		"-device", "virtio-blk-device,drive=code",
 		// The scratch disk dies with the instance: never flush it.
-		"-drive", "id=scratch,file=" + escapeOpt(c.Scratch) + ",format=raw,if=none,cache=unsafe",
+		"-drive", "id=scratch,file=" + fdPath(fdScratch) + ",format=raw,if=none,cache=unsafe",
 		"-device", "virtio-blk-device,drive=scratch",
 		"-device", "virtio-rng-device",
 		"-device", "virtio-serial-device",
-		"-chardev", "socket,id=agent,path=" + agentSock + ",server=on,wait=off",
+		// Both sockets are bound by the driver and served by QEMU, so the
+		// driver can connect before QEMU is up (the connection waits in
+		// the backlog) and a new harness could connect again.
+		"-chardev", "socket,id=agent,fd=" + strconv.Itoa(fdAgent) + ",server=on,wait=off",
 		"-device", "virtserialport,chardev=agent,name=" + agentPort,
-		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+		"-chardev", "socket,id=qmp,fd=" + strconv.Itoa(fdQMP) + ",server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
 		// The console goes to QEMU's stdout, a pipe the driver drains
 		// into a bounded log: never into a file that could fill the disk.
 		"-chardev", "stdio,id=console,signal=off",
 		"-serial", "chardev:console",
-		"-pidfile", pidFile,
 	}
 	return a
 }
 
-// escapeOpt escapes a value for QEMU's option syntax, where ',' separates
-// options and ",," is a literal comma.
-func escapeOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+// vmName is QEMU's -name for instance id: it makes the process findable
+// (Recover, ps, the suite's leftover checks).
+func vmName(id string) string { return "invokex-" + id }
 
 // hostname is the guest's hostname (at most 64 bytes).
 func hostname(id string) string { return "sandbox-" + id }

@@ -38,14 +38,13 @@ func argValues(args []string, flag string) []string {
 
 func TestArgsTCG(t *testing.T) {
 	c := vmConfig{
-		ID: "abc-1", Accel: accelTCG, Kernel: "/k/vmlinux",
-		Root: "/c/root,1.ext4", Code: "/c/code.ext4", Scratch: scratchImage,
+		ID: "abc-1", Accel: accelTCG,
 		MemoryMB: 256, VCPUs: 1, TSCkHz: 2445426, KernelHz: 100, ClockUnixMs: 1700000000123,
 	}
 	a := c.args()
 	for flag, want := range map[string]string{
 		"-name": "invokex-abc-1", "-accel": "tcg", "-cpu": "max", "-m": "256M", "-smp": "1",
-		"-kernel": "/k/vmlinux", "-pidfile": pidFile, "-qmp": "unix:qmp.sock,server=on,wait=off",
+		"-kernel": "/proc/self/fd/5", "-mon": "chardev=qmp,mode=control",
 		"-M": "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
 	} {
 		if got := argValues(a, flag); len(got) != 1 || got[0] != want {
@@ -54,9 +53,9 @@ func TestArgsTCG(t *testing.T) {
 	}
 	drives := argValues(a, "-drive")
 	wantDrives := []string{
-		"id=root,file=/c/root,,1.ext4,format=raw,if=none,readonly=on",
-		"id=code,file=/c/code.ext4,format=raw,if=none,readonly=on",
-		"id=scratch,file=scratch.img,format=raw,if=none,cache=unsafe",
+		"id=root,file=/proc/self/fd/6,format=raw,if=none,readonly=on",
+		"id=code,file=/proc/self/fd/7,format=raw,if=none,readonly=on",
+		"id=scratch,file=/proc/self/fd/8,format=raw,if=none,cache=unsafe",
 	}
 	if !slices.Equal(drives, wantDrives) {
 		t.Errorf("drives = %q, want %q", drives, wantDrives)
@@ -70,8 +69,19 @@ func TestArgsTCG(t *testing.T) {
 	if !slices.Equal(devs, wantDevs) {
 		t.Errorf("devices = %q, want %q", devs, wantDevs)
 	}
-	if ch := argValues(a, "-chardev"); len(ch) < 1 || ch[0] != "socket,id=agent,path=agent.sock,server=on,wait=off" {
-		t.Errorf("chardevs = %q", ch)
+	wantChardevs := []string{
+		"socket,id=agent,fd=3,server=on,wait=off",
+		"socket,id=qmp,fd=4,server=on,wait=off",
+		"stdio,id=console,signal=off",
+	}
+	if ch := argValues(a, "-chardev"); !slices.Equal(ch, wantChardevs) {
+		t.Errorf("chardevs = %q, want %q", ch, wantChardevs)
+	}
+	// QEMU is given descriptors only: no path of the host's files.
+	for _, arg := range a {
+		if strings.Contains(arg, "path=") || strings.Contains(arg, "pidfile") {
+			t.Errorf("argument %q names a host path", arg)
+		}
 	}
 	for _, f := range []string{"-nodefaults", "-no-user-config", "-no-reboot"} {
 		if !slices.Contains(a, f) {

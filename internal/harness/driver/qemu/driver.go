@@ -30,6 +30,8 @@ package qemu
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -40,6 +42,8 @@ import (
 	"runtime"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/guest"
@@ -95,7 +99,19 @@ type Options struct {
 	// ReadyTimeout bounds a boot, from QEMU's start to the agent's ready
 	// line; default 30 s under TCG, 10 s with KVM.
 	ReadyTimeout time.Duration
+	// KeepUser runs QEMU as the driver's own user. By default a driver
+	// running as root runs each VM's QEMU as a user of its own (uid and
+	// gid UIDBase+n, no other groups), so a guest that escaped into QEMU
+	// holds no privilege on the host and cannot reach other VMs.
+	KeepUser bool
+	// UIDBase is the first uid of the VMs' users; default 1<<30 plus a
+	// multiple of 4096 derived from StateDir (drivers with different state
+	// directories use different uids). A driver runs at most 4096 VMs.
+	UIDBase int
 }
+
+// vmSlots is how many VMs (and so uids) one driver can have at a time.
+const vmSlots = 4096
 
 // imageMaker builds the disks of an instance (package guest in
 // production, fakes in unit tests). Implementations are safe for
@@ -121,9 +137,15 @@ type Driver struct {
 	tscKHz   int64
 	kernelHz int
 
+	// vmGroups are the supplementary groups of the VMs' users (the group
+	// of /dev/kvm under KVM); asRoot says why VMs keep the driver's user.
+	vmGroups []uint32
+	asRoot   string
+
 	mu          sync.Mutex
 	closed      bool
 	instances   map[string]*instance
+	slots       map[int]bool // uid slots in use
 	warnedNetwk bool
 }
 
@@ -221,13 +243,62 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		tscKHz:    hostTSCkHz(),
 		kernelHz:  kernelHzOf(opts.KernelPath),
 		instances: map[string]*instance{},
+		slots:     map[int]bool{},
 	}
+	d.setUsers()
 	if acc == accelTCG {
 		d.log.Warn("qemu driver uses TCG software emulation", "reason", why)
 	} else {
 		d.log.Info("qemu driver uses KVM")
 	}
 	return d, nil
+}
+
+// setUsers decides whether VMs run as users of their own.
+func (d *Driver) setUsers() {
+	switch {
+	case d.opts.KeepUser:
+		d.asRoot = "KeepUser set"
+	case os.Geteuid() != 0:
+		d.asRoot = "not root"
+	case d.accel == accelKVM:
+		// QEMU opens /dev/kvm itself: its user needs the device's group.
+		var st unix.Stat_t
+		if err := unix.Stat("/dev/kvm", &st); err != nil || st.Mode&0o060 != 0o060 || st.Gid == 0 {
+			d.asRoot = "/dev/kvm is not read-write for a group (e.g. kvm) the vm users could join"
+			break
+		}
+		d.vmGroups = []uint32{st.Gid}
+	}
+	if d.opts.UIDBase <= 0 {
+		sum := sha256.Sum256([]byte(d.opts.StateDir))
+		d.opts.UIDBase = 1<<30 + int(binary.BigEndian.Uint16(sum[:2])%4096)*vmSlots
+	}
+	if d.asRoot != "" && !d.opts.KeepUser && os.Geteuid() == 0 {
+		d.log.Warn("qemu runs as root", "reason", d.asRoot)
+	}
+}
+
+// takeUID reserves a uid for a new VM (0: the driver's own user).
+// Called with d.mu held.
+func (d *Driver) takeUID() (int, error) {
+	if d.asRoot != "" {
+		return 0, nil
+	}
+	for n := range vmSlots {
+		if !d.slots[n] {
+			d.slots[n] = true
+			return d.opts.UIDBase + n, nil
+		}
+	}
+	return 0, fmt.Errorf("all %d vm users in use: %w", vmSlots, errdefs.ErrUnavailable)
+}
+
+// releaseUID frees what takeUID reserved. Called with d.mu held.
+func (d *Driver) releaseUID(uid int) {
+	if uid != 0 {
+		delete(d.slots, uid-d.opts.UIDBase)
+	}
 }
 
 // Name returns "qemu".
@@ -244,6 +315,9 @@ func (d *Driver) Describe() []string {
 		s = append(s, "TCG software emulation (no usable KVM: "+d.why+"): ~10x slower")
 	}
 	s = append(s, "no guest network yet: Spec.Network is ignored and VMs have loopback only")
+	if d.asRoot != "" && os.Geteuid() == 0 {
+		s = append(s, "qemu runs as root, not as a user per vm: "+d.asRoot)
+	}
 	return s
 }
 
@@ -274,6 +348,13 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 		cancel()
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, errdefs.ErrAlreadyExists)
 	}
+	uid, err := d.takeUID()
+	if err != nil {
+		d.mu.Unlock()
+		cancel()
+		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
+	}
+	inst.uid = uid
 	d.instances[spec.ID] = inst
 	warn := spec.Network && !d.warnedNetwk
 	if warn {
@@ -284,7 +365,7 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 		d.log.Warn("sandbox network requested but the qemu driver has no guest network yet: vms get loopback only")
 	}
 
-	err := inst.start(startCtx, spec)
+	err = inst.start(startCtx, spec)
 	cancel()
 	close(inst.started)
 	if err != nil {
@@ -337,10 +418,10 @@ func (d *Driver) Stop(ctx context.Context, id string) error {
 }
 
 // Recover kills every QEMU a previous driver on the same StateDir left
-// running (identified by its recorded pid and start time, or by its
-// pidfile, and in both cases by running QEMUPath in the instance's
-// directory, so a recycled pid is never hit) and removes the instance
-// directories. It re-adopts nothing (see the package documentation) and
+// running (identified by its recorded pid and start time, or, if it
+// crashed before recording them, by QEMU's command line; in both cases
+// only a process running QEMUPath with the instance's -name, so a recycled
+// pid is never hit) and removes the instance directories. It re-adopts nothing (see the package documentation) and
 // always returns an empty slice.
 func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
 	ctx = context.WithoutCancel(ctx)
@@ -377,28 +458,21 @@ func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 	if rec != nil && rec.QEMU != "" {
 		qemuPath = rec.QEMU
 	}
-	// The recorded pid is written right after QEMU starts; the pidfile
-	// covers a crash in between.
+	// The pid is recorded right after QEMU starts; a crash in between
+	// leaves a QEMU only Pdeathsig should have killed, found by its name.
 	var pids []int
-	if rec != nil && rec.PID > 0 {
+	if rec != nil && rec.PID > 0 && processRunning(rec.PID, rec.StartTime) && isOurQEMU(rec.PID, qemuPath, id) {
 		pids = append(pids, rec.PID)
-	}
-	if p := readPIDFile(dir); p > 0 && (rec == nil || p != rec.PID) {
-		pids = append(pids, p)
+	} else {
+		pids = findQEMU(qemuPath, id)
 	}
 	for _, pid := range pids {
-		if !isOurQEMU(pid, qemuPath, dir) {
-			continue
-		}
 		st, err := procStartTime(pid)
 		if err != nil {
 			continue
 		}
-		if rec != nil && rec.PID == pid && rec.StartTime != 0 && rec.StartTime != st {
-			continue
-		}
 		d.log.Info("killing leftover vm", "instance", id, "pid", pid)
-		if err := killProcess(ctx, pid, st, func() bool { return isOurQEMU(pid, qemuPath, dir) }); err != nil {
+		if err := killProcess(ctx, pid, st, func() bool { return isOurQEMU(pid, qemuPath, id) }); err != nil {
 			return err
 		}
 	}

@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -74,6 +76,9 @@ func newFakeEnv(t *testing.T, mutate ...func(*Options)) *fakeEnv {
 	opts := Options{
 		StateDir: e.stateDir, QEMUPath: e.qemu, KernelPath: kernel, Accel: "tcg",
 		Logger: testLogger(t), StopGrace: time.Second, ReadyTimeout: 10 * time.Second,
+		// The stand-in is the test binary, which other users may not be
+		// allowed to run; TestVMUsers covers the users.
+		KeepUser: true,
 	}
 	for _, m := range mutate {
 		m(&opts)
@@ -155,8 +160,8 @@ func TestStartConnStop(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(inst.dir, scratchImage)); err != nil || fi.Size() != 16<<20 {
 		t.Errorf("scratch image: %v, %v", fi, err)
 	}
-	if !isOurQEMU(inst.PID(), e.qemu, inst.dir) {
-		t.Errorf("isOurQEMU(%d) = false for the running fake", inst.PID())
+	if !isOurQEMU(inst.PID(), e.qemu, "ok-1") || isOurQEMU(inst.PID(), e.qemu, "ok-2") {
+		t.Errorf("isOurQEMU(%d) does not tell its instance", inst.PID())
 	}
 	// The console is drained into the log and kept for errors.
 	deadline := time.Now().Add(5 * time.Second)
@@ -346,19 +351,19 @@ func TestVMExitClosesDone(t *testing.T) {
 
 // TestRecover: a second driver on the same state directory (a restarted
 // harness) kills the first one's VMs, found by their record or, when the
-// record has no pid yet, by QEMU's pidfile; it removes every instance
-// directory, and it never kills a process that is not that instance's
-// QEMU even if a record names it.
+// record has no pid yet, by QEMU's command line; it removes every
+// instance directory, and it never kills a process that is not that
+// instance's QEMU even if a record names it.
 func TestRecover(t *testing.T) {
 	e := newFakeEnv(t)
 	byRecord := startFake(t, e, "ok-rec")
-	byPidfile := startFake(t, e, "ok-pidfile")
-	rec, err := readRecord(byPidfile.dir)
+	byName := startFake(t, e, "ok-noid")
+	rec, err := readRecord(byName.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	rec.PID, rec.StartTime = 0, 0
-	if err := writeRecord(byPidfile.dir, rec); err != nil {
+	if err := writeRecord(byName.dir, rec); err != nil {
 		t.Fatal(err)
 	}
 	// A record naming a live process that is not QEMU.
@@ -374,12 +379,11 @@ func TestRecover(t *testing.T) {
 	strangerDir := filepath.Join(e.stateDir, "stranger")
 	os.Mkdir(strangerDir, 0o700)
 	writeRecord(strangerDir, &record{ID: "stranger", QEMU: e.qemu, PID: sleeper.Process.Pid, StartTime: st})
-	os.WriteFile(filepath.Join(strangerDir, pidFile), []byte("1\n"), 0o600)
 	// A directory without a record (crash right after mkdir).
 	os.Mkdir(filepath.Join(e.stateDir, "bare"), 0o700)
 
 	d2, err := newDriver(Options{
-		StateDir: e.stateDir, QEMUPath: e.qemu, KernelPath: e.d.opts.KernelPath, Accel: "tcg", Logger: testLogger(t),
+		StateDir: e.stateDir, QEMUPath: e.qemu, KernelPath: e.d.opts.KernelPath, Accel: "tcg", Logger: testLogger(t), KeepUser: true,
 	}, e.images)
 	if err != nil {
 		t.Fatal(err)
@@ -389,7 +393,7 @@ func TestRecover(t *testing.T) {
 	if err != nil || len(insts) != 0 {
 		t.Fatalf("Recover = %v, %v; want no instances and no error", insts, err)
 	}
-	for _, inst := range []*instance{byRecord, byPidfile} {
+	for _, inst := range []*instance{byRecord, byName} {
 		select {
 		case <-inst.Done():
 		case <-time.After(10 * time.Second):
@@ -476,4 +480,70 @@ func TestDescribe(t *testing.T) {
 	if e.d.Name() != "qemu" {
 		t.Errorf("Name() = %q", e.d.Name())
 	}
+}
+
+// TestVMUsers: run as root, every VM's QEMU runs as a user of its own,
+// and a stopped VM's user is reused.
+func TestVMUsers(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("skipping: needs root to run QEMU as other users")
+	}
+	// The stand-in must be executable by the VM users: a copy in a
+	// directory everyone may enter.
+	dir, err := os.MkdirTemp("", "qemu-users-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	exe, _ := os.Executable()
+	b, err := os.ReadFile(exe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := filepath.Join(dir, fakeQEMUName)
+	if err := os.WriteFile(fake, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e := newFakeEnv(t, func(o *Options) { o.KeepUser = false; o.QEMUPath = fake; o.UIDBase = 1<<30 + 12345 })
+	a, b2 := startFake(t, e, "ok-ua"), startFake(t, e, "ok-ub")
+	ua, ub := procUID(t, a.PID()), procUID(t, b2.PID())
+	if ua != 1<<30+12345 || ub != 1<<30+12346 {
+		t.Errorf("vm users %d and %d, want %d and %d", ua, ub, 1<<30+12345, 1<<30+12346)
+	}
+	if fi, err := os.Stat(filepath.Join(a.dir, scratchImage)); err != nil || fi.Sys().(*syscall.Stat_t).Uid != uint32(ua) {
+		t.Errorf("scratch image not owned by the vm user: %v", err)
+	}
+	rec, _ := readRecord(a.dir)
+	if rec == nil || rec.UID != ua {
+		t.Errorf("record %+v lacks the vm user %d", rec, ua)
+	}
+	// The instance directory stays the driver's.
+	if fi, err := os.Stat(a.dir); err != nil || fi.Sys().(*syscall.Stat_t).Uid != 0 || fi.Mode().Perm() != 0o700 {
+		t.Errorf("instance directory: %v, %v", fi.Mode(), err)
+	}
+	if err := e.d.Stop(context.Background(), "ok-ua"); err != nil {
+		t.Fatal(err)
+	}
+	c := startFake(t, e, "ok-uc")
+	if uc := procUID(t, c.PID()); uc != ua {
+		t.Errorf("a new vm got user %d, want the freed %d", uc, ua)
+	}
+}
+
+func procUID(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Uid:"); ok {
+			var uid int
+			fmt.Sscan(v, &uid)
+			return uid
+		}
+	}
+	t.Fatalf("no Uid in /proc/%d/status", pid)
+	return 0
 }

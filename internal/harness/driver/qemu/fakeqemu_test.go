@@ -41,8 +41,9 @@ func fakeQEMUPath(t *testing.T) string {
 	return p
 }
 
-// fakeQEMU imitates what the driver needs of QEMU: it checks the disks,
-// serves QMP, writes its pidfile, and on the agent socket writes the
+// fakeQEMU imitates what the driver needs of QEMU: it opens the kernel and
+// the disks, serves QMP on its inherited socket, and on the agent socket
+// (inherited too) writes the
 // guest's ready line followed by "HELLO" and then echoes. What it does is
 // chosen by the instance ID's prefix (from -name invokex-<id>):
 //
@@ -73,38 +74,54 @@ func fakeQEMU(args []string) int {
 		fmt.Fprintln(os.Stderr, "qemu-system-x86_64: fake failure for", id)
 		return 1
 	}
-	// The disks must exist, as QEMU opens them.
+	// The kernel and disks must open, as QEMU opens them.
 	for i, a := range args {
-		if a == "-drive" {
+		var files []string
+		switch a {
+		case "-kernel":
+			files = []string{args[i+1]}
+		case "-drive":
 			for _, kv := range strings.Split(args[i+1], ",") {
 				if f, ok := strings.CutPrefix(kv, "file="); ok {
-					if _, err := os.Stat(f); err != nil {
-						fmt.Fprintln(os.Stderr, "qemu-system-x86_64: -drive:", err)
-						return 1
-					}
+					files = append(files, f)
 				}
 			}
 		}
-	}
-	var agentPath string
-	for _, kv := range strings.Split(opt("-chardev"), ",") {
-		if p, ok := strings.CutPrefix(kv, "path="); ok {
-			agentPath = p
+		for _, f := range files {
+			fh, err := os.Open(f)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "qemu-system-x86_64:", a, err)
+				return 1
+			}
+			fh.Close()
 		}
 	}
-	qmpPath := strings.TrimSuffix(strings.TrimPrefix(opt("-qmp"), "unix:"), ",server=on,wait=off")
-	if err := os.WriteFile(opt("-pidfile"), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+	// The sockets are inherited listeners: -chardev socket,id=X,fd=N.
+	listeners := map[string]net.Listener{}
+	for i, a := range args {
+		if a != "-chardev" || !strings.HasPrefix(args[i+1], "socket,") {
+			continue
+		}
+		var id string
+		fd := -1
+		for _, kv := range strings.Split(args[i+1], ",") {
+			if v, ok := strings.CutPrefix(kv, "id="); ok {
+				id = v
+			}
+			if v, ok := strings.CutPrefix(kv, "fd="); ok {
+				fd, _ = strconv.Atoi(v)
+			}
+		}
+		l, err := net.FileListener(os.NewFile(uintptr(fd), id))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "qemu-system-x86_64: -chardev", id, err)
+			return 1
+		}
+		listeners[id] = l
 	}
-	agentL, err := net.Listen("unix", agentPath)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	qmpL, err := net.Listen("unix", qmpPath)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
+	agentL, qmpL := listeners["agent"], listeners["qmp"]
+	if agentL == nil || qmpL == nil {
+		fmt.Fprintln(os.Stderr, "qemu-system-x86_64: agent or qmp chardev missing")
 		return 1
 	}
 	quit := make(chan struct{}, 1)

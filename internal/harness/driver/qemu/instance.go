@@ -29,6 +29,8 @@ type instance struct {
 	id  string
 	dir string
 	log *slog.Logger
+	// uid is the user QEMU runs as (0: the driver's own).
+	uid int
 
 	cmd     *exec.Cmd
 	conn    net.Conn
@@ -59,7 +61,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	d := i.d
 	rec := &record{
 		ID: spec.ID, Function: spec.Function, RevisionID: spec.RevisionID,
-		QEMU: d.opts.QEMUPath, AgentSocket: agentSock, QMPSocket: qmpSock,
+		QEMU: d.opts.QEMUPath, UID: i.uid, AgentSocket: agentSock, QMPSocket: qmpSock,
 		Created: time.Now().UTC(),
 	}
 	// Record first, then create: Recover must know of every VM.
@@ -69,12 +71,17 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err := writeRecord(i.dir, rec); err != nil {
 		return err
 	}
-	cfg, err := i.disks(ctx, spec)
+	disks, err := i.disks(ctx, spec)
 	if err != nil {
 		return err
 	}
+	cfg := vmConfig{
+		ID: spec.ID, Accel: d.accel,
+		MemoryMB: spec.MemoryMB, VCPUs: vcpusFor(spec.MemoryMB, d.hostCPUs),
+		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
+	}
 	launched := time.Now()
-	if err := i.launch(cfg); err != nil {
+	if err := i.launch(cfg, disks); err != nil {
 		return err
 	}
 	rec.PID = i.cmd.Process.Pid
@@ -91,33 +98,39 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	return nil
 }
 
-// disks makes the root, code and scratch images and returns the VM's
-// configuration.
-func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmConfig, error) {
+// vmDisks are an instance's images.
+type vmDisks struct {
+	root, code, scratch string
+}
+
+// disks makes the root, code and scratch images.
+func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmDisks, error) {
 	d := i.d
 	rt := spec.Runtime
 	root, err := d.images.Root(ctx, &rt)
 	if err != nil {
-		return vmConfig{}, fmt.Errorf("root image of %s: %w", spec.Runtime.ID, err)
+		return vmDisks{}, fmt.Errorf("root image of %s: %w", spec.Runtime.ID, err)
 	}
 	key, err := codeKey(spec)
 	if err != nil {
-		return vmConfig{}, err
+		return vmDisks{}, err
 	}
 	code, err := d.images.Code(ctx, spec.CodeDir, spec.RuntimeDir, key)
 	if err != nil {
-		return vmConfig{}, fmt.Errorf("code image: %w", err)
+		return vmDisks{}, fmt.Errorf("code image: %w", err)
 	}
 	scratch := filepath.Join(i.dir, scratchImage)
 	if err := d.images.Scratch(ctx, scratch, spec.EphemeralMB); err != nil {
-		return vmConfig{}, fmt.Errorf("scratch image: %w", err)
+		return vmDisks{}, fmt.Errorf("scratch image: %w", err)
 	}
-	return vmConfig{
-		ID: spec.ID, Accel: d.accel, Kernel: d.opts.KernelPath,
-		Root: root, Code: code, Scratch: scratchImage,
-		MemoryMB: spec.MemoryMB, VCPUs: vcpusFor(spec.MemoryMB, d.hostCPUs),
-		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
-	}, nil
+	if i.uid != 0 {
+		// QEMU re-opens the scratch disk through its descriptor, which
+		// checks the file's own permissions.
+		if err := os.Chown(scratch, i.uid, i.uid); err != nil {
+			return vmDisks{}, fmt.Errorf("handing the scratch image to the vm user: %w", err)
+		}
+	}
+	return vmDisks{root: root, code: code, scratch: scratch}, nil
 }
 
 // codeKey names the code image in the cache: the deployment package's
@@ -176,13 +189,44 @@ func hashTree(w io.Writer, dir string) error {
 	})
 }
 
-// launch starts QEMU in the instance directory.
-func (i *instance) launch(cfg vmConfig) error {
+// launch binds the instance's sockets, opens its kernel and disks and
+// starts QEMU with them as inherited descriptors, as the instance's own
+// unprivileged user when the driver is root.
+func (i *instance) launch(cfg vmConfig, disks vmDisks) error {
 	d := i.d
+	var files []*os.File
+	defer func() {
+		// QEMU has its copies; the driver's would keep a dead VM's
+		// sockets accepting into a backlog nobody serves.
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for _, s := range []string{agentSock, qmpSock} {
+		f, err := listenUnix(filepath.Join(i.dir, s))
+		if err != nil {
+			return err
+		}
+		files = append(files, f)
+	}
+	for _, p := range []string{d.opts.KernelPath, disks.root, disks.code} {
+		f, err := os.Open(p)
+		if err != nil {
+			return fmt.Errorf("opening vm image: %w", err)
+		}
+		files = append(files, f)
+	}
+	f, err := os.OpenFile(disks.scratch, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("opening scratch image: %w", err)
+	}
+	files = append(files, f)
+
 	cfg.ClockUnixMs = time.Now().UnixMilli()
 	cmd := exec.Command(d.opts.QEMUPath, cfg.args()...)
-	cmd.Dir = i.dir
-	// QEMU needs nothing of the harness's environment.
+	cmd.ExtraFiles = files // fdAgent, fdQMP, fdKernel, fdRoot, fdCode, fdScratch
+	// QEMU needs nothing of the harness's directory or environment.
+	cmd.Dir = "/"
 	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
 	i.console = newLineLog(i.log.With("source", "console"), slog.LevelDebug, slog.LevelInfo)
 	i.stderr = newLineLog(i.log.With("source", "qemu"), slog.LevelInfo, slog.LevelWarn)
@@ -192,8 +236,12 @@ func (i *instance) launch(cfg vmConfig) error {
 	cmd.WaitDelay = time.Second
 	// Setsid: a terminal's Ctrl-C reaches only the server, which then
 	// stops VMs in order. Pdeathsig: a harness that dies takes its VMs.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
-	i.log.Debug("starting vm", "config", cfg.String(), "args", cmd.Args)
+	attr := &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setsid: true}
+	if i.uid != 0 {
+		attr.Credential = &syscall.Credential{Uid: uint32(i.uid), Gid: uint32(i.uid), Groups: d.vmGroups}
+	}
+	cmd.SysProcAttr = attr
+	i.log.Debug("starting vm", "config", cfg.String(), "uid", i.uid, "args", cmd.Args)
 	if err := d.fork.start(cmd); err != nil {
 		return fmt.Errorf("starting qemu: %w", err)
 	}
@@ -251,18 +299,26 @@ func joinSaid(s []string) string {
 	return b.String()
 }
 
-// connectPoll is how often the driver retries connecting to the agent
-// socket, which QEMU creates a few milliseconds after it starts.
-const connectPoll = 5 * time.Millisecond
-
 // waitReady connects to the agent socket and reads the guest's ready
 // line, byte by byte so no byte of the protocol that follows is consumed.
-// QEMU exiting first ends the wait with its output in the error.
+// The socket is bound before QEMU starts, so the connection waits in its
+// backlog until QEMU accepts it; QEMU exiting first resets it, which ends
+// the wait with QEMU's output in the error.
 func (i *instance) waitReady(ctx context.Context) error {
 	ctx, cancel := context.WithTimeoutCause(ctx, i.d.opts.ReadyTimeout,
 		fmt.Errorf("vm not ready within %s", i.d.opts.ReadyTimeout))
 	defer cancel()
-	// QEMU's exit cancels the wait.
+	conn, err := dialUnix(ctx, filepath.Join(i.dir, agentSock))
+	if err != nil {
+		if ctx.Err() != nil {
+			return i.readyErr(ctx)
+		}
+		return i.withOutput(fmt.Errorf("connecting to the agent socket: %w", err))
+	}
+	i.conn = conn
+	// QEMU's exit or ctx ends the read.
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
+	defer stop()
 	go func() {
 		select {
 		case <-i.done:
@@ -270,25 +326,6 @@ func (i *instance) waitReady(ctx context.Context) error {
 		case <-ctx.Done():
 		}
 	}()
-	sock := filepath.Join(i.dir, agentSock)
-	var conn net.Conn
-	for {
-		c, err := dialUnix(ctx, sock)
-		if err == nil {
-			conn = c
-			break
-		}
-		select {
-		case <-i.done:
-			return i.withOutput(errors.New("qemu exited before the guest was ready"))
-		case <-ctx.Done():
-			return i.readyErr(ctx)
-		case <-time.After(connectPoll):
-		}
-	}
-	i.conn = conn
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
-	defer stop()
 	got := make([]byte, 0, len(readyLine))
 	var b [1]byte
 	for len(got) < len(readyLine) {
@@ -334,6 +371,10 @@ func (i *instance) stopWithGrace(ctx context.Context, grace time.Duration) error
 		err := i.destroy(ctx, grace)
 		i.d.mu.Lock()
 		delete(i.d.instances, i.id)
+		// QEMU is dead (or destroy failed and the uid stays taken).
+		if err == nil {
+			i.d.releaseUID(i.uid)
+		}
 		i.d.mu.Unlock()
 		return err
 	})

@@ -25,6 +25,8 @@ type record struct {
 	// /proc/<pid>/stat, which tells a recycled pid from the original.
 	PID       int    `json:"pid,omitempty"`
 	StartTime uint64 `json:"start_time,omitempty"`
+	// UID is the unprivileged user QEMU runs as (0: the driver's own).
+	UID int `json:"uid,omitempty"`
 	// Sockets are the agent's and QMP's, relative to the instance
 	// directory; a future driver could re-adopt the VM through them.
 	AgentSocket string    `json:"agent_socket"`
@@ -98,36 +100,38 @@ func processRunning(pid int, startTime uint64) bool {
 	return err == nil && st == startTime && state != 'Z' && state != 'X'
 }
 
-// isOurQEMU reports whether pid runs the binary qemuPath (argv[0]) with its
-// working directory in dir: the instance's VMM and nothing else, even if
-// the recorded pid was recycled.
-func isOurQEMU(pid int, qemuPath, dir string) bool {
-	proc := "/proc/" + strconv.Itoa(pid)
-	cmdline, err := os.ReadFile(proc + "/cmdline")
+// isOurQEMU reports whether pid runs the binary qemuPath (argv[0]) for
+// instance id (the "-name invokex-<id>" the driver gives every VM): the
+// instance's VMM and nothing else, even if a recorded pid was recycled.
+func isOurQEMU(pid int, qemuPath, id string) bool {
+	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
 		return false
 	}
-	argv0, _, _ := strings.Cut(string(cmdline), "\x00")
-	if argv0 != qemuPath {
+	args := strings.Split(strings.TrimSuffix(string(cmdline), "\x00"), "\x00")
+	if len(args) == 0 || args[0] != qemuPath {
 		return false
 	}
-	cwd, err := os.Readlink(proc + "/cwd")
-	if err != nil {
-		return false
+	for i := 1; i+1 < len(args); i++ {
+		if args[i] == "-name" && args[i+1] == vmName(id) {
+			return true
+		}
 	}
-	// A removed directory reads as "<path> (deleted)".
-	return cwd == dir || cwd == dir+" (deleted)"
+	return false
 }
 
-// readPIDFile returns the pid QEMU wrote to its pidfile, 0 if none.
-func readPIDFile(dir string) int {
-	b, err := os.ReadFile(filepath.Join(dir, pidFile))
+// findQEMU returns the pids of processes that are instance id's QEMU.
+func findQEMU(qemuPath, id string) []int {
+	ents, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0
+		return nil
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 0 {
-		return 0
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err == nil && pid != os.Getpid() && isOurQEMU(pid, qemuPath, id) {
+			pids = append(pids, pid)
+		}
 	}
-	return pid
+	return pids
 }
