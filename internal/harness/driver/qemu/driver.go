@@ -11,13 +11,18 @@
 // KVM is used when /dev/kvm runs a standard guest (probed once per
 // process), TCG software emulation otherwise; Describe says which.
 //
-// # Files
+// # Files and privileges
 //
-// StateDir/<id>/ holds instance.json (written before QEMU starts: the pid
-// and its start time once known), agent.sock, qmp.sock, qemu.pid and
-// scratch.img. QEMU runs with that directory as its working directory and
-// names its files relative to it. The console is a pipe drained into the
-// harness's log under a byte budget, never a file.
+// StateDir/<id>/ (mode 0700, the driver's) holds instance.json (written
+// before QEMU starts: its pid and start time once known), agent.sock and
+// qmp.sock (listening sockets the driver binds and QEMU serves) and
+// scratch.img. QEMU is given descriptors, never paths: the sockets, the
+// kernel and the three disks are inherited, and it runs in / with an empty
+// environment. A driver running as root runs each VM's QEMU as a user of
+// its own (Options.UIDBase), which owns only its scratch disk, under
+// QEMU's seccomp sandbox (-sandbox on, no privilege gain, no spawning).
+// The console is a pipe drained into the harness's log under a byte
+// budget, never a file.
 //
 // # Recovery
 //
