@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 mkdir -p bin
-go build -o bin/invokex ./cmd/invokex
+CGO_ENABLED=0 go build -o bin/invokex ./cmd/invokex
 echo "built bin/invokex; starting the server (Ctrl-C stops it)" >&2
 exec bin/invokex up "$@"

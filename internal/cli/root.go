@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/invokex/invokex/internal/agent/vminit"
 	"github.com/invokex/invokex/internal/client"
 	"github.com/invokex/invokex/internal/harness/driver/process"
 )
@@ -22,6 +23,10 @@ import (
 func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	// The process sandbox re-executes this binary inside new namespaces; that
 	// entry point must not go through flag parsing or logging set-up.
+	// A microVM's kernel runs this binary as /sbin/init.
+	if vminit.IsVMInit() {
+		return vminit.Main()
+	}
 	if len(args) > 0 && args[0] == "sandbox-init" {
 		return process.InitMain()
 	}
@@ -97,6 +102,8 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 		newRmCmd(g),
 		newInvocationCmd(g),
 		newRuntimesCmd(g),
+		newGuestCmd(g),
+		newBenchCmd(g),
 	)
 	return root
 }
