@@ -244,3 +244,17 @@ func TestSixtyFourConcurrentInvokes(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+func TestInvokeWithoutPayloadSendsEmptyObject(t *testing.T) {
+	s := startServer(t, "")
+	createProbe(t, s, "nopayload")
+	out, err := s.sdk().Invoke(ctxT(t), &lambda.InvokeInput{FunctionName: aws.String("nopayload")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The probe decodes the event; with "{}" it reports an unknown (empty)
+	// action as its own error, with an empty body aws-lambda-go fails with EOF.
+	if strings.Contains(string(out.Payload), "EOF") || !strings.Contains(string(out.Payload), `unknown action \"\"`) {
+		t.Fatalf("invoke without payload: %s", out.Payload)
+	}
+}

@@ -64,6 +64,11 @@ func (s *Server) invoke(w http.ResponseWriter, r *http.Request) error {
 	if len(payload) > 0 && !json.Valid(payload) {
 		return fmt.Errorf("Could not parse request body into json: the payload is not valid JSON: %w", errdefs.ErrInvalidRequestContent)
 	}
+	if len(payload) == 0 {
+		// Lambda hands a function "{}" when the caller sent no payload;
+		// runtimes such as aws-lambda-go fail to decode an empty event.
+		payload = []byte("{}")
+	}
 
 	ctx := r.Context()
 	switch typ {
