@@ -33,6 +33,7 @@ import (
 	"github.com/invokex/invokex/internal/harness"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/process"
+	"github.com/invokex/invokex/internal/harness/driver/qemu"
 )
 
 // Config is the all-in-one server's configuration.
@@ -182,8 +183,9 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 	}
 }
 
-// newDriver picks the sandbox driver. auto picks the strongest isolation
-// that works on this host; today that is the process sandbox.
+// newDriver picks the sandbox driver. auto stays on the process sandbox
+// until the qemu driver passes the end-to-end suite; qemu is chosen
+// explicitly.
 func newDriver(cfg Config) (driver.Driver, error) {
 	switch cfg.Driver {
 	case "auto", "process":
@@ -195,8 +197,17 @@ func newDriver(cfg Config) (driver.Driver, error) {
 			return nil, fmt.Errorf("creating process driver: %w", err)
 		}
 		return d, nil
-	case "qemu", "firecracker":
-		return nil, fmt.Errorf("driver %q is not available in this build yet (use process)", cfg.Driver)
+	case "qemu":
+		d, err := qemu.New(qemu.Options{
+			StateDir: filepath.Join(cfg.DataDir, "vms"),
+			Logger:   cfg.Logger.With("component", "driver"),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("creating qemu driver: %w", err)
+		}
+		return d, nil
+	case "firecracker":
+		return nil, fmt.Errorf("driver %q is not available in this build yet (use process or qemu)", cfg.Driver)
 	default:
 		return nil, fmt.Errorf("unknown driver %q (want auto, process, qemu or firecracker)", cfg.Driver)
 	}
