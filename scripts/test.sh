@@ -5,5 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+if [ "$(id -u)" -eq 0 ]; then
+  source scripts/vm-deps.sh
+fi
 go vet ./...
 go test -count=1 -timeout 60m ./... "$@"
