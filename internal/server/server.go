@@ -93,13 +93,16 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 	// Everything below is closed in reverse order on the way out, with a
 	// context that survives ctx's cancellation but is bounded.
 	var closers []func(context.Context) error
+	// Each stage gets its own budget, so a slow one (a long invocation
+	// holding the HTTP server) cannot starve the later ones (flushing
+	// records, closing the store).
 	defer func() {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
-		defer cancel()
 		for i := len(closers) - 1; i >= 0; i-- {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.ShutdownTimeout)
 			if err := closers[i](cctx); err != nil {
 				retErr = errors.Join(retErr, err)
 			}
+			cancel()
 		}
 	}()
 
@@ -168,7 +171,14 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 	srv := &http.Server{Handler: fe, ReadHeaderTimeout: 10 * time.Second}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	closers = append(closers, srv.Shutdown)
+	closers = append(closers, func(ctx context.Context) error {
+		if err := srv.Shutdown(ctx); err != nil {
+			// In-flight requests outlived the budget: cut them off, so no
+			// handler runs on into a closed control plane.
+			return errors.Join(err, srv.Close())
+		}
+		return nil
+	})
 
 	log.Info("invokex serving", "addr", ln.Addr().String(), "data_dir", cfg.DataDir, "driver", drv.Name())
 	if cfg.Ready != nil {
