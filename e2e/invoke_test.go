@@ -189,24 +189,38 @@ func TestPayloadLimits(t *testing.T) {
 func TestClientDisconnectReleasesTheSandbox(t *testing.T) {
 	s := startServer(t, "")
 	createProbe(t, s, "walkaway", func(in *lambda.CreateFunctionInput) { in.Timeout = aws.Int32(30) })
+	var before probeEcho
+	json.Unmarshal(invoke(t, s, "walkaway", map[string]any{"action": "echo"}, false).Payload, &before)
+
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	_, err := s.sdk().Invoke(ctx, &lambda.InvokeInput{FunctionName: aws.String("walkaway"), Payload: []byte(`{"action":"sleep","ms":1500}`)})
 	cancel()
 	if err == nil {
 		t.Fatal("the client gave up after 500 ms, yet Invoke returned a response")
 	}
-	// The abandoned invocation finishes; its instance goes back to the pool,
-	// so a later invocation is warm (not a cold start).
+	// The abandoned invocation runs to its end and is recorded with what the
+	// function really did; its instance then goes back to the pool.
 	eventually(t, time.Minute, func() error {
-		out := invoke(t, s, "walkaway", map[string]any{"action": "echo"}, false)
-		if out.FunctionError != nil {
-			t.Fatalf("invoke after disconnect: %s", out.Payload)
+		recs, err := client.New(s.endpoint).ListInvocations(ctxT(t), "walkaway", 10)
+		if err != nil {
+			return err
 		}
-		if record(t, s, requestID(t, out)).Cold {
-			return errors.New("invocation was a cold start")
+		for _, r := range recs {
+			if strings.Contains(r.Log, "REPORT") && r.DurationMs >= 1500 {
+				if r.Status != "Succeeded" {
+					t.Fatalf("abandoned invocation recorded as %s %s", r.Status, r.ErrorType)
+				}
+				return nil
+			}
 		}
-		return nil
+		return errors.New("abandoned invocation not recorded yet")
 	})
+	out := invoke(t, s, "walkaway", map[string]any{"action": "echo"}, false)
+	var after probeEcho
+	json.Unmarshal(out.Payload, &after)
+	if record(t, s, requestID(t, out)).Cold || after.Hostname != before.Hostname {
+		t.Fatalf("after the disconnect the function ran in a new environment (%s, before %s): the sandbox was not released to the pool", after.Hostname, before.Hostname)
+	}
 }
 
 func TestSandboxIsolation(t *testing.T) {

@@ -72,7 +72,7 @@ func (s *Service) Invoke(ctx context.Context, in *InvokeInput) (*harness.InvokeR
 		reqID = uuid.NewString()
 	}
 	start := s.now()
-	res, err := s.runOnHost(ctx, &harness.InvokeRequest{
+	req := &harness.InvokeRequest{
 		RequestID:     reqID,
 		Function:      cfg,
 		Runtime:       rt,
@@ -80,12 +80,31 @@ func (s *Service) Invoke(ctx context.Context, in *InvokeInput) (*harness.InvokeR
 		Payload:       in.Payload,
 		ClientContext: in.ClientContext,
 		TraceID:       in.TraceID,
-	})
-	s.records.write(s.newRecord(reqID, cfg, invocation.TypeRequestResponse, 1, start, res, err))
-	if err != nil {
-		return nil, cfg, fmt.Errorf("invoking %s: %w", cfg.Name, err)
 	}
-	return res, cfg, nil
+	// The invocation runs to its end even if the client goes away (as on
+	// Lambda), so its record holds what the function really did: the
+	// harness call gets a context that outlives the request (the harness
+	// bounds it by the function's timeout), and the caller stops waiting.
+	type outcome struct {
+		res *harness.InvokeResult
+		err error
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		res, err := s.runOnHost(context.WithoutCancel(ctx), req)
+		s.records.write(s.newRecord(reqID, cfg, invocation.TypeRequestResponse, 1, start, res, err))
+		done <- outcome{res, err}
+	}()
+	var o outcome
+	select {
+	case o = <-done:
+	case <-ctx.Done():
+		return nil, cfg, ctx.Err()
+	}
+	if o.err != nil {
+		return nil, cfg, fmt.Errorf("invoking %s: %w", cfg.Name, o.err)
+	}
+	return o.res, cfg, nil
 }
 
 // runOnHost places one invocation and runs it.
