@@ -211,7 +211,12 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 	codeDir, key, err := h.code.acquire(ctx, fn.CodeSha256)
 	if err != nil {
 		h.abandon(i, "code unavailable")
-		return nil, fmt.Errorf("preparing code of %s: %w", fn.Name, err)
+		// %v on purpose: a blob the store cannot find or a code digest the
+		// cache refuses is the platform's failure, never the caller's, so it
+		// must not keep an errdefs kind that the frontend would report as
+		// the client's fault (404, 400, 413). The frontend logs it once and
+		// answers ServiceException.
+		return nil, fmt.Errorf("preparing code of %s: %v", fn.Name, err)
 	}
 	i.codeKey = key
 	i.pool.pinCode(i.revision, key, h.code)
