@@ -14,7 +14,9 @@ import (
 
 const (
 	defaultInvocationsLimit = 50
-	maxInvocationsLimit     = 1000
+	// Each record carries up to 256 KiB of log, so a page is capped to keep
+	// one request under ~25 MiB of server memory.
+	maxInvocationsLimit = 100
 )
 
 // requestIDRE accepts the request ids InvokeX hands out (UUIDs) and other
