@@ -125,6 +125,9 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 		closers = append(closers, c.Close)
 	}
 
+	if cfg.SandboxNetwork {
+		log.Warn("sandboxes share the host's network: functions can reach this server's API and every loopback service, including other sandboxes' Runtime APIs; use only with trusted functions")
+	}
 	reg := prometheus.NewRegistry()
 	h, err := harness.New(harness.Config{
 		Driver:             drv,

@@ -52,7 +52,8 @@ type Spec struct {
 	// RuntimeDir is a host directory with the runtime's support files
 	// (runtime interface clients); the sandbox sees it read-only at /var/runtime.
 	RuntimeDir string
-	// MemoryMB caps the sandbox's memory (and derives its pids limit).
+	// MemoryMB caps the sandbox's memory. The pids limit is Lambda's fixed
+	// 1,024 processes and threads, whatever the memory.
 	MemoryMB int
 	// EphemeralMB caps the sandbox's writable /tmp.
 	EphemeralMB int
