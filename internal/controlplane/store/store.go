@@ -110,6 +110,11 @@ type Queue interface {
 	// Retry releases a claimed event to be claimed again at notBefore.
 	// ErrNotFound for an unknown event.
 	Retry(ctx context.Context, requestID string, notBefore time.Time, lastErr string) error
+	// ReleaseLeases ends every lease now, so that events claimed by a
+	// process that crashed are due at once instead of when their leases
+	// expire. Only the queue's sole owner may call it (the all-in-one server
+	// holds its data dir's lock); returns how many were released.
+	ReleaseLeases(ctx context.Context, now time.Time) (int, error)
 	// Len returns the number of events in the queue (claimed or not).
 	Len(ctx context.Context) (int, error)
 }

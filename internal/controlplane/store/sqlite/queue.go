@@ -29,8 +29,8 @@ var eventCols = []string{
 type queue struct {
 	s *Store
 
-	insert, due, lease, complete, retry *sql.Stmt // writer
-	count                               *sql.Stmt // readers
+	insert, due, lease, complete, retry, release *sql.Stmt // writer
+	count                                        *sql.Stmt // readers
 }
 
 func newQueue(s *Store, p *preparer) *queue {
@@ -45,7 +45,8 @@ func newQueue(s *Store, p *preparer) *queue {
 		complete: p.write(`DELETE FROM events WHERE request_id = ?`),
 		retry: p.write(`UPDATE events SET lease_until = NULL, not_before = ?, due_at = ?, last_error = ?
 			WHERE request_id = ?`),
-		count: p.read(`SELECT COUNT(*) FROM events`),
+		release: p.write(`UPDATE events SET lease_until = NULL, due_at = ? WHERE lease_until IS NOT NULL`),
+		count:   p.read(`SELECT COUNT(*) FROM events`),
 	}
 }
 
@@ -188,6 +189,26 @@ func (q *queue) Retry(ctx context.Context, requestID string, notBefore time.Time
 		return fmt.Errorf("event %s: %w", requestID, errdefs.ErrNotFound)
 	}
 	return nil
+}
+
+// ReleaseLeases makes every leased event due at now.
+func (q *queue) ReleaseLeases(ctx context.Context, now time.Time) (int, error) {
+	if err := q.s.check(); err != nil {
+		return 0, err
+	}
+	at, err := encTime(now)
+	if err != nil {
+		return 0, fmt.Errorf("releasing leases: %w", err)
+	}
+	res, err := q.release.ExecContext(ctx, at)
+	if err != nil {
+		return 0, fmt.Errorf("releasing leases: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, fmt.Errorf("releasing leases: %w", err)
+	}
+	return int(n), nil
 }
 
 func (q *queue) Len(ctx context.Context) (int, error) {

@@ -20,6 +20,7 @@ var queueTests = []test{
 	{"EnqueueDuplicate", testQueueDuplicate},
 	{"ClaimRespectsNotBefore", testQueueNotBefore},
 	{"ClaimRespectsLease", testQueueLease},
+	{"ReleaseLeases", testQueueReleaseLeases},
 	{"ClaimMax", testQueueMax},
 	{"ClaimOrder", testQueueOrder},
 	{"Complete", testQueueComplete},
@@ -325,5 +326,20 @@ func testQueueCancelled(t *testing.T, s store.Store) {
 	// The cancelled Claim leased nothing.
 	if got := claim(t, s, base, 10); len(got) != 1 {
 		t.Fatalf("Claim after a cancelled Claim: %v, want req-y", ids(got))
+	}
+}
+
+func testQueueReleaseLeases(t *testing.T, s store.Store) {
+	enqueue(t, s, event("req-r1", base), event("req-r2", base))
+	if got := claim(t, s, base, 1); len(got) != 1 {
+		t.Fatalf("first Claim: %v", ids(got))
+	}
+	n, err := s.Queue().ReleaseLeases(context.Background(), base)
+	if err != nil || n != 1 {
+		t.Fatalf("ReleaseLeases = %d, %v; want 1 released", n, err)
+	}
+	// Both are due now: the released one and the never-claimed one.
+	if got := claim(t, s, base, 10); len(got) != 2 {
+		t.Fatalf("Claim after ReleaseLeases: %v, want both events", ids(got))
 	}
 }
