@@ -58,7 +58,8 @@ type InvokeInput struct {
 
 // Invoker runs functions.
 type Invoker interface {
-	// Invoke runs one synchronous invocation and records it.
+	// Invoke runs one synchronous invocation and records it. The
+	// configuration it returns (the one that ran) is shared: read-only.
 	Invoke(ctx context.Context, in *InvokeInput) (*harness.InvokeResult, *function.Config, error)
 	// InvokeAsync durably queues an Event invocation and returns once it is
 	// stored; it runs later with Lambda's retry semantics.

@@ -149,10 +149,11 @@ func (s *Service) InvokeAsync(ctx context.Context, in *InvokeInput) error {
 	if len(in.Payload) > MaxAsyncPayload {
 		return fmt.Errorf("Request must be smaller than %d bytes for the Invoke operation: %w", MaxAsyncPayload, errdefs.ErrTooLarge)
 	}
-	cfg, err := s.getFunction(ctx, in.Function)
+	fn, err := s.cachedFunction(ctx, in.Function)
 	if err != nil {
 		return err
 	}
+	cfg := fn.cfg
 	reqID := in.RequestID
 	if reqID == "" {
 		reqID = uuid.NewString()
@@ -344,23 +345,25 @@ func (s *Service) runEvent(ctx context.Context, ev *store.Event) {
 			fmt.Sprintf("event exceeded maximum age of %s", s.cfg.MaxEventAge)))
 		return
 	}
-	cfg, rt, err := s.resolve(ctx, ev.Function, "")
+	fn, rt, err := s.resolve(ctx, ev.Function, "")
 	if errors.Is(err, errdefs.ErrNotFound) {
 		s.finishEvent(ev, s.failedRecord(ev, stub, now, "ResourceNotFoundException", errdefs.Message(err)))
 		return
 	}
-	var res *harness.InvokeResult
+	var (
+		res *harness.InvokeResult
+		cfg = stub
+	)
 	if err == nil {
+		cfg = fn.cfg
 		res, err = s.runOnHost(ctx, &harness.InvokeRequest{
 			RequestID:     ev.RequestID,
 			Function:      cfg,
 			Runtime:       rt,
-			ARN:           s.arn(cfg.Name),
+			ARN:           fn.arn,
 			Payload:       ev.Payload,
 			ClientContext: ev.ClientContext,
 		})
-	} else {
-		cfg = stub
 	}
 	if err != nil && ctx.Err() != nil {
 		// Interrupted by Close: put the event back to run after restart.

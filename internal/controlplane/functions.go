@@ -37,7 +37,8 @@ func (s *Service) errFunctionNotFound(name string) error {
 	return fmt.Errorf("Function not found: %s: %w", s.arn(name), errdefs.ErrNotFound)
 }
 
-// getFunction reads a function, translating a missing row into Lambda's
+// getFunction reads a function from the store (see cachedFunction for the
+// cached read), translating a missing row into Lambda's
 // message.
 func (s *Service) getFunction(ctx context.Context, name string) (*function.Config, error) {
 	cfg, err := s.store.Functions().Get(ctx, name)
@@ -195,6 +196,7 @@ func (s *Service) CreateFunction(ctx context.Context, in *function.Config, zip [
 	cfg.LastUpdateStatus, cfg.LastUpdateStatusReason = function.UpdateSuccessful, ""
 	cfg.LastModified = s.now().UTC()
 	err = s.store.Functions().Create(ctx, cfg)
+	s.cache.invalidateFunction(cfg.Name)
 	unlockCode()
 	if err != nil {
 		s.collectCode(ctx, digest)
@@ -212,7 +214,11 @@ func (s *Service) GetFunction(ctx context.Context, name string) (*function.Confi
 	if err := s.running(); err != nil {
 		return nil, err
 	}
-	return s.getFunction(ctx, name)
+	fn, err := s.cachedFunction(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return fn.cfg.Clone(), nil
 }
 
 // ListFunctions returns up to max functions (default 50, at most 10000) by
@@ -235,7 +241,8 @@ func (s *Service) ListFunctions(ctx context.Context, marker string, max int) ([]
 }
 
 // mutate runs one optimistic read-modify-write of a function; the caller
-// holds the function's process lock. change gets a copy of the current configuration and
+// holds the function's process lock. It reads the store, not the cache, and
+// invalidates the cached configuration after every write. change gets a copy of the current configuration and
 // returns the one to store (with a new RevisionID, unless it deliberately
 // keeps the old one). Losing the store's compare-and-swap to another
 // process is retried when the caller gave no revisionID and reported as
@@ -254,6 +261,7 @@ func (s *Service) mutate(ctx context.Context, name, revisionID string, change fu
 			return nil, nil, err
 		}
 		err = s.store.Functions().Update(ctx, next, cur.RevisionID)
+		s.cache.invalidateFunction(name)
 		switch {
 		case err == nil:
 			return cur, next, nil
@@ -465,6 +473,7 @@ func (s *Service) DeleteFunction(ctx context.Context, name string) error {
 	cur, err := s.getFunction(ctx, name)
 	if err == nil {
 		err = s.store.Functions().Delete(ctx, name)
+		s.cache.invalidateFunction(name)
 		if errors.Is(err, errdefs.ErrNotFound) {
 			err = s.errFunctionNotFound(name)
 		} else if err != nil {
@@ -486,11 +495,11 @@ func (s *Service) FunctionCode(ctx context.Context, name string) ([]byte, error)
 	if err := s.running(); err != nil {
 		return nil, err
 	}
-	cfg, err := s.getFunction(ctx, name)
+	fn, err := s.cachedFunction(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	return s.readCode(ctx, cfg.CodeSha256)
+	return s.readCode(ctx, fn.cfg.CodeSha256)
 }
 
 func (s *Service) readCode(ctx context.Context, digest string) ([]byte, error) {

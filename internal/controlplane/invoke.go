@@ -21,27 +21,29 @@ const maxErrorMessage = 1024
 
 // resolve finds what an invocation of name at qualifier runs: the
 // function, which must be Active, and its runtime, which must be available.
-func (s *Service) resolve(ctx context.Context, name, qualifier string) (*function.Config, *runtimes.Runtime, error) {
+// Both come from the configuration cache and are shared: read-only.
+func (s *Service) resolve(ctx context.Context, name, qualifier string) (*cachedFunction, *runtimes.Runtime, error) {
 	if qualifier != "" && qualifier != function.LatestVersion {
 		return nil, nil, fmt.Errorf("Function not found: %s:%s: %w", s.arn(name), qualifier, errdefs.ErrNotFound)
 	}
-	cfg, err := s.getFunction(ctx, name)
+	fn, err := s.cachedFunction(ctx, name)
 	if err != nil {
 		return nil, nil, err
 	}
+	cfg := fn.cfg
 	if cfg.State != function.StateActive {
 		return nil, nil, fmt.Errorf("The operation cannot be performed at this time. The function is currently in the following state: %s: %w", cfg.State, errdefs.ErrNotReady)
 	}
-	rt, err := s.store.Runtimes().Get(ctx, cfg.Runtime)
+	rt, err := s.cachedRuntime(ctx, cfg.Runtime)
 	switch {
 	case errors.Is(err, errdefs.ErrNotFound):
 		return nil, nil, fmt.Errorf("The runtime %s of function %s is unknown to this server: %w", cfg.Runtime, name, errdefs.ErrInvalidRuntime)
 	case err != nil:
-		return nil, nil, fmt.Errorf("getting runtime %s: %w", cfg.Runtime, err)
+		return nil, nil, err
 	case !rt.Available:
 		return nil, nil, fmt.Errorf("The runtime %s is not available on this host: %s: %w", rt.ID, rt.Reason, errdefs.ErrInvalidRuntime)
 	}
-	return cfg, rt, nil
+	return fn, rt, nil
 }
 
 // CheckInvoke does what a DryRun does: resolves the function and verifies
@@ -50,23 +52,28 @@ func (s *Service) CheckInvoke(ctx context.Context, name, qualifier string) (*fun
 	if err := s.running(); err != nil {
 		return nil, err
 	}
-	cfg, _, err := s.resolve(ctx, name, qualifier)
-	return cfg, err
+	fn, _, err := s.resolve(ctx, name, qualifier)
+	if err != nil {
+		return nil, err
+	}
+	return fn.cfg.Clone(), nil
 }
 
 // Invoke runs one synchronous invocation and records it. A function error
 // is a result (FunctionError set), not an error. Errors from the harness
 // (throttles, an unavailable host, a cancelled request) are recorded as
 // Failed and returned; errors resolving the function are only returned.
-// The returned configuration is the one that ran.
+// The returned configuration is the one that ran; it is shared with the
+// configuration cache and must not be modified.
 func (s *Service) Invoke(ctx context.Context, in *InvokeInput) (*harness.InvokeResult, *function.Config, error) {
 	if err := s.running(); err != nil {
 		return nil, nil, err
 	}
-	cfg, rt, err := s.resolve(ctx, in.Function, in.Qualifier)
+	fn, rt, err := s.resolve(ctx, in.Function, in.Qualifier)
 	if err != nil {
 		return nil, nil, err
 	}
+	cfg := fn.cfg
 	reqID := in.RequestID
 	if reqID == "" {
 		reqID = uuid.NewString()
@@ -76,7 +83,7 @@ func (s *Service) Invoke(ctx context.Context, in *InvokeInput) (*harness.InvokeR
 		RequestID:     reqID,
 		Function:      cfg,
 		Runtime:       rt,
-		ARN:           s.arn(cfg.Name),
+		ARN:           fn.arn,
 		Payload:       in.Payload,
 		ClientContext: in.ClientContext,
 		TraceID:       in.TraceID,

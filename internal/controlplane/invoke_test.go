@@ -116,6 +116,9 @@ func TestInvokeResolveErrors(t *testing.T) {
 	if err := e.store.Functions().Update(ctx, pending, cur.RevisionID); err != nil {
 		t.Fatal(err)
 	}
+	// The Service is its store's only writer and caches what it read;
+	// this test writes behind its back, so it says so.
+	e.svc.cache.invalidateAll()
 	_, _, err = e.svc.Invoke(ctx, &InvokeInput{Function: "f"})
 	wantKind(t, err, errdefs.ErrNotReady, "Pending")
 	_, err = e.svc.CheckInvoke(ctx, "f", "")
@@ -127,11 +130,13 @@ func TestInvokeResolveErrors(t *testing.T) {
 	if err := e.store.Functions().Update(ctx, active, "pending-rev"); err != nil {
 		t.Fatal(err)
 	}
+	e.svc.cache.invalidateAll()
 	rt, _ := e.store.Runtimes().Get(ctx, "provided.al2023")
 	rt.Available, rt.Reason = false, "gone"
 	if err := e.store.Runtimes().Put(ctx, rt); err != nil {
 		t.Fatal(err)
 	}
+	e.svc.cache.invalidateAll()
 	_, _, err = e.svc.Invoke(ctx, &InvokeInput{Function: "f"})
 	wantKind(t, err, errdefs.ErrInvalidRuntime, "gone")
 	if n := len(e.host.requests()); n != 1 {

@@ -152,6 +152,9 @@ type Service struct {
 	// it against checking that it is unreferenced and deleting it.
 	codeLocks keyedMutex
 
+	// cache holds configurations and runtime rows for the invoke path; see
+	// configCache for the single-writer assumption it rests on.
+	cache   *configCache
 	records *recordWriter
 	async   *asyncQueue
 
@@ -180,6 +183,7 @@ func New(cfg Config) (*Service, error) {
 		store:  cfg.Store,
 		blobs:  cfg.Blobs,
 		placer: cfg.Placer,
+		cache:  newConfigCache(),
 	}
 	s.records = newRecordWriter(cfg.Store.Invocations(), cfg.Logger)
 	s.async = newAsyncQueue(s)
@@ -214,6 +218,7 @@ func (s *Service) Start(ctx context.Context) error {
 // this version no longer knows are kept (functions may name them) but
 // marked unavailable.
 func (s *Service) syncRuntimes(ctx context.Context) error {
+	defer s.cache.invalidateAll()
 	detected := s.cfg.DetectRuntimes(ctx)
 	known := make(map[string]bool, len(detected))
 	for _, rt := range detected {
