@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/invokex/invokex/internal/function"
 	"github.com/invokex/invokex/internal/harness"
 )
 
@@ -81,4 +82,43 @@ func (h *fakeHost) retired() []retireCall {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return append([]retireCall(nil), h.retires...)
+}
+
+// preparingHost is a fakeHost that is also a harness.Preparer.
+type preparingHost struct {
+	fakeHost
+	fail     error
+	prepared []prepareCall
+	// order lists "prepare <revision>" and "retire <keep>" as they happened.
+	order []string
+}
+
+type prepareCall struct{ function, revision, code string }
+
+func (h *preparingHost) Prepare(ctx context.Context, cfg *function.Config) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.prepared = append(h.prepared, prepareCall{cfg.Name, cfg.RevisionID, cfg.CodeSha256})
+	h.order = append(h.order, "prepare "+cfg.RevisionID)
+	return h.fail
+}
+
+func (h *preparingHost) Retire(ctx context.Context, fn, keep string) error {
+	h.mu.Lock()
+	h.order = append(h.order, "retire "+keep)
+	h.mu.Unlock()
+	return h.fakeHost.Retire(ctx, fn, keep)
+}
+
+func (h *preparingHost) calls() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.order...)
+}
+
+// preparedCalls returns the Prepare calls so far.
+func (h *preparingHost) preparedCalls() []prepareCall {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]prepareCall(nil), h.prepared...)
 }

@@ -10,12 +10,15 @@ import (
 	"io"
 	"sort"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/invokex/invokex/internal/codezip"
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/function"
+	"github.com/invokex/invokex/internal/harness"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -151,6 +154,36 @@ func (s *Service) retire(ctx context.Context, name, keep string) {
 	}
 }
 
+// prepareTimeout bounds how long a deploy waits for its hosts to prepare
+// the new revision.
+const prepareTimeout = time.Minute
+
+// prepare asks every host that can (harness.Preparer) to get cfg's revision
+// ready, so that its first invocation does not pay for fetching and
+// unpacking the code: Lambda does that work while a function is Pending,
+// before it is Active. It is best-effort: a failure is logged and the
+// deploy stands, since an invocation prepares whatever was not. It runs to
+// its end even if the caller leaves, bounded by prepareTimeout.
+func (s *Service) prepare(ctx context.Context, cfg *function.Config) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), prepareTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for i, h := range s.cfg.Hosts {
+		p, ok := h.(harness.Preparer)
+		if !ok {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := p.Prepare(ctx, cfg); err != nil {
+				s.log.Warn("preparing revision", "function", cfg.Name, "revision", cfg.RevisionID, "host", i, "error", err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // CreateFunction validates cfg and the zip, stores the code and the
 // function and returns the stored configuration (State Active).
 func (s *Service) CreateFunction(ctx context.Context, in *function.Config, zip []byte) (*function.Config, error) {
@@ -205,6 +238,7 @@ func (s *Service) CreateFunction(ctx context.Context, in *function.Config, zip [
 		}
 		return nil, fmt.Errorf("creating function %s: %w", cfg.Name, err)
 	}
+	s.prepare(ctx, cfg)
 	s.log.Info("function created", "function", cfg.Name, "revision", cfg.RevisionID, "runtime", cfg.Runtime)
 	return cfg, nil
 }
@@ -330,6 +364,9 @@ func (s *Service) UpdateFunctionCode(ctx context.Context, name string, zip []byt
 		}
 		return nil, err
 	}
+	// Prepared before the old revision is retired, so that code the two
+	// share stays unpacked.
+	s.prepare(ctx, updated)
 	s.retire(ctx, name, updated.RevisionID)
 	if old.CodeSha256 != digest {
 		s.collectCode(ctx, old.CodeSha256)
@@ -367,6 +404,7 @@ func (s *Service) UpdateFunctionConfiguration(ctx context.Context, name string, 
 	if err != nil {
 		return nil, err
 	}
+	s.prepare(ctx, updated)
 	s.retire(ctx, name, updated.RevisionID)
 	s.log.Info("function configuration updated", "function", name, "revision", updated.RevisionID)
 	return updated, nil

@@ -61,3 +61,20 @@ type Host interface {
 	// their invocation ends. Used on update and delete.
 	Retire(ctx context.Context, function, keepRevision string) error
 }
+
+// Preparer is implemented by hosts that can get a revision ready before its
+// first invocation, as Lambda does while a function is Pending: the control
+// plane finds it by type assertion on a Host and calls it right after it
+// stored a new revision, so that the first invocation after a deploy does
+// not wait for the code to be fetched and unpacked.
+//
+// Prepare is best-effort and idempotent: the caller logs a failure and
+// carries on (an invocation prepares whatever Prepare did not). What it
+// prepares is kept until the revision is retired (Retire with another
+// keepRevision, or DeleteFunction's Retire of all) or superseded and
+// unused. Errors wrap errdefs kinds: ErrInvalidParameter for a
+// configuration without name, revision or code digest, ErrUnavailable when
+// the host is not running; anything else is the platform's own failure.
+type Preparer interface {
+	Prepare(ctx context.Context, cfg *function.Config) error
+}
