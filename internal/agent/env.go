@@ -64,8 +64,10 @@ type runtimeProc struct {
 	initDone chan struct{}
 	readyAt  time.Time
 	initFail *failure
-	// peakKB is the runtime's peak RSS seen so far (session-only).
+	// peakKB is the runtime's peak RSS seen so far, read through mem
+	// (both session-only).
 	peakKB int64
+	mem    peakReader
 }
 
 // invocation is one event handed to the runtime.
@@ -152,6 +154,7 @@ func (e *env) beginInit() (*runtimeProc, protocol.Init, error) {
 		next:     make(chan *invocation, 1),
 		gone:     make(chan struct{}),
 		initDone: make(chan struct{}),
+		mem:      newPeakReader(),
 	}
 	e.rt = rt
 	e.pendingInit = 0
@@ -370,7 +373,8 @@ func (e *env) idleRuntime() *runtimeProc {
 func (e *env) reset(rt *runtimeProc) error {
 	rt.goneOnce.Do(func() { close(rt.gone) })
 	if p := rt.proc; p != nil {
-		rt.peakKB = max(rt.peakKB, peakRSSKB(p.pid))
+		rt.peakKB = max(rt.peakKB, rt.mem.readKB(p.pid))
+		rt.mem.close()
 		e.sup.kill(p)
 		if err := awaitExit(p); err != nil {
 			return fmt.Errorf("resetting runtime: %w", err)
@@ -392,7 +396,7 @@ func (e *env) reset(rt *runtimeProc) error {
 // peakMB samples the runtime's peak RSS and returns it in MB (rounded up).
 func (rt *runtimeProc) peakMB() int {
 	if rt.proc != nil && !rt.proc.exited() {
-		rt.peakKB = max(rt.peakKB, peakRSSKB(rt.proc.pid))
+		rt.peakKB = max(rt.peakKB, rt.mem.readKB(rt.proc.pid))
 	}
 	return toMB(rt.peakKB)
 }
@@ -413,6 +417,7 @@ func (e *env) close() error {
 		return nil
 	}
 	rt.goneOnce.Do(func() { close(rt.gone) })
+	rt.mem.close()
 	if p := rt.proc; p != nil {
 		e.sup.kill(p)
 		return awaitExit(p)

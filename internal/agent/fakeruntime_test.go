@@ -222,6 +222,19 @@ func handle(c *rapi, id string, h http.Header, event []byte, a action) {
 		c.respond(id, fmt.Sprint(err))
 	case "procs":
 		c.respond(id, procStates())
+	case "alloc":
+		// N MiB resident for a moment, returned to the kernel before the
+		// response: only a peak that covers the invocation sees it.
+		m, err := unix.Mmap(-1, 0, a.N<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			c.respond(id, err.Error())
+			return
+		}
+		for i := 0; i < len(m); i += os.Getpagesize() {
+			m[i] = 1
+		}
+		unix.Munmap(m)
+		c.respond(id, "allocated")
 	default:
 		c.respond(id, "unknown action "+a.Do)
 	}

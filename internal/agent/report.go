@@ -1,11 +1,9 @@
 package agent
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -177,39 +175,6 @@ func postedError(body []byte, headerType string) *failure {
 		return &failure{errorType: errorType, doc: body}
 	}
 	return newFailure(errorType, string(body))
-}
-
-// peakRSSKB returns the VmHWM (peak resident set) of pid in KiB, or 0 if it
-// cannot be read. It refuses a process whose parent is not the agent, which
-// is what /proc shows when it belongs to another pid namespace than ours.
-func peakRSSKB(pid int) int64 {
-	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	var hwm int64
-	ppidOK := false
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := sc.Text()
-		key, val, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		val = strings.TrimSpace(val)
-		switch key {
-		case "PPid":
-			ppidOK = val == strconv.Itoa(os.Getpid())
-		case "VmHWM":
-			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(val, "kB")), 10, 64)
-			hwm = n
-		}
-	}
-	if !ppidOK {
-		return 0
-	}
-	return hwm
 }
 
 // toMB rounds KiB up to whole MB, at least 1.
