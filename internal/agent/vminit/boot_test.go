@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -168,6 +170,18 @@ func (v *vm) invoke(t *testing.T, id, event string) (protocol.Result, []byte, []
 	return res, payload, log
 }
 
+// readFile returns a file's content as the function reads it in the guest.
+func (v *vm) readFile(t *testing.T, path string) string {
+	t.Helper()
+	ev, _ := json.Marshal(map[string]string{"action": "read-file", "path": path})
+	res, payload, log := v.invoke(t, "req-read", string(ev))
+	var o struct{ Data, Error string }
+	if err := json.Unmarshal(payload, &o); err != nil || res.FunctionError != "" || o.Error != "" {
+		t.Fatalf("reading %s in the guest: %s %s %v\nlog: %s", path, res.FunctionError, payload, err, log)
+	}
+	return o.Data
+}
+
 // shutdown asks the agent to stop and waits for the VM to end by itself.
 func (v *vm) shutdown(t *testing.T) {
 	t.Helper()
@@ -233,6 +247,36 @@ func TestBootProvided(t *testing.T) {
 	}
 	if !contains(answer.Facts.Task, "bootstrap") {
 		t.Errorf("/var/task holds %v, want the bootstrap", answer.Facts.Task)
+	}
+
+	// The runtime is held to Lambda's 1,024 processes and threads, a limit
+	// it cannot raise, and the system-wide task limit is above it.
+	limits := v.readFile(t, "/proc/self/limits")
+	if !regexp.MustCompile(`(?m)^Max processes\s+1024\s+1024\s`).MatchString(limits) {
+		t.Errorf("the runtime's limits:\n%s\nwant Max processes 1024 1024", limits)
+	}
+	threadsMax := v.readFile(t, "/proc/sys/kernel/threads-max")
+	if n, err := strconv.Atoi(strings.TrimSpace(threadsMax)); err != nil || n <= 1024 {
+		t.Errorf("threads-max %q, want more than the runtime's 1024", threadsMax)
+	}
+
+	// A fork bomb in this smallest (128 MB) guest is stopped by that limit,
+	// not by the guest's memory or its system-wide task limit, and the
+	// agent lives on to answer.
+	_, bomb, _ := v.invoke(t, "req-bomb", `{"action":"forkbomb","max":4096}`)
+	var o struct {
+		Count int
+		Error string
+	}
+	if err := json.Unmarshal(bomb, &o); err != nil {
+		t.Fatalf("decoding %s: %v", bomb, err)
+	}
+	t.Logf("fork bomb: %d children, then %q", o.Count, o.Error)
+	if o.Count == 0 || o.Count > 1024 || !strings.Contains(o.Error, "resource temporarily unavailable") {
+		t.Errorf("fork bomb: %s, want up to 1024 children stopped by EAGAIN", bomb)
+	}
+	if b, _ := os.ReadFile(v.console); strings.Contains(string(b), "Out of memory") {
+		t.Errorf("the fork bomb ran the guest out of memory:\n%s", b)
 	}
 
 	// Writes to /tmp land on the scratch disk and stop at its size.

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 	"unsafe"
@@ -92,6 +93,64 @@ func setupSystem(cfg Config, log *slog.Logger) error {
 	// victim, never the agent (the agent resets the runtime's score to 0).
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0); err != nil {
 		log.Warn("protecting the agent from the OOM killer", "err", err)
+	}
+	return limitTasks(procThreadsMax)
+}
+
+// runtimeTasks is Lambda's limit of processes plus threads per execution
+// environment, which the guest applies to the runtime's user.
+const runtimeTasks = 1024
+
+// procThreadsMax is the kernel's system-wide limit of tasks.
+const procThreadsMax = "/proc/sys/kernel/threads-max"
+
+// threadsMaxFloor is the lowest system-wide task limit the guest keeps:
+// the runtime's runtimeTasks plus room for the kernel's threads and the
+// agent's, so the runtime's limit is always the one a fork bomb hits.
+const threadsMaxFloor = runtimeTasks + 512
+
+// limitTasks gives the runtime Lambda's limit of runtimeTasks processes
+// and threads.
+//
+// The guest kernel has no cgroups, so the limit is RLIMIT_NPROC, set soft
+// and hard on PID 1 and inherited by everything it starts. The kernel
+// counts it per real uid, threads included (each is a task), and enforces
+// it in fork and clone only for a user other than root without
+// CAP_SYS_RESOURCE or CAP_SYS_ADMIN: the agent (root) is never held by it,
+// while the runtime, which the agent starts under its own uid, gets all
+// 1,024 for itself and cannot raise the hard limit back.
+//
+// The kernel also caps tasks system-wide (threads-max), from the memory
+// size: about 1,000 in a 128 MB guest, below the runtime's limit. A fork
+// bomb stopped there would also stop the agent from creating a thread,
+// which the Go runtime answers by aborting PID 1 (a kernel panic), so the
+// cap is raised to threadsMaxFloor.
+func limitTasks(threadsMax string) error {
+	if err := raiseThreadsMax(threadsMax, threadsMaxFloor); err != nil {
+		return err
+	}
+	lim := unix.Rlimit{Cur: runtimeTasks, Max: runtimeTasks}
+	if err := unix.Setrlimit(unix.RLIMIT_NPROC, &lim); err != nil {
+		return fmt.Errorf("setting RLIMIT_NPROC: %w", err)
+	}
+	return nil
+}
+
+// raiseThreadsMax writes floor to the sysctl file path if it holds less.
+func raiseThreadsMax(path string, floor int) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("reading threads-max: %w", err)
+	}
+	cur, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("reading threads-max: %q: %w", b, err)
+	}
+	if cur >= floor {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte(strconv.Itoa(floor)), 0); err != nil {
+		return fmt.Errorf("raising threads-max to %d: %w", floor, err)
 	}
 	return nil
 }

@@ -106,3 +106,31 @@ func TestOpenPortWaitsForName(t *testing.T) {
 		t.Errorf("openPort without the port = %v", err)
 	}
 }
+
+func TestRaiseThreadsMax(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "threads-max")
+	for _, c := range []struct{ cur, want string }{
+		{"931\n", "1536"},    // a 128 MB guest's own value: raised
+		{"1536\n", "1536\n"}, // at the floor: left alone
+		{"7000\n", "7000\n"}, // above: never lowered
+	} {
+		if err := os.WriteFile(p, []byte(c.cur), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := raiseThreadsMax(p, 1536); err != nil {
+			t.Fatalf("raiseThreadsMax with %q: %v", c.cur, err)
+		}
+		if b, _ := os.ReadFile(p); string(b) != c.want {
+			t.Errorf("threads-max %q became %q, want %q", c.cur, b, c.want)
+		}
+	}
+	if err := os.WriteFile(p, []byte("many\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := raiseThreadsMax(p, 1536); err == nil {
+		t.Error("raiseThreadsMax accepted a threads-max of \"many\"")
+	}
+	if err := raiseThreadsMax(filepath.Join(t.TempDir(), "absent"), 1536); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("raiseThreadsMax on a missing file: %v, want ErrNotExist", err)
+	}
+}

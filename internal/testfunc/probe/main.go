@@ -44,8 +44,8 @@ import (
 	"github.com/aws/aws-lambda-go/lambda"
 )
 
-// childArg makes the binary a sleeping child for forkbomb when /bin/sleep is
-// missing from the sandbox.
+// childArg makes the binary a sleeping child (daemon, and forkbomb as a last
+// resort) when /bin/sleep is missing from the sandbox.
 const childArg = "probe-sleep-child"
 
 // Event is the probe's input.
@@ -158,7 +158,8 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 	case "big-response":
 		return strings.Repeat("x", ev.Bytes), nil
 	case "daemon":
-		pid, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "3600"},
+		argv := sleeper()
+		pid, err := syscall.ForkExec(argv[0], argv,
 			&syscall.ProcAttr{Files: []uintptr{}, Sys: &syscall.SysProcAttr{Setsid: true}})
 		return Outcome{PID: pid, Error: errText(err)}, nil
 	case "ps":
@@ -229,9 +230,21 @@ func fillTmp(name string, mb int) Outcome {
 	return Outcome{Bytes: n}
 }
 
+// sleeper is the command line of a process that sleeps for an hour:
+// /bin/sleep, or else this binary run with childArg (the VMs' tiny provided
+// root has no /bin/sleep).
+func sleeper() []string {
+	if _, err := os.Stat("/bin/sleep"); err == nil {
+		return []string{"/bin/sleep", "3600"}
+	}
+	return []string{"/proc/self/exe", childArg}
+}
+
 // forkbomb starts sleeping children until the sandbox refuses or max is
-// reached, then kills them all. The children are single-threaded /bin/sleep
-// when available so that each costs one pid.
+// reached, then kills them all. Each child must cost one task and little
+// memory, so that it is the sandbox's task limit that stops the bomb, not
+// its memory: /bin/sleep when the sandbox has it, else the pause child
+// written to /tmp, and only as a last resort this (multi-threaded) binary.
 func forkbomb(max int) Outcome {
 	// Pre-create idle OS threads: the Go runtime aborts the whole process
 	// when it cannot create a thread it needs, which it may want to do
@@ -248,9 +261,12 @@ func forkbomb(max int) Outcome {
 	}
 	wg.Wait()
 
-	argv := []string{"/bin/sleep", "3600"}
-	if _, err := os.Stat(argv[0]); err != nil {
-		argv = []string{"/proc/self/exe", childArg}
+	argv := sleeper()
+	if argv[0] != "/bin/sleep" {
+		if p, err := writePause(); err == nil {
+			defer os.Remove(p)
+			argv = []string{p}
+		}
 	}
 	// syscall.ForkExec rather than os/exec: an os.Process holds a pidfd,
 	// so the descriptor limit would stop the bomb before the process

@@ -48,9 +48,6 @@ func TestDriver(t *testing.T) {
 	opts := drivertest.Options{
 		Unsupported: map[string]string{
 			"NetworkShared": "the qemu driver attaches no guest network yet (loopback only)",
-			// Known gaps of the guest, not of the driver (issue 4 note):
-			"ResetKillsStrays": "the tiny provided root has no /bin/sleep for the probe's daemon action yet",
-			"ForkBomb":         "the guest init sets no process limit for the runtime yet, so a fork bomb thrashes the VM",
 		},
 		// Under TCG a boot takes seconds, more with several VMs on few
 		// cores, and the first Start builds the runtime's root image.
