@@ -397,7 +397,7 @@ func (s *session) writeResult(cfg *protocol.Init, inv *invocation, o *outcome, i
 	segs, n := invocationLog(inv.pre, inv.body, res.RequestID, cfg.FunctionVersion, extra, report)
 	res.PayloadLen = len(payload)
 	res.LogBytes = n
-	return s.write(protocol.TypeResult, res, append([][]byte{payload}, segs...)...)
+	return s.write(protocol.TypeResult, &res, append([][]byte{payload}, segs...)...)
 }
 
 // writeFailedInit answers an invocation whose INIT failed: the error

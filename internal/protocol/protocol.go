@@ -37,7 +37,6 @@ package protocol
 import (
 	"bufio"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -177,9 +176,10 @@ type Frame struct {
 	Body   []byte
 }
 
-// Decode unmarshals the frame's header into v.
+// Decode unmarshals the frame's header into v (see codec.go: Invoke and
+// Result are decoded without reflection).
 func (f *Frame) Decode(v any) error {
-	if err := json.Unmarshal(f.Header, v); err != nil {
+	if err := decodeHeader(f.Header, v); err != nil {
 		return fmt.Errorf("protocol: decoding %s header: %w", f.Type, err)
 	}
 	return nil
@@ -192,10 +192,25 @@ type Conn struct {
 	r  *bufio.Reader
 	w  io.Writer
 	c  io.Closer
-	mu sync.Mutex // guards writes and hdr
-	// hdr is reused for the fixed-size frame prefix.
-	hdr [9]byte
+	mu sync.Mutex // guards writes and wbuf
+	// wbuf is reused for the prefix and header of every frame, and for the
+	// whole of a small one; it is dropped after a frame larger than
+	// maxKeptWriteBuf so an idle connection holds little.
+	wbuf []byte
+	// rpre holds the prefix of the frame being read (ReadFrame only).
+	rpre [prefixLen]byte
 }
+
+const (
+	// prefixLen is the fixed part of a frame: type, hlen, blen.
+	prefixLen = 9
+	// oneWriteMax is the largest body copied into the write buffer so the
+	// frame goes out in one write: one packet, one virtio descriptor chain.
+	// Larger bodies are written in place.
+	oneWriteMax = 32 << 10
+	// maxKeptWriteBuf bounds the write buffer a Conn keeps between frames.
+	maxKeptWriteBuf = 16 << 10
+)
 
 // NewConn wraps rw. If rw is an io.Closer, Close closes it.
 func NewConn(rw io.ReadWriter) *Conn {
@@ -214,37 +229,42 @@ func (c *Conn) Close() error {
 	return c.c.Close()
 }
 
-// WriteFrame marshals header as JSON and writes one frame with the given body
+// WriteFrame encodes header as JSON and writes one frame with the given body
 // parts concatenated (so payload and log need no copy into one buffer).
 func (c *Conn) WriteFrame(t Type, header any, body ...[]byte) error {
-	h, err := json.Marshal(header)
-	if err != nil {
-		return fmt.Errorf("protocol: encoding %s header: %w", t, err)
-	}
 	blen := 0
 	for _, b := range body {
 		blen += len(b)
 	}
-	if len(h) > MaxHeader || blen > MaxBody {
+	if blen > MaxBody {
 		return fmt.Errorf("protocol: writing %s: %w", t, ErrFrameTooLarge)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.hdr[0] = byte(t)
-	binary.BigEndian.PutUint32(c.hdr[1:5], uint32(len(h)))
-	binary.BigEndian.PutUint32(c.hdr[5:9], uint32(blen))
-	// One write for small frames keeps each frame in one packet / one
-	// virtio descriptor chain; large bodies are written in place.
-	if blen <= 32<<10 {
-		buf := make([]byte, 0, 9+len(h)+blen)
-		buf = append(buf, c.hdr[:]...)
-		buf = append(buf, h...)
+	buf := append(c.wbuf[:0], make([]byte, prefixLen)...)
+	buf, err := appendHeader(buf, header)
+	if err != nil {
+		return fmt.Errorf("protocol: encoding %s header: %w", t, err)
+	}
+	hlen := len(buf) - prefixLen
+	if hlen > MaxHeader {
+		return fmt.Errorf("protocol: writing %s: %w", t, ErrFrameTooLarge)
+	}
+	buf[0] = byte(t)
+	binary.BigEndian.PutUint32(buf[1:5], uint32(hlen))
+	binary.BigEndian.PutUint32(buf[5:9], uint32(blen))
+	if blen <= oneWriteMax {
 		for _, b := range body {
 			buf = append(buf, b...)
 		}
 		_, err = c.w.Write(buf)
 	} else {
-		err = writeAll(c.w, c.hdr[:], h, body)
+		err = writeAll(c.w, buf, body)
+	}
+	if cap(buf) <= maxKeptWriteBuf {
+		c.wbuf = buf[:0]
+	} else {
+		c.wbuf = nil
 	}
 	if err != nil {
 		return fmt.Errorf("protocol: writing %s: %w", t, err)
@@ -252,8 +272,8 @@ func (c *Conn) WriteFrame(t Type, header any, body ...[]byte) error {
 	return nil
 }
 
-func writeAll(w io.Writer, prefix, h []byte, body [][]byte) error {
-	if _, err := w.Write(append(append([]byte(nil), prefix...), h...)); err != nil {
+func writeAll(w io.Writer, head []byte, body [][]byte) error {
+	if _, err := w.Write(head); err != nil {
 		return err
 	}
 	for _, b := range body {
@@ -267,11 +287,8 @@ func writeAll(w io.Writer, prefix, h []byte, body [][]byte) error {
 // ReadFrame reads the next frame. It returns io.EOF when the stream ended
 // cleanly between frames and io.ErrUnexpectedEOF inside a frame.
 func (c *Conn) ReadFrame() (*Frame, error) {
-	var pre [9]byte
-	if _, err := io.ReadFull(c.r, pre[:]); err != nil {
-		if err == io.ErrUnexpectedEOF {
-			return nil, err
-		}
+	pre := c.rpre[:]
+	if _, err := io.ReadFull(c.r, pre); err != nil {
 		return nil, err
 	}
 	hlen := binary.BigEndian.Uint32(pre[1:5])
