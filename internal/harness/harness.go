@@ -342,6 +342,13 @@ func (h *Harness) Invoke(ctx context.Context, req *InvokeRequest) (*InvokeResult
 		return nil, err
 	}
 	h.stats.invocations.Add(1)
+	if ctx.Done() == nil {
+		// A caller that cannot give up (the control plane's calls carry
+		// context.WithoutCancel) waits for the end anyway: run here rather
+		// than in a goroutine of its own.
+		defer h.inflight.Done()
+		return h.run(ctx, i, cold, req, start)
+	}
 	type outcome struct {
 		res *InvokeResult
 		err error

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
@@ -58,6 +59,7 @@ type instance struct {
 	logStream    string
 	drv          driver.Instance
 	conn         *protocol.Conn
+	inlineWrites bool             // see inlineBodyMax
 	frames       chan frameResult // frames read from the agent, one at a time
 	broken       chan struct{}    // closed when reading from the agent failed
 	closed       chan struct{}    // closed when teardown begins; ends the reader
@@ -92,6 +94,7 @@ func newInstance(p *pool, revision string, memoryMB int) *instance {
 func (i *instance) attach(di driver.Instance) {
 	i.drv = di
 	i.conn = protocol.NewConn(di.Conn())
+	i.inlineWrites = bufferedStream(di.Conn())
 	i.frames = make(chan frameResult)
 	i.broken = make(chan struct{})
 	go i.readLoop()
@@ -127,20 +130,42 @@ var errNoAnswer = errors.New("agent did not answer")
 // errProtocol reports that the agent broke the conversation.
 var errProtocol = errors.New("agent protocol violation")
 
+// inlineBodyMax is the largest body of a frame exchange writes from its own
+// goroutine on a kernel socket. The agent reads every frame as it arrives
+// and the harness has at most one request outstanding per instance (it
+// destroys an instance whose agent did not answer), so the stream holds at
+// most a frame or two unread. Such a frame (this body and a header under
+// protocol.MaxHeader, in practice a few hundred bytes) fits twice in a
+// socket's buffer (208 KiB by default for the unix sockets both drivers
+// use), so writing it cannot block, even when the agent hangs.
+const inlineBodyMax = 8 << 10
+
+// bufferedStream reports whether c is a kernel socket, whose buffer lets
+// exchange write small frames inline (a net.Pipe, say, has none).
+func bufferedStream(c io.ReadWriteCloser) bool {
+	switch c.(type) {
+	case *net.UnixConn, *net.TCPConn:
+		return true
+	}
+	return false
+}
+
 // exchange sends one request frame and waits for the answer of type want.
-// The write runs in its own goroutine because a hung agent may not read; a
-// teardown (closing the stream) unblocks it. It returns errAgentGone,
-// errNoAnswer (after wait), errProtocol, or abort's error when abort is done
-// first. The instance must be torn down after any error.
+// A frame that may not fit the stream's buffer is written from another
+// goroutine because a hung agent may not read it; a teardown (closing the stream) unblocks that write. It
+// returns errAgentGone, errNoAnswer (after wait), errProtocol, or abort's
+// error when abort is done first. The instance must be torn down after any
+// error.
 func (i *instance) exchange(abort context.Context, t protocol.Type, hdr any, body []byte, want protocol.Type, wait time.Duration) (*protocol.Frame, error) {
-	writeErr := make(chan error, 1)
-	go func() {
-		if body == nil {
-			writeErr <- i.conn.WriteFrame(t, hdr)
-			return
+	var writeErr chan error
+	if i.inlineWrites && len(body) <= inlineBodyMax {
+		if err := i.conn.WriteFrame(t, hdr, body); err != nil {
+			return nil, fmt.Errorf("sending %s: %w: %w", t, errAgentGone, err)
 		}
-		writeErr <- i.conn.WriteFrame(t, hdr, body)
-	}()
+	} else {
+		writeErr = make(chan error, 1)
+		go func() { writeErr <- i.conn.WriteFrame(t, hdr, body) }()
+	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
@@ -332,7 +357,7 @@ func (h *Harness) invokeOn(i *instance, req *InvokeRequest, cold bool, start tim
 		payload = []byte{}
 	}
 	t0 := time.Now()
-	f, err := i.exchange(h.bgCtx, protocol.TypeInvoke, hdr, payload, protocol.TypeResult, timeout+safetyMargin)
+	f, err := i.exchange(h.bgCtx, protocol.TypeInvoke, &hdr, payload, protocol.TypeResult, timeout+safetyMargin)
 	h.metrics.invoke(time.Since(t0))
 	switch {
 	case err == nil:
