@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -41,6 +42,20 @@ const (
 	queueOpTimeout = 10 * time.Second
 	// interruptWait bounds how long Close waits for interrupted workers.
 	interruptWait = 10 * time.Second
+
+	// Accepting Event invocations and running them share the host's CPU.
+	// When many callers wait on the accept path at once (a group commit of
+	// at least yieldBatch enqueues), workers hold their next claim until
+	// the accept path has had no such commit for yieldQuiet, but never for
+	// longer than yieldMax, so execution always progresses (at least
+	// AsyncWorkers events per yieldMax while accepting stays saturated).
+	// Callers of InvokeAsync wait for their 202; the events they queued do
+	// not: on 2 cores, running them during a burst of accepts halved the
+	// accept rate. A trickle of enqueues (batches of one or a few) never
+	// holds the workers.
+	yieldBatch = 8
+	yieldQuiet = 20 * time.Millisecond
+	yieldMax   = 250 * time.Millisecond
 )
 
 // asyncQueue owns the Event path: the group-commit batcher behind
@@ -66,6 +81,10 @@ type asyncQueue struct {
 	// claim, so a worker cannot run an event (and write its final record)
 	// before that event's Queued record is written, which would overwrite it.
 	commitMu sync.RWMutex
+
+	// saturatedAt is when (Service clock, Unix ns) the batcher last
+	// committed a batch of at least yieldBatch enqueues; 0 if never.
+	saturatedAt atomic.Int64
 }
 
 type enqueueReq struct {
@@ -245,6 +264,9 @@ func (q *asyncQueue) commit(batch []*enqueueReq) {
 		evs[i] = r.ev
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), enqueueTimeout)
+	if len(batch) >= yieldBatch {
+		q.saturatedAt.Store(q.s.now().UnixNano())
+	}
 	q.commitMu.Lock()
 	err := q.s.store.Queue().Enqueue(ctx, evs)
 	cancel()
@@ -264,14 +286,51 @@ func (q *asyncQueue) commit(batch []*enqueueReq) {
 	}
 }
 
+// yieldFor returns how long a worker that has waited waited so far should
+// still hold its next claim at now (see yieldBatch).
+func (q *asyncQueue) yieldFor(now time.Time, waited time.Duration) time.Duration {
+	at := q.saturatedAt.Load()
+	if at == 0 || waited >= yieldMax {
+		return 0
+	}
+	quiet := time.Unix(0, at).Add(yieldQuiet).Sub(now)
+	return max(min(quiet, yieldMax-waited), 0)
+}
+
+// yield holds a worker's next claim while the accept path is saturated,
+// within yieldMax. It reports false when the worker must stop.
+func (q *asyncQueue) yield(ctx context.Context, t *time.Timer) bool {
+	var waited time.Duration
+	for {
+		d := q.yieldFor(q.s.now(), waited)
+		if d <= 0 {
+			return true
+		}
+		t.Reset(d)
+		select {
+		case <-q.stopWorkers:
+			return false
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+		waited += d
+	}
+}
+
 func (q *asyncQueue) worker(ctx context.Context) {
 	idle := time.NewTimer(asyncPoll)
 	defer idle.Stop()
+	hold := time.NewTimer(time.Hour)
+	hold.Stop()
 	for {
 		select {
 		case <-q.stopWorkers:
 			return
 		default:
+		}
+		if !q.yield(ctx, hold) {
+			return
 		}
 		q.commitMu.RLock()
 		evs, err := q.s.store.Queue().Claim(ctx, q.s.now(), asyncLease, 1)

@@ -322,3 +322,67 @@ func TestCloseInterruptsInFlightEvent(t *testing.T) {
 		t.Fatalf("record after Close = %+v, %v", rec, err)
 	}
 }
+
+// Workers hold their claims while the accept path is saturated, until it
+// has been quiet for yieldQuiet, and never longer than yieldMax in all.
+func TestWorkersYieldToASaturatedAcceptPath(t *testing.T) {
+	q := newAsyncQueue(&Service{})
+	t0 := time.Unix(1700000000, 0)
+	if d := q.yieldFor(t0, 0); d != 0 {
+		t.Fatalf("yield %v before any saturated commit", d)
+	}
+	q.saturatedAt.Store(t0.UnixNano())
+	for _, tc := range []struct {
+		since, waited, want time.Duration
+	}{
+		{0, 0, yieldQuiet},
+		{yieldQuiet / 2, 0, yieldQuiet / 2},
+		{yieldQuiet, 0, 0},
+		{time.Second, 0, 0},
+		{0, yieldMax - time.Millisecond, time.Millisecond},
+		{0, yieldMax, 0},
+		{0, 2 * yieldMax, 0},
+	} {
+		if d := q.yieldFor(t0.Add(tc.since), tc.waited); d != tc.want {
+			t.Errorf("%v after a saturated commit, having waited %v: yield %v, want %v", tc.since, tc.waited, d, tc.want)
+		}
+	}
+}
+
+// Only group commits of many enqueues mark the accept path saturated; a
+// trickle never holds the workers.
+func TestOnlyBigCommitsSaturate(t *testing.T) {
+	e := newEnv(t, nil)
+	e.create("f")
+	for i := 0; i < 3; i++ {
+		if err := e.svc.InvokeAsync(context.Background(), &InvokeInput{Function: "f"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if at := e.svc.async.saturatedAt.Load(); at != 0 {
+		t.Fatal("sequential enqueues marked the accept path saturated")
+	}
+	batch := make([]*enqueueReq, yieldBatch)
+	for i := range batch {
+		id := fmt.Sprintf("big-%d", i)
+		batch[i] = &enqueueReq{
+			ev:     &store.Event{RequestID: id, Function: "f", EnqueuedAt: time.Now(), NotBefore: time.Now()},
+			queued: &invocation.Record{RequestID: id, Function: "f", Type: invocation.TypeEvent, Status: invocation.StatusQueued, Start: time.Now()},
+			done:   make(chan error, 1),
+		}
+	}
+	e.svc.async.commit(batch)
+	for _, r := range batch {
+		if err := <-r.done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if at := e.svc.async.saturatedAt.Load(); at == 0 {
+		t.Fatalf("a commit of %d enqueues did not mark the accept path saturated", yieldBatch)
+	}
+	for _, r := range batch {
+		if rec := e.waitRecord(r.ev.RequestID); rec.Status != invocation.StatusSucceeded {
+			t.Fatalf("event of a saturated commit: %+v", rec)
+		}
+	}
+}
