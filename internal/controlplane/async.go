@@ -77,9 +77,10 @@ type asyncQueue struct {
 	closed bool
 
 	// commitMu is held exclusively by the batcher from its commit until the
-	// batch's Queued records are written, and shared by workers while they
-	// claim, so a worker cannot run an event (and write its final record)
-	// before that event's Queued record is written, which would overwrite it.
+	// batch's Queued records are handed to the record writer, and shared by
+	// workers while they claim, so a worker cannot run an event (and write
+	// its final record) before that event's Queued record is handed over,
+	// which would then replace the final one.
 	commitMu sync.RWMutex
 
 	// saturatedAt is when (Service clock, Unix ns) the batcher last
@@ -274,7 +275,7 @@ func (q *asyncQueue) commit(batch []*enqueueReq) {
 		err = fmt.Errorf("queueing event: %w", err)
 	} else {
 		for _, r := range batch {
-			q.s.records.write(r.queued)
+			q.s.records.writeLater(r.queued)
 		}
 	}
 	q.commitMu.Unlock()

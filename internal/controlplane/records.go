@@ -24,6 +24,15 @@ const (
 	recordSendWait    = 2 * time.Second
 	recordPutTimeout  = 10 * time.Second
 	recordPutAttempts = 3
+	// queuedRecordDelay is how long an Event's Queued record waits in
+	// memory (visible to GetInvocation and ListInvocations all along)
+	// before it is written: most events run by then, and their final record
+	// replaces it unwritten, so a burst of Event invokes costs the store one
+	// record write per event instead of two, after the burst rather than
+	// during it. The event itself is durable from its enqueue; a crash
+	// forgets only the Queued records of the last queuedRecordDelay, and
+	// those events get their record when they run.
+	queuedRecordDelay = 2 * time.Second
 )
 
 // ListInvocations page sizes.
@@ -40,8 +49,11 @@ const (
 type recordWriter struct {
 	inv store.Invocations
 	log *slog.Logger
+	// delay is writeLater's (queuedRecordDelay; tests shorten it). One
+	// delay for all keeps the delayed records in due order.
+	delay time.Duration
 
-	ch     chan *invocation.Record
+	ch     chan recordWrite
 	stopCh chan struct{}
 	done   chan struct{}
 
@@ -57,11 +69,20 @@ type recordWriter struct {
 	dropped atomic.Int64
 }
 
+// recordWrite is one record handed to the writer loop; a record with a due
+// time is held until then and dropped if a newer record of its request id
+// replaced it meanwhile.
+type recordWrite struct {
+	rec *invocation.Record
+	due time.Time
+}
+
 func newRecordWriter(inv store.Invocations, log *slog.Logger) *recordWriter {
 	return &recordWriter{
 		inv:     inv,
 		log:     log,
-		ch:      make(chan *invocation.Record, recordBuffer),
+		delay:   queuedRecordDelay,
+		ch:      make(chan recordWrite, recordBuffer),
 		stopCh:  make(chan struct{}),
 		done:    make(chan struct{}),
 		pending: map[string]*invocation.Record{},
@@ -85,6 +106,18 @@ func (w *recordWriter) stop() {
 
 // write queues rec (which the writer now owns) for the store.
 func (w *recordWriter) write(rec *invocation.Record) {
+	w.send(recordWrite{rec: rec})
+}
+
+// writeLater queues rec to be written after the writer's delay unless a
+// newer record of the same request id replaces it first; until then
+// lookups see it.
+func (w *recordWriter) writeLater(rec *invocation.Record) {
+	w.send(recordWrite{rec: rec, due: time.Now().Add(w.delay)})
+}
+
+func (w *recordWriter) send(rw recordWrite) {
+	rec := rw.rec
 	w.gate.RLock()
 	defer w.gate.RUnlock()
 	if w.stopped {
@@ -95,7 +128,7 @@ func (w *recordWriter) write(rec *invocation.Record) {
 	w.pending[rec.RequestID] = rec
 	w.mu.Unlock()
 	select {
-	case w.ch <- rec:
+	case w.ch <- rw:
 		return
 	default:
 	}
@@ -106,12 +139,20 @@ func (w *recordWriter) write(rec *invocation.Record) {
 	t := time.NewTimer(recordSendWait)
 	defer t.Stop()
 	select {
-	case w.ch <- rec:
+	case w.ch <- rw:
 	case <-t.C:
 		w.forget([]*invocation.Record{rec})
 		d := w.dropped.Add(1)
 		w.log.Error("dropped invocation record: store too slow", "request_id", rec.RequestID, "function", rec.Function, "dropped_total", d)
 	}
+}
+
+// current reports whether rec is still the newest record of its request
+// id, i.e. nothing replaced it since it was queued.
+func (w *recordWriter) current(rec *invocation.Record) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.pending[rec.RequestID] == rec
 }
 
 // lookup returns a copy of a record that is buffered and not yet flushed.
@@ -142,6 +183,8 @@ func (w *recordWriter) run() {
 	t := time.NewTicker(recordFlushEvery)
 	defer t.Stop()
 	batch := make([]*invocation.Record, 0, recordBatchMax)
+	// later holds delayed records in due order (they share w.delay).
+	var later []recordWrite
 	add := func(r *invocation.Record) {
 		batch = append(batch, r)
 		if len(batch) >= recordBatchMax {
@@ -149,11 +192,34 @@ func (w *recordWriter) run() {
 			batch = batch[:0]
 		}
 	}
+	take := func(rw recordWrite) {
+		if rw.due.IsZero() {
+			add(rw.rec)
+		} else {
+			later = append(later, rw)
+		}
+	}
+	// promote moves the delayed records due by now (all with now zero)
+	// that nothing replaced into the batch.
+	promote := func(now time.Time) {
+		k := 0
+		for ; k < len(later) && (now.IsZero() || !later[k].due.After(now)); k++ {
+			if w.current(later[k].rec) {
+				add(later[k].rec)
+			}
+			later[k] = recordWrite{}
+		}
+		later = later[k:]
+		if len(later) == 0 {
+			later = nil // let the drained backing array go
+		}
+	}
 	for {
 		select {
-		case r := <-w.ch:
-			add(r)
-		case <-t.C:
+		case rw := <-w.ch:
+			take(rw)
+		case now := <-t.C:
+			promote(now)
 			if len(batch) > 0 {
 				w.flush(batch)
 				batch = batch[:0]
@@ -161,9 +227,12 @@ func (w *recordWriter) run() {
 		case <-w.stopCh:
 			for {
 				select {
-				case r := <-w.ch:
-					add(r)
+				case rw := <-w.ch:
+					take(rw)
 				default:
+					// Everything queued is in: delayed records that are
+					// still the newest of their request go now.
+					promote(time.Time{})
 					if len(batch) > 0 {
 						w.flush(batch)
 					}
