@@ -74,3 +74,31 @@ func TestExchangeOnAnUnbufferedStream(t *testing.T) {
 		t.Fatalf("exchange with an agent that does not read = %v, want errNoAnswer", err)
 	}
 }
+
+func TestNormalizeCopiesOnlyWhatItMust(t *testing.T) {
+	e := &testEnv{code: "c"}
+	full := e.fn("f", "r1")
+	full.ApplyDefaults()
+	req := request(full, "x")
+	if got := normalize(req, false); got != req {
+		t.Fatal("a complete configuration was copied for a caller that waits for the end")
+	}
+	got := normalize(req, true)
+	if got.Function == req.Function || got.Runtime == req.Runtime {
+		t.Fatal("work that may outlive the call shares the caller's configuration or runtime")
+	}
+	if got.Function.RevisionID != full.RevisionID || got.Runtime.ID != req.Runtime.ID {
+		t.Fatalf("private copy differs: %+v", got.Function)
+	}
+
+	bare := e.fn("f", "r1")
+	bare.Timeout, bare.MemorySize, bare.Version = 0, 0, ""
+	req = request(bare, "x")
+	got = normalize(req, false)
+	if got.Function == bare || got.Function.Timeout != 3 || got.Function.MemorySize != 128 || got.Function.Version != "$LATEST" {
+		t.Fatalf("defaults not applied on a copy: %+v", got.Function)
+	}
+	if bare.Timeout != 0 || bare.MemorySize != 0 || bare.Version != "" {
+		t.Fatalf("the caller's configuration was modified: %+v", bare)
+	}
+}

@@ -335,7 +335,7 @@ func (h *Harness) Invoke(ctx context.Context, req *InvokeRequest) (*InvokeResult
 		return nil, err
 	}
 	start := h.now()
-	req = normalize(req)
+	req = normalize(req, ctx.Done() != nil)
 	i, cold, err := h.acquire(req)
 	if err != nil {
 		h.inflight.Done()
@@ -436,14 +436,27 @@ func checkRequest(req *InvokeRequest) error {
 	return nil
 }
 
-// normalize returns req with a private copy of the configuration whose
-// zero limits carry Lambda's defaults (callers' values are never kept).
-func normalize(req *InvokeRequest) *InvokeRequest {
+// normalize returns req with the configuration's zero limits set to
+// Lambda's defaults. The caller's configuration and runtime are only read,
+// and only during the call (InvokeRequest's contract). When the work may
+// outlive the call (private: the caller can give up and Invoke returns
+// early), it gets copies of them; otherwise it copies only a configuration
+// that lacks a default, so the control plane's calls (stored
+// configurations have their defaults, and its contexts cannot be
+// cancelled) copy nothing.
+func normalize(req *InvokeRequest, private bool) *InvokeRequest {
+	fn := req.Function
+	complete := fn.Timeout != 0 && fn.MemorySize != 0 && fn.EphemeralStorage != 0 && len(fn.Architectures) > 0 && fn.Version != ""
+	if complete && !private {
+		return req
+	}
 	r := *req
-	r.Function = req.Function.Clone()
+	r.Function = fn.Clone()
 	r.Function.ApplyDefaults()
-	rt := *req.Runtime
-	r.Runtime = &rt
+	if private {
+		rt := *req.Runtime
+		r.Runtime = &rt
+	}
 	return &r
 }
 
