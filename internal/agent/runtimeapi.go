@@ -175,7 +175,7 @@ func (e *env) answerPost(w http.ResponseWriter, r *http.Request, o *outcome, too
 			"Exceeded maximum allowed payload size (6291556 bytes).")
 		return
 	}
-	writeJSON(w, http.StatusAccepted, map[string]string{"status": "OK"})
+	writeAccepted(w)
 }
 
 // handleInitError serves POST /init/error: INIT failed; the environment is
@@ -201,7 +201,7 @@ func (e *env) handleInitError(w http.ResponseWriter, r *http.Request) {
 		writeStatusError(w, refused)
 		return
 	}
-	writeJSON(w, http.StatusAccepted, map[string]string{"status": "OK"})
+	writeAccepted(w)
 }
 
 // readPayload reads a posted body of at most maxPayload bytes. tooLarge
@@ -246,6 +246,19 @@ func writeStatusError(w http.ResponseWriter, err error) {
 
 func writeError(w http.ResponseWriter, status int, errorType, msg string) {
 	writeJSON(w, status, protocol.ErrorInfo{ErrorMessage: msg, ErrorType: errorType})
+}
+
+// acceptedBody is the body of every 202, encoded once.
+var acceptedBody = []byte(`{"status":"OK"}`)
+
+// writeAccepted answers 202 {"status":"OK"}, as Lambda does to a posted
+// response or error.
+func writeAccepted(w http.ResponseWriter) {
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Content-Length"] = []string{strconv.Itoa(len(acceptedBody))}
+	w.WriteHeader(http.StatusAccepted)
+	_, _ = w.Write(acceptedBody)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
