@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -81,13 +79,4 @@ func TestPeakReaderClosedOnReset(t *testing.T) {
 		t.Fatalf("status file of reset runtime pid %d still open", pid)
 	}
 	mustSucceed(t, ta.invoke(action{Do: "echo"}))
-}
-
-func TestWriteAccepted(t *testing.T) {
-	rec := httptest.NewRecorder()
-	writeAccepted(rec)
-	if rec.Code != http.StatusAccepted || rec.Body.String() != `{"status":"OK"}` ||
-		rec.Header().Get("Content-Type") != "application/json" || rec.Header().Get("Content-Length") != "15" {
-		t.Fatalf("202 answer: %d %q %v", rec.Code, rec.Body.String(), rec.Header())
-	}
 }
