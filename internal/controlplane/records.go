@@ -16,9 +16,13 @@ import (
 )
 
 // Record writer tuning. Records are written in batches so the invoke path
-// costs one channel send, not one database transaction.
+// costs one channel send, not one database transaction. Larger batches cost
+// the store less per record (one commit, and fewer pages written per record
+// as the random request ids share b-tree pages): on SQLite, 27 µs per record
+// in batches of 250 against 38 µs in batches of 60, which 50 ms gave at
+// 1,200 invocations/s. Unflushed records are visible to lookups meanwhile.
 const (
-	recordFlushEvery  = 50 * time.Millisecond
+	recordFlushEvery  = 200 * time.Millisecond
 	recordBatchMax    = 256
 	recordBuffer      = 4096
 	recordSendWait    = 2 * time.Second
