@@ -386,3 +386,24 @@ func TestOnlyBigCommitsSaturate(t *testing.T) {
 		}
 	}
 }
+
+func TestAsyncEventsLeasedByACrashedRunRunAtStart(t *testing.T) {
+	var st store.Store
+	e := newEnv(t, func(cfg *Config) {
+		st = cfg.Store
+		ctx := context.Background()
+		now := time.Now()
+		// A previous run enqueued the event, claimed it and died holding
+		// its 17-minute lease.
+		if err := st.Queue().Enqueue(ctx, []*store.Event{{RequestID: "leased", Function: "gone", EnqueuedAt: now, NotBefore: now}}); err != nil {
+			t.Fatal(err)
+		}
+		if evs, err := st.Queue().Claim(ctx, now, time.Hour, 10); err != nil || len(evs) != 1 {
+			t.Fatalf("claim: %v %v", evs, err)
+		}
+	})
+	rec := e.waitRecord("leased")
+	if rec.Status != invocation.StatusFailed || rec.ErrorType != "ResourceNotFoundException" {
+		t.Fatalf("record = %+v", rec)
+	}
+}

@@ -200,6 +200,15 @@ func (s *Service) Start(ctx context.Context) error {
 		s.state.Store(stateClosed)
 		return err
 	}
+	// The Service is its queue's only user (the same assumption as the
+	// config cache), so leases still held now belong to a process that
+	// crashed: their events run again at once, not when the lease expires.
+	if n, err := s.store.Queue().ReleaseLeases(ctx, s.now()); err != nil {
+		s.state.Store(stateClosed)
+		return fmt.Errorf("releasing a previous run's event leases: %w", err)
+	} else if n > 0 {
+		s.log.Info("re-queued events claimed by a previous run", "count", n)
+	}
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.bgCancel = cancel
 	s.records.start()
