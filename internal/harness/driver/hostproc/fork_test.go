@@ -1,0 +1,112 @@
+package hostproc
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// startOnDyingThread starts cmd (with Pdeathsig SIGKILL) through start,
+// called on a goroutine locked to its thread that then exits, which ends
+// the thread; it returns once the thread is gone.
+func startOnDyingThread(t *testing.T, start func(*exec.Cmd) error) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	type result struct {
+		tid int
+		err error
+	}
+	res := make(chan result)
+	var r result
+	for try := 0; r.tid == 0; try++ {
+		if try == 1000 {
+			t.Fatal("every goroutine ran on the main thread")
+		}
+		go func() {
+			runtime.LockOSThread()
+			if unix.Gettid() == os.Getpid() {
+				// The main thread never ends (the runtime parks it
+				// instead): try again on another.
+				runtime.UnlockOSThread()
+				res <- result{}
+				return
+			}
+			res <- result{unix.Gettid(), start(cmd)}
+			// Returning while locked makes the runtime end the thread.
+		}()
+		r = <-res
+	}
+	if r.err != nil {
+		t.Fatalf("starting %v: %v", cmd.Args, r.err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	task := "/proc/self/task/" + strconv.Itoa(r.tid)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(task); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("thread %d did not end", r.tid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return cmd
+}
+
+// signalledBy sends SIGTERM to cmd and returns the signal it died of: a
+// Pdeathsig already sent (when its forking thread ended) wins over it.
+func signalledBy(t *testing.T, cmd *exec.Cmd) syscall.Signal {
+	t.Helper()
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	err := cmd.Wait()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatalf("wait: %v", err)
+	}
+	ws := ee.Sys().(syscall.WaitStatus)
+	if !ws.Signaled() {
+		t.Fatalf("child exited with %v, not by a signal", ws)
+	}
+	return ws.Signal()
+}
+
+// TestForkerOutlivesThreads: a child started by a Forker keeps running
+// when the goroutine (and thread) that asked for it ends; one started
+// directly from that thread is killed by its Pdeathsig, which is what
+// the Forker is for.
+func TestForkerOutlivesThreads(t *testing.T) {
+	f := NewForker()
+	defer f.Close()
+	if sig := signalledBy(t, startOnDyingThread(t, f.Start)); sig != syscall.SIGTERM {
+		t.Errorf("child started by the Forker died of %v, want our SIGTERM (its Pdeathsig fired)", sig)
+	}
+	direct := func(cmd *exec.Cmd) error { return cmd.Start() }
+	if sig := signalledBy(t, startOnDyingThread(t, direct)); sig != syscall.SIGKILL {
+		t.Errorf("control: child started directly died of %v, want the Pdeathsig SIGKILL", sig)
+	}
+}
+
+func TestForkerStartError(t *testing.T) {
+	f := NewForker()
+	defer f.Close()
+	cmd := exec.Command("/nonexistent/binary")
+	if err := f.Start(cmd); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Start = %v, want not exist", err)
+	}
+	ok := exec.Command("true")
+	if err := f.Start(ok); err != nil {
+		t.Fatalf("Start after a failed start: %v", err)
+	}
+	if err := ok.Wait(); err != nil {
+		t.Errorf("true: %v", err)
+	}
+}
