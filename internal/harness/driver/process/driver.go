@@ -36,6 +36,7 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 var _ driver.Driver = (*Driver)(nil)
@@ -80,7 +81,7 @@ type Driver struct {
 	opts         Options
 	log          *slog.Logger
 	cg           *cgroupManager
-	fork         *forker
+	fork         *hostproc.Forker
 	rootless     bool
 	degradations []string
 
@@ -129,7 +130,7 @@ func New(opts Options) (*Driver, error) {
 		log:       opts.Logger.With("driver", "process"),
 		rootless:  os.Geteuid() != 0,
 		instances: map[string]*instance{},
-		fork:      newForker(),
+		fork:      hostproc.NewForker(),
 	}
 	if d.rootless {
 		d.degradations = append(d.degradations,
@@ -278,7 +279,7 @@ func (d *Driver) known(id string) bool {
 func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 	dir := filepath.Join(d.opts.StateDir, id)
 	paths := d.cg.paths(id)
-	rec, err := readRecord(dir)
+	rec, err := hostproc.ReadRecord[record](dir)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
@@ -290,9 +291,10 @@ func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 				paths = append(paths, p)
 			}
 		}
-		if sameProcess(rec.PID, rec.StartTime) {
+		// Killing the sandbox's init takes its whole pid namespace.
+		if p := (hostproc.Proc{PID: rec.PID, StartTime: rec.StartTime}); p.Running() {
 			d.log.Info("killing leftover sandbox", "instance", id, "pid", rec.PID)
-			if err := killRecorded(ctx, rec.PID, rec.StartTime); err != nil {
+			if err := p.Kill(ctx, nil); err != nil {
 				return err
 			}
 		}
@@ -302,33 +304,6 @@ func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 		return err
 	}
 	return removeStateDir(dir)
-}
-
-// killRecorded SIGKILLs a leftover sandbox init (which takes its whole pid
-// namespace with it) and waits until it is gone.
-func killRecorded(ctx context.Context, pid int, startTime uint64) error {
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil // already gone
-	}
-	defer unix.Close(fd)
-	// Re-check after pinning the process with the pidfd.
-	if !sameProcess(pid, startTime) {
-		return nil
-	}
-	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
-		return fmt.Errorf("killing pid %d: %w", pid, err)
-	}
-	ctx, cancel := context.WithTimeout(ctx, killTimeout)
-	defer cancel()
-	for processRunning(pid, startTime) {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for pid %d to exit: %w", pid, ctx.Err())
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	return nil
 }
 
 func dedupe(ss []string) []string {
@@ -367,7 +342,7 @@ func (d *Driver) Close(ctx context.Context) error {
 	// Every Start that got past the closed check registered itself and
 	// was waited for above, so nothing forks any more.
 	if !wasClosed {
-		d.fork.close()
+		d.fork.Close()
 		d.cg.removeParents()
 	}
 	return errors.Join(errs...)
@@ -384,7 +359,7 @@ type instance struct {
 	cgroups []string
 	cmd     *exec.Cmd
 	conn    net.Conn
-	stderr  *lineLogger
+	stderr  *hostproc.LineLog
 	// done is closed when the init has exited (the only cmd.Wait).
 	done chan struct{}
 	// started is closed when Start has returned; cancelStart aborts it.
@@ -419,7 +394,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err := os.Mkdir(root, 0o755); err != nil {
 		return fmt.Errorf("creating root directory: %w", err)
 	}
-	if err := writeRecord(i.dir, rec); err != nil {
+	if err := hostproc.WriteRecord(i.dir, rec); err != nil {
 		return err
 	}
 	i.cgroups = rec.Cgroups
@@ -443,11 +418,12 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err != nil {
 		return err
 	}
-	rec.PID = i.cmd.Process.Pid
-	if rec.StartTime, err = procStartTime(rec.PID); err != nil {
+	p, err := hostproc.Lookup(i.cmd.Process.Pid)
+	if err != nil {
 		return i.withStderr(fmt.Errorf("reading init start time: %w", err))
 	}
-	if err := writeRecord(i.dir, rec); err != nil {
+	rec.PID, rec.StartTime = p.PID, p.StartTime
+	if err := hostproc.WriteRecord(i.dir, rec); err != nil {
 		return err
 	}
 	// The init waits for syncGo before it allocates anything of note, so
@@ -468,7 +444,7 @@ func (i *instance) withStderr(err error) error {
 	case <-i.done:
 	case <-time.After(time.Second):
 	}
-	if tail := i.stderr.lastLines(); tail != "" {
+	if tail := i.stderr.LastLines(); tail != "" {
 		return fmt.Errorf("%w (sandbox said: %s)", err, tail)
 	}
 	return err
@@ -490,7 +466,7 @@ func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File)
 	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", configEnv + "=" + cfgJSON}
 	cmd.Dir = "/"
 	cmd.ExtraFiles = []*os.File{sandboxEnd} // fd 3 = harnessFD
-	i.stderr = newLineLogger(i.log.With("source", "sandbox"))
+	i.stderr = newStderrLog(i.log.With("source", "sandbox"))
 	cmd.Stdout = i.stderr
 	cmd.Stderr = i.stderr
 	// Bounds cmd.Wait if something in the sandbox kept the stderr pipe
@@ -512,29 +488,23 @@ func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File)
 		attr.GidMappingsEnableSetgroups = false
 	}
 	cmd.SysProcAttr = attr
-	if err := d.fork.start(cmd); err != nil {
+	if err := d.fork.Start(cmd); err != nil {
 		return fmt.Errorf("starting sandbox init: %w", err)
 	}
 	i.cmd = cmd
-	go func() {
-		err := cmd.Wait()
-		i.stderr.flush()
-		if err != nil && !isKilled(err) {
+	hostproc.Supervise(cmd, i.done, func(err error) {
+		i.stderr.Flush()
+		if err != nil {
 			i.log.Info("sandbox exited", "err", err)
 		}
-		close(i.done)
-	}()
+	})
 	return nil
 }
 
-func isKilled(err error) bool {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
-			return true
-		}
-	}
-	return false
+// newStderrLog is the log of a sandbox's stdout and stderr: its init and
+// agent write diagnostics there, as slog JSON records.
+func newStderrLog(log *slog.Logger) *hostproc.LineLog {
+	return hostproc.NewLineLog(log, hostproc.LineLogOptions{Msg: "sandbox output"})
 }
 
 // waitReady waits for syncReady from the agent. The init exiting first
@@ -587,27 +557,10 @@ func (i *instance) destroy(ctx context.Context, grace time.Duration) error {
 		i.conn.Close()
 	}
 	if i.cmd != nil {
-		if dl, ok := ctx.Deadline(); ok {
-			grace = min(grace, time.Until(dl))
-		}
-		if grace > 0 {
-			// The closed stream already makes the agent exit; SIGTERM
-			// covers an agent that is not reading it.
-			_ = i.cmd.Process.Signal(syscall.SIGTERM)
-			t := time.NewTimer(grace)
-			select {
-			case <-i.done:
-			case <-t.C:
-			case <-ctx.Done():
-			}
-			t.Stop()
-		}
-		// os.Process signals through a pidfd: never a recycled pid.
-		_ = i.cmd.Process.Signal(syscall.SIGKILL)
-		select {
-		case <-i.done:
-		case <-time.After(killTimeout):
-			errs = append(errs, fmt.Errorf("sandbox init %d did not exit after SIGKILL", i.cmd.Process.Pid))
+		// The closed stream already makes the agent exit; SIGTERM (Stop's
+		// default request) covers an agent that is not reading it.
+		if err := hostproc.Stop(ctx, i.cmd.Process, i.done, grace, nil); err != nil {
+			errs = append(errs, fmt.Errorf("sandbox init: %w", err))
 		}
 	}
 	if err := destroyCgroups(context.WithoutCancel(ctx), i.cgroups, killTimeout); err != nil {

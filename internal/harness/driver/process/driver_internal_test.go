@@ -14,6 +14,7 @@ import (
 
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 )
 
 func requireRoot(t *testing.T) {
@@ -28,7 +29,7 @@ func newTestDriver(t *testing.T, opts Options) *Driver {
 	if opts.StateDir == "" {
 		opts.StateDir = t.TempDir()
 	}
-	opts.Logger = testLogger(t)
+	opts.Logger = hostproctest.Logger(t)
 	d, err := New(opts)
 	if err != nil {
 		t.Fatalf("New: %v", err)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/process"
 )
 
@@ -20,7 +21,7 @@ func TestMain(m *testing.M) {
 
 func TestDriver(t *testing.T) {
 	drivertest.Run(t, func(t *testing.T, stateDir string) driver.Driver {
-		d, err := process.New(process.Options{StateDir: stateDir, Logger: process.NewTestLogger(t)})
+		d, err := process.New(process.Options{StateDir: stateDir, Logger: hostproctest.Logger(t)})
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}
