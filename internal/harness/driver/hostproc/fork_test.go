@@ -26,17 +26,18 @@ func startOnDyingThread(t *testing.T, start func(*exec.Cmd) error) *exec.Cmd {
 	}
 	res := make(chan result)
 	var r result
-	for try := 0; r.tid == 0; try++ {
-		if try == 1000 {
-			t.Fatal("every goroutine ran on the main thread")
-		}
+	for r.tid == 0 {
 		go func() {
 			runtime.LockOSThread()
 			if unix.Gettid() == os.Getpid() {
 				// The main thread never ends (the runtime parks it
-				// instead): try again on another.
-				runtime.UnlockOSThread()
+				// instead). Hold it until the test ends, so that the
+				// next try runs on another thread.
+				release := make(chan struct{})
+				t.Cleanup(func() { close(release) })
 				res <- result{}
+				<-release
+				runtime.UnlockOSThread()
 				return
 			}
 			res <- result{unix.Gettid(), start(cmd)}
