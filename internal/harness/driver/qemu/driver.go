@@ -53,6 +53,7 @@ import (
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -70,7 +71,6 @@ const (
 	// busy with other VMs; KVM boots in a fraction of that.
 	defaultReadyTimeoutTCG = 30 * time.Second
 	defaultReadyTimeoutKVM = 10 * time.Second
-	killTimeout            = 10 * time.Second
 	// qmpQuitTimeout bounds the graceful QMP quit before SIGTERM.
 	qmpQuitTimeout = time.Second
 )
@@ -137,7 +137,7 @@ type Driver struct {
 	accel    accel
 	why      string // why this accel
 	images   imageMaker
-	fork     *forker
+	fork     *hostproc.Forker
 	hostCPUs int
 	tscKHz   int64
 	kernelHz int
@@ -243,7 +243,7 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		accel:     acc,
 		why:       why,
 		images:    images,
-		fork:      newForker(),
+		fork:      hostproc.NewForker(),
 		hostCPUs:  runtime.NumCPU(),
 		tscKHz:    hostTSCkHz(),
 		kernelHz:  kernelHzOf(opts.KernelPath),
@@ -455,7 +455,7 @@ func (d *Driver) known(id string) bool {
 
 func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 	dir := filepath.Join(d.opts.StateDir, id)
-	rec, err := readRecord(dir)
+	rec, err := hostproc.ReadRecord[record](dir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		d.log.Warn("unreadable vm record; removing the directory", "instance", id, "err", err)
 	}
@@ -466,18 +466,18 @@ func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 	// The pid is recorded right after QEMU starts; a crash in between
 	// leaves a QEMU only Pdeathsig should have killed, found by its name.
 	var pids []int
-	if rec != nil && rec.PID > 0 && processRunning(rec.PID, rec.StartTime) && isOurQEMU(rec.PID, qemuPath, id) {
+	if rec != nil && (hostproc.Proc{PID: rec.PID, StartTime: rec.StartTime}).Running() && isOurQEMU(rec.PID, qemuPath, id) {
 		pids = append(pids, rec.PID)
 	} else {
 		pids = findQEMU(qemuPath, id)
 	}
 	for _, pid := range pids {
-		st, err := procStartTime(pid)
+		p, err := hostproc.Lookup(pid)
 		if err != nil {
 			continue
 		}
 		d.log.Info("killing leftover vm", "instance", id, "pid", pid)
-		if err := killProcess(ctx, pid, st, func() bool { return isOurQEMU(pid, qemuPath, id) }); err != nil {
+		if err := p.Kill(ctx, func() bool { return isOurQEMU(pid, qemuPath, id) }); err != nil {
 			return err
 		}
 	}
@@ -512,7 +512,7 @@ func (d *Driver) Close(ctx context.Context) error {
 	// Every Start that got past the closed check registered itself and
 	// was waited for above, so nothing forks any more.
 	if !wasClosed {
-		d.fork.close()
+		d.fork.Close()
 	}
 	return errors.Join(errs...)
 }

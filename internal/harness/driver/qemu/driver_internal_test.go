@@ -17,6 +17,8 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -75,7 +77,7 @@ func newFakeEnv(t *testing.T, mutate ...func(*Options)) *fakeEnv {
 	}
 	opts := Options{
 		StateDir: e.stateDir, QEMUPath: e.qemu, KernelPath: kernel, Accel: "tcg",
-		Logger: testLogger(t), StopGrace: time.Second, ReadyTimeout: 10 * time.Second,
+		Logger: hostproctest.Logger(t), StopGrace: time.Second, ReadyTimeout: 10 * time.Second,
 		// The stand-in is the test binary, which other users may not be
 		// allowed to run; TestVMUsers covers the users.
 		KeepUser: true,
@@ -130,8 +132,8 @@ func assertGone(t *testing.T, e *fakeEnv, id string, pid int) {
 }
 
 func pidAlive(pid int) bool {
-	_, state, err := procStat(pid)
-	return err == nil && state != 'Z' && state != 'X'
+	p, err := hostproc.Lookup(pid)
+	return err == nil && p.Running()
 }
 
 func TestStartConnStop(t *testing.T) {
@@ -150,7 +152,7 @@ func TestStartConnStop(t *testing.T) {
 	if _, err := io.ReadFull(inst.Conn(), buf); err != nil || string(buf) != "ping" {
 		t.Fatalf("echo = %q, %v", buf, err)
 	}
-	rec, err := readRecord(inst.dir)
+	rec, err := hostproc.ReadRecord[record](inst.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,10 +167,10 @@ func TestStartConnStop(t *testing.T) {
 	}
 	// The console is drained into the log and kept for errors.
 	deadline := time.Now().Add(5 * time.Second)
-	for !strings.Contains(inst.console.lastLines(), "fake console: booted ok-1") && time.Now().Before(deadline) {
+	for !strings.Contains(inst.console.LastLines(), "fake console: booted ok-1") && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if got := inst.console.lastLines(); !strings.Contains(got, "booted ok-1") {
+	if got := inst.console.LastLines(); !strings.Contains(got, "booted ok-1") {
 		t.Errorf("console = %q", got)
 	}
 	pid := inst.PID()
@@ -358,12 +360,12 @@ func TestRecover(t *testing.T) {
 	e := newFakeEnv(t)
 	byRecord := startFake(t, e, "ok-rec")
 	byName := startFake(t, e, "ok-noid")
-	rec, err := readRecord(byName.dir)
+	rec, err := hostproc.ReadRecord[record](byName.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	rec.PID, rec.StartTime = 0, 0
-	if err := writeRecord(byName.dir, rec); err != nil {
+	if err := hostproc.WriteRecord(byName.dir, rec); err != nil {
 		t.Fatal(err)
 	}
 	// A record naming a live process that is not QEMU.
@@ -372,18 +374,18 @@ func TestRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { sleeper.Process.Kill(); sleeper.Wait() }()
-	st, err := procStartTime(sleeper.Process.Pid)
+	sp, err := hostproc.Lookup(sleeper.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
 	}
 	strangerDir := filepath.Join(e.stateDir, "stranger")
 	os.Mkdir(strangerDir, 0o700)
-	writeRecord(strangerDir, &record{ID: "stranger", QEMU: e.qemu, PID: sleeper.Process.Pid, StartTime: st})
+	hostproc.WriteRecord(strangerDir, &record{ID: "stranger", QEMU: e.qemu, PID: sp.PID, StartTime: sp.StartTime})
 	// A directory without a record (crash right after mkdir).
 	os.Mkdir(filepath.Join(e.stateDir, "bare"), 0o700)
 
 	d2, err := newDriver(Options{
-		StateDir: e.stateDir, QEMUPath: e.qemu, KernelPath: e.d.opts.KernelPath, Accel: "tcg", Logger: testLogger(t), KeepUser: true,
+		StateDir: e.stateDir, QEMUPath: e.qemu, KernelPath: e.d.opts.KernelPath, Accel: "tcg", Logger: hostproctest.Logger(t), KeepUser: true,
 	}, e.images)
 	if err != nil {
 		t.Fatal(err)
@@ -514,7 +516,7 @@ func TestVMUsers(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(a.dir, scratchImage)); err != nil || fi.Sys().(*syscall.Stat_t).Uid != uint32(ua) {
 		t.Errorf("scratch image not owned by the vm user: %v", err)
 	}
-	rec, _ := readRecord(a.dir)
+	rec, _ := hostproc.ReadRecord[record](a.dir)
 	if rec == nil || rec.UID != ua {
 		t.Errorf("record %+v lacks the vm user %d", rec, ua)
 	}

@@ -1,12 +1,9 @@
 package qemu
 
 import (
-	"log/slog"
 	"net"
 	"os"
 	"strconv"
-	"sync"
-	"testing"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,36 +19,6 @@ func listenUnixRelative(dir, name string) (net.Listener, error) {
 	}
 	defer unix.Close(fd)
 	return net.Listen("unix", "/proc/self/fd/"+strconv.Itoa(fd)+"/"+name)
-}
-
-// testLogger sends the driver's log to the test's log until the test ends
-// (a VM's last lines may arrive after it).
-func testLogger(t *testing.T) *slog.Logger {
-	w := &tWriter{t: t}
-	t.Cleanup(func() {
-		w.mu.Lock()
-		defer w.mu.Unlock()
-		w.done = true
-	})
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// NewTestLogger is testLogger for the external test package.
-var NewTestLogger = testLogger
-
-type tWriter struct {
-	t    *testing.T
-	mu   sync.Mutex
-	done bool
-}
-
-func (w *tWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.done {
-		w.t.Log(string(p))
-	}
-	return len(p), nil
 }
 
 func kvmOpenable() bool {

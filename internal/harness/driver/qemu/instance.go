@@ -17,9 +17,8 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 // instance is one VM. Its fields are set by start and read-only once
@@ -34,8 +33,8 @@ type instance struct {
 
 	cmd     *exec.Cmd
 	conn    net.Conn
-	console *lineLog // the guest's serial console (QEMU's stdout)
-	stderr  *lineLog // QEMU's own diagnostics
+	console *hostproc.LineLog // the guest's serial console (QEMU's stdout)
+	stderr  *hostproc.LineLog // QEMU's own diagnostics
 	// done is closed when QEMU has exited (the only cmd.Wait).
 	done chan struct{}
 	// started is closed when Start has returned; cancelStart aborts it.
@@ -68,7 +67,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err := os.Mkdir(i.dir, 0o700); err != nil {
 		return fmt.Errorf("creating state directory: %w", err)
 	}
-	if err := writeRecord(i.dir, rec); err != nil {
+	if err := hostproc.WriteRecord(i.dir, rec); err != nil {
 		return err
 	}
 	disks, err := i.disks(ctx, spec)
@@ -84,11 +83,12 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err := i.launch(cfg, disks); err != nil {
 		return err
 	}
-	rec.PID = i.cmd.Process.Pid
-	if rec.StartTime, err = procStartTime(rec.PID); err != nil {
+	p, err := hostproc.Lookup(i.cmd.Process.Pid)
+	if err != nil {
 		return i.withOutput(fmt.Errorf("reading qemu start time: %w", err))
 	}
-	if err := writeRecord(i.dir, rec); err != nil {
+	rec.PID, rec.StartTime = p.PID, p.StartTime
+	if err := hostproc.WriteRecord(i.dir, rec); err != nil {
 		return err
 	}
 	if err := i.waitReady(ctx); err != nil {
@@ -228,8 +228,8 @@ func (i *instance) launch(cfg vmConfig, disks vmDisks) error {
 	// QEMU needs nothing of the harness's directory or environment.
 	cmd.Dir = "/"
 	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
-	i.console = newLineLog(i.log.With("source", "console"), slog.LevelDebug, slog.LevelInfo)
-	i.stderr = newLineLog(i.log.With("source", "qemu"), slog.LevelInfo, slog.LevelWarn)
+	i.console = newConsoleLog(i.log.With("source", "console"))
+	i.stderr = newQEMULog(i.log.With("source", "qemu"))
 	cmd.Stdout = i.console
 	cmd.Stderr = i.stderr
 	// Bounds cmd.Wait if something kept the pipes open after QEMU died.
@@ -242,30 +242,18 @@ func (i *instance) launch(cfg vmConfig, disks vmDisks) error {
 	}
 	cmd.SysProcAttr = attr
 	i.log.Debug("starting vm", "config", cfg.String(), "uid", i.uid, "args", cmd.Args)
-	if err := d.fork.start(cmd); err != nil {
+	if err := d.fork.Start(cmd); err != nil {
 		return fmt.Errorf("starting qemu: %w", err)
 	}
 	i.cmd = cmd
-	go func() {
-		err := cmd.Wait()
-		i.console.flush()
-		i.stderr.flush()
-		if err != nil && !isKilled(err) {
+	hostproc.Supervise(cmd, i.done, func(err error) {
+		i.console.Flush()
+		i.stderr.Flush()
+		if err != nil {
 			i.log.Info("vm exited", "err", err)
 		}
-		close(i.done)
-	}()
+	})
 	return nil
-}
-
-func isKilled(err error) bool {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL {
-			return true
-		}
-	}
-	return false
 }
 
 // withOutput adds what QEMU and the guest console said last to an error
@@ -276,10 +264,10 @@ func (i *instance) withOutput(err error) error {
 	case <-time.After(time.Second):
 	}
 	var said []string
-	if t := i.stderr.lastLines(); t != "" {
+	if t := i.stderr.LastLines(); t != "" {
 		said = append(said, "qemu said: "+t)
 	}
-	if t := i.console.lastLines(); t != "" {
+	if t := i.console.LastLines(); t != "" {
 		said = append(said, "console: "+t)
 	}
 	if len(said) == 0 {
@@ -391,28 +379,9 @@ func (i *instance) destroy(ctx context.Context, grace time.Duration) error {
 		i.conn.Close()
 	}
 	if i.cmd != nil {
-		if dl, ok := ctx.Deadline(); ok {
-			grace = min(grace, time.Until(dl))
-		}
-		if ctx.Err() != nil {
-			grace = 0
-		}
-		if grace > 0 {
-			i.quit(ctx, grace)
-			t := time.NewTimer(grace)
-			select {
-			case <-i.done:
-			case <-t.C:
-			case <-ctx.Done():
-			}
-			t.Stop()
-		}
-		// os.Process signals through a pidfd: never a recycled pid.
-		_ = i.cmd.Process.Signal(syscall.SIGKILL)
-		select {
-		case <-i.done:
-		case <-time.After(killTimeout):
-			errs = append(errs, fmt.Errorf("qemu %d did not exit after SIGKILL", i.cmd.Process.Pid))
+		quit := func(grace time.Duration) { i.quit(ctx, grace) }
+		if err := hostproc.Stop(ctx, i.cmd.Process, i.done, grace, quit); err != nil {
+			errs = append(errs, fmt.Errorf("qemu: %w", err))
 		}
 	}
 	if err := os.RemoveAll(i.dir); err != nil {
@@ -443,30 +412,4 @@ func (i *instance) quit(ctx context.Context, grace time.Duration) {
 		i.log.Debug("qmp quit failed; sending SIGTERM", "err", err)
 		_ = i.cmd.Process.Signal(syscall.SIGTERM)
 	}
-}
-
-// killProcess SIGKILLs pid (started at startTime) if still is true once
-// the process is pinned by a pidfd, and waits until it is gone.
-func killProcess(ctx context.Context, pid int, startTime uint64, still func() bool) error {
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return nil // already gone
-	}
-	defer unix.Close(fd)
-	if !processRunning(pid, startTime) || !still() {
-		return nil
-	}
-	if err := unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
-		return fmt.Errorf("killing pid %d: %w", pid, err)
-	}
-	ctx, cancel := context.WithTimeout(ctx, killTimeout)
-	defer cancel()
-	for processRunning(pid, startTime) {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for pid %d to exit: %w", pid, ctx.Err())
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	return nil
 }

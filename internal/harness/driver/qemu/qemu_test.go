@@ -14,6 +14,7 @@ import (
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
 	"github.com/invokex/invokex/internal/protocol"
 	"github.com/invokex/invokex/internal/runtimes"
@@ -38,7 +39,7 @@ func TestDriver(t *testing.T) {
 			t.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel` or set INVOKEX_BUILD_KERNEL=1", cache)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
-		kernel, err = guest.EnsureKernel(ctx, cache, qemu.NewTestLogger(t))
+		kernel, err = guest.EnsureKernel(ctx, cache, hostproctest.Logger(t))
 		cancel()
 		if err != nil {
 			t.Fatalf("building the guest kernel: %v", err)
@@ -61,7 +62,7 @@ func TestDriver(t *testing.T) {
 			QEMUPath:   qemuPath,
 			KernelPath: kernel,
 			AgentBin:   agent,
-			Logger:     qemu.NewTestLogger(t),
+			Logger:     hostproctest.Logger(t),
 		})
 		if err != nil {
 			t.Fatalf("qemu.New: %v", err)

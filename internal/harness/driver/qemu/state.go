@@ -1,20 +1,15 @@
 package qemu
 
 import (
-	"encoding/json"
-	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 )
 
-// stateFile is the record of one instance in StateDir/<id>/.
-const stateFile = "instance.json"
-
-// record is what Recover needs to find a VM a crashed harness left behind.
-// It is written before QEMU is started and again once its pid is known.
+// record is what Recover needs to find a VM a crashed harness left behind
+// (StateDir/<id>/, see hostproc.WriteRecord). It is written before QEMU is
+// started and again once its pid is known.
 type record struct {
 	ID         string `json:"id"`
 	Function   string `json:"function,omitempty"`
@@ -32,72 +27,6 @@ type record struct {
 	AgentSocket string    `json:"agent_socket"`
 	QMPSocket   string    `json:"qmp_socket"`
 	Created     time.Time `json:"created"`
-}
-
-func writeRecord(dir string, r *record) error {
-	b, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return fmt.Errorf("encoding instance record: %w", err)
-	}
-	tmp := filepath.Join(dir, stateFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("writing instance record: %w", err)
-	}
-	// rename is atomic: Recover sees the old record or the new one.
-	if err := os.Rename(tmp, filepath.Join(dir, stateFile)); err != nil {
-		return fmt.Errorf("writing instance record: %w", err)
-	}
-	return nil
-}
-
-func readRecord(dir string) (*record, error) {
-	b, err := os.ReadFile(filepath.Join(dir, stateFile))
-	if err != nil {
-		return nil, err
-	}
-	var r record
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("decoding %s: %w", filepath.Join(dir, stateFile), err)
-	}
-	return &r, nil
-}
-
-// procStat returns pid's start time (clock ticks since boot) and state
-// letter (R, S, Z ...).
-func procStat(pid int) (uint64, byte, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	// comm (field 2) may contain spaces and parentheses: fields are
-	// counted after its last ')'.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return 0, 0, fmt.Errorf("parsing /proc/%d/stat", pid)
-	}
-	f := strings.Fields(s[i+1:])
-	// f[0] is field 3 (state); start time is field 22.
-	if len(f) < 20 || len(f[0]) != 1 {
-		return 0, 0, fmt.Errorf("parsing /proc/%d/stat", pid)
-	}
-	st, err := strconv.ParseUint(f[19], 10, 64)
-	return st, f[0][0], err
-}
-
-func procStartTime(pid int) (uint64, error) {
-	st, _, err := procStat(pid)
-	return st, err
-}
-
-// processRunning reports whether the process started at startTime is
-// alive; a zombie has released everything but its pid and counts as gone.
-func processRunning(pid int, startTime uint64) bool {
-	if pid <= 0 {
-		return false
-	}
-	st, state, err := procStat(pid)
-	return err == nil && st == startTime && state != 'Z' && state != 'X'
 }
 
 // isOurQEMU reports whether pid runs the binary qemuPath (argv[0]) for
