@@ -1,9 +1,11 @@
-// Package hostproc is what the sandbox drivers share about the host
-// processes they start and own: a process driver's sandbox init, a VM
-// driver's QEMU. Each driver keeps what is its own (namespaces, cgroups,
-// disks, QMP); this package has the parts that are the same for any child
-// the harness must never lose track of:
+// Package hostproc is what the sandbox drivers whose instances are host
+// processes share: the process driver's sandbox init, the VM driver's
+// QEMU. Each driver keeps what is its own (namespaces, cgroups, disks,
+// QMP); this package has the parts that are the same for any child the
+// harness must never lose track of:
 //
+//   - Table is a driver's instances by ID; its Close stops them all and
+//     guarantees that no Start follows.
 //   - Forker starts children from one OS thread that lives as long as the
 //     driver, so their Pdeathsig fires when the harness dies and never
 //     earlier.
