@@ -85,9 +85,7 @@ type Driver struct {
 	rootless     bool
 	degradations []string
 
-	mu        sync.Mutex
-	closed    bool
-	instances map[string]*instance
+	instances hostproc.Table[*instance]
 }
 
 // New prepares the state directory and the cgroup parents. It logs every
@@ -126,11 +124,10 @@ func New(opts Options) (*Driver, error) {
 		opts.StopGrace = defaultStopGrace
 	}
 	d := &Driver{
-		opts:      opts,
-		log:       opts.Logger.With("driver", "process"),
-		rootless:  os.Geteuid() != 0,
-		instances: map[string]*instance{},
-		fork:      hostproc.NewForker(),
+		opts:     opts,
+		log:      opts.Logger.With("driver", "process"),
+		rootless: os.Geteuid() != 0,
+		fork:     hostproc.NewForker(),
 	}
 	if d.rootless {
 		d.degradations = append(d.degradations,
@@ -172,19 +169,10 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 		cancelStart: cancel,
 		log:         d.log.With("instance", spec.ID, "function", spec.Function),
 	}
-	d.mu.Lock()
-	switch {
-	case d.closed:
-		d.mu.Unlock()
+	if err := d.instances.Add(spec.ID, inst); err != nil {
 		cancel()
-		return nil, fmt.Errorf("starting sandbox %s: driver closed: %w", spec.ID, errdefs.ErrUnavailable)
-	case d.instances[spec.ID] != nil:
-		d.mu.Unlock()
-		cancel()
-		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, errdefs.ErrAlreadyExists)
+		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, err)
 	}
-	d.instances[spec.ID] = inst
-	d.mu.Unlock()
 
 	err := inst.start(startCtx, spec)
 	cancel()
@@ -223,10 +211,8 @@ func validate(spec driver.Spec) error {
 
 // Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
 func (d *Driver) Stop(ctx context.Context, id string) error {
-	d.mu.Lock()
-	inst := d.instances[id]
-	d.mu.Unlock()
-	if inst == nil {
+	inst, ok := d.instances.Get(id)
+	if !ok {
 		return nil
 	}
 	return inst.stop(ctx)
@@ -271,9 +257,8 @@ func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
 }
 
 func (d *Driver) known(id string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.instances[id] != nil
+	_, ok := d.instances.Get(id)
+	return ok
 }
 
 func (d *Driver) removeLeftover(ctx context.Context, id string) error {
@@ -321,31 +306,14 @@ func dedupe(ss []string) []string {
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
-	d.mu.Lock()
-	wasClosed := d.closed
-	d.closed = true
-	insts := make([]*instance, 0, len(d.instances))
-	for _, inst := range d.instances {
-		insts = append(insts, inst)
-	}
-	d.mu.Unlock()
-	errs := make([]error, len(insts))
-	var wg sync.WaitGroup
-	for i, inst := range insts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = inst.stop(ctx)
-		}()
-	}
-	wg.Wait()
-	// Every Start that got past the closed check registered itself and
-	// was waited for above, so nothing forks any more.
-	if !wasClosed {
+	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
+	// Every instance is gone and no Start can follow: nothing forks or
+	// creates cgroups any more.
+	if first {
 		d.fork.Close()
 		d.cg.removeParents()
 	}
-	return errors.Join(errs...)
+	return err
 }
 
 // instance is one sandbox. Its fields are set by start and read-only once
@@ -539,9 +507,7 @@ func (i *instance) stopWithGrace(ctx context.Context, grace time.Duration) error
 	<-i.started
 	i.stopOnce.Do(func() {
 		i.stopErr = i.destroy(ctx, grace)
-		i.d.mu.Lock()
-		delete(i.d.instances, i.id)
-		i.d.mu.Unlock()
+		i.d.instances.Remove(i.id)
 	})
 	return i.stopErr
 }
