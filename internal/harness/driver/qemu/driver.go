@@ -147,9 +147,9 @@ type Driver struct {
 	vmGroups []uint32
 	asRoot   string
 
-	mu          sync.Mutex
-	closed      bool
-	instances   map[string]*instance
+	instances hostproc.Table[*instance]
+
+	mu          sync.Mutex   // guards slots and warnedNetwk
 	slots       map[int]bool // uid slots in use
 	warnedNetwk bool
 }
@@ -238,17 +238,16 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		}
 	}
 	d := &Driver{
-		opts:      opts,
-		log:       opts.Logger.With("driver", "qemu"),
-		accel:     acc,
-		why:       why,
-		images:    images,
-		fork:      hostproc.NewForker(),
-		hostCPUs:  runtime.NumCPU(),
-		tscKHz:    hostTSCkHz(),
-		kernelHz:  kernelHzOf(opts.KernelPath),
-		instances: map[string]*instance{},
-		slots:     map[int]bool{},
+		opts:     opts,
+		log:      opts.Logger.With("driver", "qemu"),
+		accel:    acc,
+		why:      why,
+		images:   images,
+		fork:     hostproc.NewForker(),
+		hostCPUs: runtime.NumCPU(),
+		tscKHz:   hostTSCkHz(),
+		kernelHz: kernelHzOf(opts.KernelPath),
+		slots:    map[int]bool{},
 	}
 	d.setUsers()
 	if acc == accelTCG {
@@ -285,11 +284,12 @@ func (d *Driver) setUsers() {
 }
 
 // takeUID reserves a uid for a new VM (0: the driver's own user).
-// Called with d.mu held.
 func (d *Driver) takeUID() (int, error) {
 	if d.asRoot != "" {
 		return 0, nil
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	for n := range vmSlots {
 		if !d.slots[n] {
 			d.slots[n] = true
@@ -299,10 +299,12 @@ func (d *Driver) takeUID() (int, error) {
 	return 0, fmt.Errorf("all %d vm users in use: %w", vmSlots, errdefs.ErrUnavailable)
 }
 
-// releaseUID frees what takeUID reserved. Called with d.mu held.
+// releaseUID frees what takeUID reserved.
 func (d *Driver) releaseUID(uid int) {
 	if uid != 0 {
+		d.mu.Lock()
 		delete(d.slots, uid-d.opts.UIDBase)
+		d.mu.Unlock()
 	}
 }
 
@@ -342,25 +344,18 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 		cancelStart: cancel,
 		log:         d.log.With("instance", spec.ID, "function", spec.Function),
 	}
-	d.mu.Lock()
-	switch {
-	case d.closed:
-		d.mu.Unlock()
-		cancel()
-		return nil, fmt.Errorf("starting vm %s: driver closed: %w", spec.ID, errdefs.ErrUnavailable)
-	case d.instances[spec.ID] != nil:
-		d.mu.Unlock()
-		cancel()
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, errdefs.ErrAlreadyExists)
-	}
 	uid, err := d.takeUID()
 	if err != nil {
-		d.mu.Unlock()
 		cancel()
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
 	}
 	inst.uid = uid
-	d.instances[spec.ID] = inst
+	if err := d.instances.Add(spec.ID, inst); err != nil {
+		d.releaseUID(uid)
+		cancel()
+		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
+	}
+	d.mu.Lock()
 	warn := spec.Network && !d.warnedNetwk
 	if warn {
 		d.warnedNetwk = true
@@ -413,10 +408,8 @@ const minMemoryMB = 128
 
 // Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
 func (d *Driver) Stop(ctx context.Context, id string) error {
-	d.mu.Lock()
-	inst := d.instances[id]
-	d.mu.Unlock()
-	if inst == nil {
+	inst, ok := d.instances.Get(id)
+	if !ok {
 		return nil
 	}
 	return inst.stop(ctx)
@@ -448,9 +441,8 @@ func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
 }
 
 func (d *Driver) known(id string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.instances[id] != nil
+	_, ok := d.instances.Get(id)
+	return ok
 }
 
 func (d *Driver) removeLeftover(ctx context.Context, id string) error {
@@ -491,28 +483,11 @@ func (d *Driver) removeLeftover(ctx context.Context, id string) error {
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
-	d.mu.Lock()
-	wasClosed := d.closed
-	d.closed = true
-	insts := make([]*instance, 0, len(d.instances))
-	for _, inst := range d.instances {
-		insts = append(insts, inst)
-	}
-	d.mu.Unlock()
-	errs := make([]error, len(insts))
-	var wg sync.WaitGroup
-	for i, inst := range insts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = inst.stop(ctx)
-		}()
-	}
-	wg.Wait()
-	// Every Start that got past the closed check registered itself and
-	// was waited for above, so nothing forks any more.
-	if !wasClosed {
+	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
+	// Every instance is gone and no Start can follow: nothing forks any
+	// more.
+	if first {
 		d.fork.Close()
 	}
-	return errors.Join(errs...)
+	return err
 }

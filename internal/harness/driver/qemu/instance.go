@@ -357,13 +357,11 @@ func (i *instance) stopWithGrace(ctx context.Context, grace time.Duration) error
 	<-i.started
 	return i.stopOnce.do(func() error {
 		err := i.destroy(ctx, grace)
-		i.d.mu.Lock()
-		delete(i.d.instances, i.id)
+		i.d.instances.Remove(i.id)
 		// QEMU is dead (or destroy failed and the uid stays taken).
 		if err == nil {
 			i.d.releaseUID(i.uid)
 		}
-		i.d.mu.Unlock()
 		return err
 	})
 }
