@@ -328,8 +328,14 @@ func (i *instance) waitReady(ctx context.Context) error {
 			return i.withOutput(fmt.Errorf("guest sent %q instead of its ready line", got))
 		}
 	}
+	// The whole ready line arrived: the agent is up. If QEMU's exit or ctx
+	// raced with the last byte, the read deadline may already be set: clear
+	// it, since the connection is handed over; a VM that exited meanwhile
+	// shows up through Done like any later exit.
 	if !stop() {
-		return i.readyErr(ctx)
+		if err := conn.SetReadDeadline(time.Time{}); err != nil {
+			return i.withOutput(fmt.Errorf("clearing the agent connection's deadline: %w", err))
+		}
 	}
 	return nil
 }
