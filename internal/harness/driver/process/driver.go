@@ -26,7 +26,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -50,8 +49,6 @@ const (
 	readyTimeout     = 30 * time.Second
 	killTimeout      = 10 * time.Second
 )
-
-var idPattern = regexp.MustCompile(`^[a-z0-9-]{1,40}$`)
 
 // Options configures New.
 type Options struct {
@@ -156,7 +153,7 @@ func (d *Driver) Describe() []string {
 // Start creates the instance's state directory and cgroups, starts its init
 // in new namespaces and waits until the agent inside is ready.
 func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, error) {
-	if err := validate(spec); err != nil {
+	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
 	startCtx, cancel := context.WithCancel(ctx)
@@ -186,27 +183,6 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, err)
 	}
 	return inst, nil
-}
-
-func validate(spec driver.Spec) error {
-	if !idPattern.MatchString(spec.ID) {
-		return errdefs.Invalid("sandbox id %q must be 1 to 40 of [a-z0-9-]", spec.ID)
-	}
-	if spec.MemoryMB <= 0 || spec.EphemeralMB <= 0 {
-		return errdefs.Invalid("sandbox %s: MemoryMB and EphemeralMB must be positive", spec.ID)
-	}
-	for name, dir := range map[string]string{"CodeDir": spec.CodeDir, "RuntimeDir": spec.RuntimeDir} {
-		if dir == "" && name == "RuntimeDir" {
-			continue
-		}
-		if !filepath.IsAbs(dir) {
-			return errdefs.Invalid("sandbox %s: %s %q must be an absolute path", spec.ID, name, dir)
-		}
-		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-			return errdefs.Invalid("sandbox %s: %s %q is not a directory", spec.ID, name, dir)
-		}
-	}
-	return nil
 }
 
 // Stop destroys the instance; see driver.Driver. Unknown IDs are nil.

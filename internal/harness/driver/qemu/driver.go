@@ -43,7 +43,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"sync"
 	"time"
@@ -74,8 +73,6 @@ const (
 	// qmpQuitTimeout bounds the graceful QMP quit before SIGTERM.
 	qmpQuitTimeout = time.Second
 )
-
-var idPattern = regexp.MustCompile(`^[a-z0-9-]{1,40}$`)
 
 // Options configures New.
 type Options struct {
@@ -379,25 +376,11 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 }
 
 func validate(spec driver.Spec) error {
-	if !idPattern.MatchString(spec.ID) {
-		return errdefs.Invalid("sandbox id %q must be 1 to 40 of [a-z0-9-]", spec.ID)
-	}
-	if spec.MemoryMB <= 0 || spec.EphemeralMB <= 0 {
-		return errdefs.Invalid("sandbox %s: MemoryMB and EphemeralMB must be positive", spec.ID)
+	if err := spec.Validate(); err != nil {
+		return err
 	}
 	if spec.MemoryMB < minMemoryMB {
 		return errdefs.Invalid("sandbox %s: a vm needs at least %d MB of memory, got %d", spec.ID, minMemoryMB, spec.MemoryMB)
-	}
-	for name, dir := range map[string]string{"CodeDir": spec.CodeDir, "RuntimeDir": spec.RuntimeDir} {
-		if dir == "" && name == "RuntimeDir" {
-			continue
-		}
-		if !filepath.IsAbs(dir) {
-			return errdefs.Invalid("sandbox %s: %s %q must be an absolute path", spec.ID, name, dir)
-		}
-		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-			return errdefs.Invalid("sandbox %s: %s %q is not a directory", spec.ID, name, dir)
-		}
 	}
 	return nil
 }
