@@ -173,28 +173,19 @@ func (s *Service) newRecord(reqID string, cfg *function.Config, typ invocation.T
 	return rec
 }
 
-// errorTypeOf names a platform error the way Lambda names the exception.
+// errorTypeOf names a platform error the way Lambda names the exception;
+// a request that ended before the platform did is named for that.
 func errorTypeOf(err error) string {
 	switch {
-	case errors.Is(err, errdefs.ErrThrottled):
-		return "TooManyRequestsException"
-	case errors.Is(err, errdefs.ErrInvalidRuntime):
-		return "InvalidRuntimeException"
-	case errors.Is(err, errdefs.ErrNotReady):
-		return "ResourceNotReadyException"
-	case errors.Is(err, errdefs.ErrNotFound):
-		return "ResourceNotFoundException"
-	case errors.Is(err, errdefs.ErrTooLarge):
-		return "RequestTooLargeException"
-	case errors.Is(err, errdefs.ErrInvalidParameter):
-		return "InvalidParameterValueException"
 	case errors.Is(err, context.Canceled):
 		return "RequestCanceled"
 	case errors.Is(err, context.DeadlineExceeded):
 		return "RequestTimeout"
-	default:
-		return "ServiceException"
 	}
+	if name, ok := errdefs.ExceptionName(err); ok {
+		return name
+	}
+	return "ServiceException"
 }
 
 // functionErrorMessage extracts errorMessage from a runtime's error

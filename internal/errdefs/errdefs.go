@@ -83,8 +83,8 @@ func Invalid(format string, args ...any) error {
 // message without the trailing ": <kind>" that wrapping a sentinel adds.
 func Message(err error) string {
 	msg := err.Error()
-	for _, k := range kinds {
-		suffix := ": " + k.Error()
+	for _, k := range exceptions {
+		suffix := ": " + k.kind.Error()
 		if len(msg) > len(suffix) && msg[len(msg)-len(suffix):] == suffix {
 			return msg[:len(msg)-len(suffix)]
 		}
@@ -92,9 +92,34 @@ func Message(err error) string {
 	return msg
 }
 
-var kinds = []error{
-	ErrNotFound, ErrAlreadyExists, ErrConflict, ErrPreconditionFailed,
-	ErrInvalidParameter, ErrInvalidRequestContent, ErrTooLarge,
-	ErrUnsupportedMediaType, ErrThrottled, ErrNotReady, ErrInvalidRuntime,
-	ErrUnavailable,
+
+// exceptions names each kind's Lambda exception. The order matters only for
+// errors that wrap two kinds: the first match wins.
+var exceptions = []struct {
+	kind error
+	name string
+}{
+	{ErrNotFound, "ResourceNotFoundException"},
+	{ErrAlreadyExists, "ResourceConflictException"},
+	{ErrConflict, "ResourceConflictException"},
+	{ErrPreconditionFailed, "PreconditionFailedException"},
+	{ErrInvalidParameter, "InvalidParameterValueException"},
+	{ErrInvalidRequestContent, "InvalidRequestContentException"},
+	{ErrTooLarge, "RequestTooLargeException"},
+	{ErrUnsupportedMediaType, "UnsupportedMediaTypeException"},
+	{ErrThrottled, "TooManyRequestsException"},
+	{ErrNotReady, "ResourceNotReadyException"},
+	{ErrInvalidRuntime, "InvalidRuntimeException"},
+	{ErrUnavailable, "ServiceException"},
+}
+
+// ExceptionName returns the Lambda exception err's kind maps to, and false
+// when err has no kind (an internal error).
+func ExceptionName(err error) (string, bool) {
+	for _, e := range exceptions {
+		if errors.Is(err, e.kind) {
+			return e.name, true
+		}
+	}
+	return "", false
 }

@@ -36,25 +36,25 @@ func (e *routeError) Error() string { return e.msg }
 // an invocation ends, so one second is the useful hint.
 const retryAfterSeconds = "1"
 
-// kindErrors maps every errdefs kind to its Lambda exception. The order
-// matters only for errors that wrap two kinds: the first match wins.
-var kindErrors = []struct {
+// kindStatus gives every errdefs kind its HTTP status; the exception name
+// comes from errdefs.ExceptionName. The order matters only for errors that
+// wrap two kinds: the first match wins.
+var kindStatus = []struct {
 	kind   error
 	status int
-	name   string
 }{
-	{errdefs.ErrNotFound, http.StatusNotFound, "ResourceNotFoundException"},
-	{errdefs.ErrAlreadyExists, http.StatusConflict, "ResourceConflictException"},
-	{errdefs.ErrConflict, http.StatusConflict, "ResourceConflictException"},
-	{errdefs.ErrPreconditionFailed, http.StatusPreconditionFailed, "PreconditionFailedException"},
-	{errdefs.ErrInvalidParameter, http.StatusBadRequest, "InvalidParameterValueException"},
-	{errdefs.ErrInvalidRequestContent, http.StatusBadRequest, "InvalidRequestContentException"},
-	{errdefs.ErrTooLarge, http.StatusRequestEntityTooLarge, "RequestTooLargeException"},
-	{errdefs.ErrUnsupportedMediaType, http.StatusUnsupportedMediaType, "UnsupportedMediaTypeException"},
-	{errdefs.ErrThrottled, http.StatusTooManyRequests, "TooManyRequestsException"},
-	{errdefs.ErrNotReady, http.StatusBadGateway, "ResourceNotReadyException"},
-	{errdefs.ErrInvalidRuntime, http.StatusBadGateway, "InvalidRuntimeException"},
-	{errdefs.ErrUnavailable, http.StatusServiceUnavailable, "ServiceException"},
+	{errdefs.ErrNotFound, http.StatusNotFound},
+	{errdefs.ErrAlreadyExists, http.StatusConflict},
+	{errdefs.ErrConflict, http.StatusConflict},
+	{errdefs.ErrPreconditionFailed, http.StatusPreconditionFailed},
+	{errdefs.ErrInvalidParameter, http.StatusBadRequest},
+	{errdefs.ErrInvalidRequestContent, http.StatusBadRequest},
+	{errdefs.ErrTooLarge, http.StatusRequestEntityTooLarge},
+	{errdefs.ErrUnsupportedMediaType, http.StatusUnsupportedMediaType},
+	{errdefs.ErrThrottled, http.StatusTooManyRequests},
+	{errdefs.ErrNotReady, http.StatusBadGateway},
+	{errdefs.ErrInvalidRuntime, http.StatusBadGateway},
+	{errdefs.ErrUnavailable, http.StatusServiceUnavailable},
 }
 
 // translate is the one place where an error becomes a Lambda exception.
@@ -64,11 +64,12 @@ func translate(err error) (e apiError, internal bool) {
 	if errors.As(err, &re) {
 		return apiError{status: re.status, name: re.name, message: re.msg, allow: re.allow}, false
 	}
-	for _, k := range kindErrors {
+	for _, k := range kindStatus {
 		if !errors.Is(err, k.kind) {
 			continue
 		}
-		e = apiError{status: k.status, name: k.name, message: errdefs.Message(err)}
+		name, _ := errdefs.ExceptionName(k.kind)
+		e = apiError{status: k.status, name: name, message: errdefs.Message(err)}
 		var te *errdefs.ThrottleError
 		if errors.As(err, &te) {
 			e.reason = te.Reason
