@@ -92,7 +92,6 @@ func Message(err error) string {
 	return msg
 }
 
-
 // exceptions names each kind's Lambda exception. The order matters only for
 // errors that wrap two kinds: the first match wins.
 var exceptions = []struct {
