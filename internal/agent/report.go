@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,38 +34,6 @@ const tooLargeMessage = "Response payload size exceeded maximum allowed payload 
 // lambdaTime formats a timestamp the way Lambda prints it in timeout messages.
 func lambdaTime(t time.Time) string {
 	return t.UTC().Format("2006-01-02T15:04:05.000Z")
-}
-
-// ms formats a duration as milliseconds with two decimals ("1.23").
-func ms(d time.Duration) string {
-	return strconv.FormatFloat(float64(d)/float64(time.Millisecond), 'f', 2, 64)
-}
-
-// billedMs rounds a duration up to whole milliseconds, at least 1.
-func billedMs(d time.Duration) int64 {
-	b := int64((d + time.Millisecond - 1) / time.Millisecond)
-	return max(b, 1)
-}
-
-func startLine(requestID, version string) string {
-	return "START RequestId: " + requestID + " Version: " + version + "\n"
-}
-
-func endLine(requestID string) string {
-	return "END RequestId: " + requestID + "\n"
-}
-
-// reportLine is Lambda's REPORT line; initDur is appended when INIT preceded
-// the invocation.
-func reportLine(requestID string, dur time.Duration, memoryMB, maxMemMB int, initDur time.Duration) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "REPORT RequestId: %s\tDuration: %s ms\tBilled Duration: %d ms\tMemory Size: %d MB\tMax Memory Used: %d MB",
-		requestID, ms(dur), billedMs(dur), memoryMB, maxMemMB)
-	if initDur > 0 {
-		fmt.Fprintf(&b, "\tInit Duration: %s ms", ms(initDur))
-	}
-	b.WriteString("\n")
-	return b.String()
 }
 
 // failure is why INIT or an invocation failed: the error document the
@@ -197,7 +164,7 @@ func invocationLog(pre, body *capBuffer, requestID, version, extra, report strin
 	if !pre.endsInNewline() {
 		line("\n")
 	}
-	line(startLine(requestID, version))
+	line(protocol.StartLine(requestID, version))
 	segs = append(segs, body.Segments()...)
 	if !body.endsInNewline() {
 		line("\n")
@@ -205,7 +172,7 @@ func invocationLog(pre, body *capBuffer, requestID, version, extra, report strin
 	if extra != "" {
 		line(extra)
 	}
-	line(endLine(requestID))
+	line(protocol.EndLine(requestID))
 	line(report)
 	return segs, total
 }

@@ -393,7 +393,7 @@ func (s *session) writeResult(cfg *protocol.Init, inv *invocation, o *outcome, i
 		res.ErrorType = o.fail.errorType
 		payload, extra = o.fail.doc, o.fail.logLine
 	}
-	report := reportLine(res.RequestID, res.Duration, cfg.MemoryMB, res.MaxMemoryMB, initDur)
+	report := protocol.Report{RequestID: res.RequestID, Duration: res.Duration, MemoryMB: cfg.MemoryMB, MaxMemoryMB: res.MaxMemoryMB, InitDuration: initDur}.Line()
 	segs, n := invocationLog(inv.pre, inv.body, res.RequestID, cfg.FunctionVersion, extra, report)
 	res.PayloadLen = len(payload)
 	res.LogBytes = n
@@ -412,7 +412,7 @@ func (s *session) writeFailedInit(cfg *protocol.Init, req protocol.Invoke, dur t
 		MaxMemoryMB:   r.peakMB,
 		Reset:         true,
 	}
-	report := reportLine(req.RequestID, dur, cfg.MemoryMB, r.peakMB, r.dur)
+	report := protocol.Report{RequestID: req.RequestID, Duration: dur, MemoryMB: cfg.MemoryMB, MaxMemoryMB: r.peakMB, InitDuration: r.dur}.Line()
 	segs, n := invocationLog(s.e.takePre(), newCapBuffer(minTail), req.RequestID, cfg.FunctionVersion, r.fail.logLine, report)
 	res.PayloadLen = len(r.fail.doc)
 	res.LogBytes = n

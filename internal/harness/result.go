@@ -117,27 +117,17 @@ func writeSyntheticLog(b *bytes.Buffer, req *InvokeRequest, msg string, r logRep
 	if version == "" {
 		version = function.LatestVersion
 	}
-	memory := req.Function.MemorySize
-	fmt.Fprintf(b, "START RequestId: %s Version: %s\n", req.RequestID, version)
+	b.WriteString(protocol.StartLine(req.RequestID, version))
 	if msg != "" {
-		fmt.Fprintf(b, "%s\n", msg)
+		b.WriteString(msg + "\n")
 	}
-	fmt.Fprintf(b, "END RequestId: %s\n", req.RequestID)
-	ms := float64(r.duration) / float64(time.Millisecond)
-	billed := int64(r.duration / time.Millisecond)
-	if r.duration%time.Millisecond != 0 || billed == 0 {
-		billed++
-	}
-	fmt.Fprintf(b, "REPORT RequestId: %s\tDuration: %.2f ms\tBilled Duration: %d ms\tMemory Size: %d MB\tMax Memory Used: %d MB",
-		req.RequestID, ms, billed, memory, 0)
-	if r.initDuration > 0 {
-		fmt.Fprintf(b, "\tInit Duration: %.2f ms", float64(r.initDuration)/float64(time.Millisecond))
-	}
-	if r.status != "" {
-		fmt.Fprintf(b, "\tStatus: %s", r.status)
-	}
-	if r.errorType != "" {
-		fmt.Fprintf(b, "\tError Type: %s", r.errorType)
-	}
-	b.WriteByte('\n')
+	b.WriteString(protocol.EndLine(req.RequestID))
+	b.WriteString(protocol.Report{
+		RequestID:    req.RequestID,
+		Duration:     r.duration,
+		MemoryMB:     req.Function.MemorySize,
+		InitDuration: r.initDuration,
+		Status:       r.status,
+		ErrorType:    r.errorType,
+	}.Line())
 }
