@@ -6,6 +6,7 @@
 package function
 
 import (
+	"errors"
 	"fmt"
 	"regexp"
 	"sort"
@@ -34,8 +35,50 @@ const (
 	UpdateFailed     UpdateStatus = "Failed"
 )
 
-// LatestVersion is the only version InvokeX serves until versions land.
+// LatestVersion is the qualifier of a function's unpublished, mutable
+// configuration; published versions are numbered "1", "2", ...
 const LatestVersion = "$LATEST"
+
+// SnapStartApplyOn is Lambda's SnapStart.ApplyOn: whether publishing a
+// version snapshots its initialised execution environment.
+type SnapStartApplyOn string
+
+const (
+	SnapStartNone              SnapStartApplyOn = "None"
+	SnapStartPublishedVersions SnapStartApplyOn = "PublishedVersions"
+)
+
+// OptimizationStatus is Lambda's SnapStart.OptimizationStatus: whether
+// invocations of a published version restore from its snapshot.
+type OptimizationStatus string
+
+const (
+	OptimizationOn  OptimizationStatus = "On"
+	OptimizationOff OptimizationStatus = "Off"
+)
+
+// SnapStart is a configuration's SnapStart setting. ApplyOn is what the
+// user set on $LATEST and published versions copy; OptimizationStatus is
+// On only on a published version whose snapshot every host has taken
+// ($LATEST is always Off, as on Lambda). Empty values read as None and Off.
+type SnapStart struct {
+	ApplyOn            SnapStartApplyOn
+	OptimizationStatus OptimizationStatus
+}
+
+// Enabled reports whether publishing a version of this configuration takes
+// a snapshot.
+func (s SnapStart) Enabled() bool { return s.ApplyOn == SnapStartPublishedVersions }
+
+// On reports whether invocations restore from a snapshot.
+func (s SnapStart) On() bool { return s.OptimizationStatus == OptimizationOn }
+
+// ErrInitFailed marks an error as the function's own INIT phase failing
+// (its runtime exited, reported an init error or overran the init
+// timeout) rather than the platform's. A harness wraps it with a message
+// meant for the function's owner, e.g. when taking a SnapStart snapshot;
+// it is not an errdefs kind and never reaches the frontend as one.
+var ErrInitFailed = errors.New("function initialization failed")
 
 // Limits and defaults, as Lambda documents them.
 const (
@@ -73,9 +116,14 @@ type Config struct {
 	CodeSha256 string
 	CodeSize   int64
 
-	// RevisionID changes on every change of code or configuration.
+	// RevisionID changes on every change of code or configuration. Every
+	// published version has its own, distinct from every $LATEST revision,
+	// so that a host never serves two versions from one pool of instances.
 	RevisionID string
-	Version    string
+	// Version is LatestVersion or a published version's number.
+	Version string
+
+	SnapStart SnapStart
 
 	State                  State
 	StateReason            string
@@ -121,6 +169,38 @@ func ARN(region, account, name string) string {
 	return fmt.Sprintf("arn:aws:lambda:%s:%s:function:%s", region, account, name)
 }
 
+// QualifiedARN returns the ARN of one version (or alias) of the function;
+// an empty qualifier gives the unqualified ARN.
+func QualifiedARN(region, account, name, qualifier string) string {
+	if qualifier == "" {
+		return ARN(region, account, name)
+	}
+	return ARN(region, account, name) + ":" + qualifier
+}
+
+// MaxVersion bounds published version numbers (Lambda's are 1 to 2^63-1
+// in principle; nothing publishes that many).
+const MaxVersion = 1<<53 - 1
+
+// ParseVersion returns the number of a published version qualifier: a
+// decimal number from 1 to MaxVersion without leading zeros ("1", "42").
+// ok is false for $LATEST, aliases and anything else.
+func ParseVersion(q string) (n int64, ok bool) {
+	if q == "" || len(q) > 16 || q[0] == '0' {
+		return 0, false
+	}
+	for i := 0; i < len(q); i++ {
+		if q[i] < '0' || q[i] > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(q[i]-'0')
+	}
+	if n > MaxVersion {
+		return 0, false
+	}
+	return n, true
+}
+
 // ApplyDefaults fills zero fields with Lambda's defaults.
 func (c *Config) ApplyDefaults() {
 	if c.Timeout == 0 {
@@ -138,23 +218,36 @@ func (c *Config) ApplyDefaults() {
 	if c.Version == "" {
 		c.Version = LatestVersion
 	}
+	if c.SnapStart.ApplyOn == "" {
+		c.SnapStart.ApplyOn = SnapStartNone
+	}
+	if c.SnapStart.OptimizationStatus == "" {
+		c.SnapStart.OptimizationStatus = OptimizationOff
+	}
 }
 
 var nameRE = regexp.MustCompile(`^[a-zA-Z0-9_-]{1,64}$`)
 
 // arnRE matches full and partial function ARNs:
 // arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER], ACCOUNT:function:NAME.
-var arnRE = regexp.MustCompile(`^(?:arn:aws[a-zA-Z-]*:lambda:[a-z0-9-]+:)?(?:\d{12}:)?function:([a-zA-Z0-9_-]{1,64})(?::(\$LATEST|[a-zA-Z0-9_-]+))?$`)
+var arnRE = regexp.MustCompile(`^(?:arn:aws[a-zA-Z-]*:lambda:[a-z0-9-]+:)?(?:\d{12}:)?function:([a-zA-Z0-9_-]{1,64})(?::(\$LATEST|[a-zA-Z0-9_-]{1,128}))?$`)
 
-// ParseName accepts a function name, a full ARN or a partial ARN (as Lambda's
-// FunctionName parameter does) and returns the bare name and the qualifier
-// embedded in an ARN, if any. Anything else, including path tricks such as
-// "../x", is ErrInvalidParameter.
+// qualifiedNameRE matches Lambda's NAME:QUALIFIER form ("my-fn:7").
+var qualifiedNameRE = regexp.MustCompile(`^([a-zA-Z0-9_-]{1,64}):(\$LATEST|[a-zA-Z0-9_-]{1,128})$`)
+
+// ParseName accepts a function name, a name with a qualifier (NAME:7), a
+// full ARN or a partial ARN (as Lambda's FunctionName parameter does) and
+// returns the bare name and the qualifier embedded in it, if any. Anything
+// else, including path tricks such as "../x", is ErrInvalidParameter.
+// "function:x" is the partial ARN of x, as on Lambda, not x's qualifier.
 func ParseName(s string) (name, qualifier string, err error) {
 	if nameRE.MatchString(s) {
 		return s, "", nil
 	}
 	if m := arnRE.FindStringSubmatch(s); m != nil {
+		return m[1], m[2], nil
+	}
+	if m := qualifiedNameRE.FindStringSubmatch(s); m != nil {
 		return m[1], m[2], nil
 	}
 	return "", "", errdefs.Invalid("1 validation error detected: Value '%s' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{2}(-gov)?-[a-z]+-\\d{1}:)?(\\d{12}:)?(function:)?([a-zA-Z0-9-_]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?", truncate(s, 140))
@@ -218,7 +311,19 @@ func (c *Config) Validate() error {
 	if len(c.Architectures) > 1 {
 		return errdefs.Invalid("at most one architecture may be given")
 	}
+	if err := ValidateSnapStart(c.SnapStart.ApplyOn); err != nil {
+		return err
+	}
 	return ValidateEnvironment(c.Environment)
+}
+
+// ValidateSnapStart checks a SnapStart.ApplyOn value ("" reads as None).
+func ValidateSnapStart(v SnapStartApplyOn) error {
+	switch v {
+	case "", SnapStartNone, SnapStartPublishedVersions:
+		return nil
+	}
+	return errdefs.Invalid("1 validation error detected: Value '%s' at 'snapStart.applyOn' failed to satisfy constraint: Member must satisfy enum value set: [PublishedVersions, None]", truncate(string(v), 64))
 }
 
 // ValidateEnvironment checks variable names, reserved keys and the 4 KB cap.

@@ -15,13 +15,16 @@ func TestParseName(t *testing.T) {
 		"arn:aws:lambda:us-east-1:123456789012:function:my-fn:$LATEST": {"my-fn", "$LATEST"},
 		"123456789012:function:my-fn:7":                                {"my-fn", "7"},
 		"function:my-fn":                                               {"my-fn", ""},
+		"my-fn:7":                                                      {"my-fn", "7"},
+		"my-fn:$LATEST":                                                {"my-fn", "$LATEST"},
+		"my-fn:live":                                                   {"my-fn", "live"},
 	} {
 		name, q, err := ParseName(in)
 		if err != nil || name != want[0] || q != want[1] {
 			t.Errorf("ParseName(%q) = %q, %q, %v; want %q, %q", in, name, q, err, want[0], want[1])
 		}
 	}
-	for _, bad := range []string{"", "../x", "a/b", "a b", strings.Repeat("a", 65), "arn:aws:lambda:us-east-1:1:function:x", "x\x00"} {
+	for _, bad := range []string{"", "../x", "a/b", "a b", strings.Repeat("a", 65), "arn:aws:lambda:us-east-1:1:function:x", "x\x00", "my-fn:", ":7", "my-fn:7:8", "my-fn:a/b"} {
 		if _, _, err := ParseName(bad); !errors.Is(err, errdefs.ErrInvalidParameter) {
 			t.Errorf("ParseName(%q) err = %v, want ErrInvalidParameter", bad, err)
 		}
@@ -51,6 +54,7 @@ func TestValidate(t *testing.T) {
 		"env over 4 KB":   func(c *Config) { c.Environment = map[string]string{"K": strings.Repeat("v", 4096)} },
 		"long desc":       func(c *Config) { c.Description = strings.Repeat("d", 257) },
 		"handler newline": func(c *Config) { c.Handler = "a\nb" },
+		"snapstart value": func(c *Config) { c.SnapStart.ApplyOn = "Always" },
 	} {
 		c := valid()
 		mut(c)
@@ -86,5 +90,53 @@ func TestMessageStripsKind(t *testing.T) {
 	}
 	if got := errdefs.Message(errors.New("plain")); got != "plain" {
 		t.Fatalf("Message = %q", got)
+	}
+}
+
+func TestSnapStartDefaultsAndValues(t *testing.T) {
+	c := valid()
+	if c.SnapStart.ApplyOn != SnapStartNone || c.SnapStart.OptimizationStatus != OptimizationOff {
+		t.Fatalf("defaults: SnapStart = %+v, want None/Off", c.SnapStart)
+	}
+	if c.SnapStart.Enabled() || c.SnapStart.On() {
+		t.Fatalf("default SnapStart reports Enabled=%v On=%v", c.SnapStart.Enabled(), c.SnapStart.On())
+	}
+	for _, v := range []SnapStartApplyOn{"", SnapStartNone, SnapStartPublishedVersions} {
+		if err := ValidateSnapStart(v); err != nil {
+			t.Errorf("ValidateSnapStart(%q) = %v", v, err)
+		}
+	}
+	err := ValidateSnapStart("publishedversions")
+	if !errors.Is(err, errdefs.ErrInvalidParameter) || !strings.Contains(err.Error(), "snapStart.applyOn") {
+		t.Errorf("ValidateSnapStart(lower case) = %v, want ErrInvalidParameter naming snapStart.applyOn", err)
+	}
+	c.SnapStart = SnapStart{ApplyOn: SnapStartPublishedVersions, OptimizationStatus: OptimizationOn}
+	if !c.SnapStart.Enabled() || !c.SnapStart.On() {
+		t.Fatalf("SnapStart %+v reports Enabled=%v On=%v", c.SnapStart, c.SnapStart.Enabled(), c.SnapStart.On())
+	}
+	if d := c.Clone(); d.SnapStart != c.SnapStart {
+		t.Fatalf("Clone dropped SnapStart: %+v", d.SnapStart)
+	}
+}
+
+func TestParseVersion(t *testing.T) {
+	for in, want := range map[string]int64{"1": 1, "42": 42, "9007199254740991": MaxVersion} {
+		if n, ok := ParseVersion(in); !ok || n != want {
+			t.Errorf("ParseVersion(%q) = %d, %v; want %d, true", in, n, ok, want)
+		}
+	}
+	for _, bad := range []string{"", "0", "01", "$LATEST", "live", "-1", "1.5", "9007199254740992", "99999999999999999999"} {
+		if n, ok := ParseVersion(bad); ok {
+			t.Errorf("ParseVersion(%q) = %d, true; want false", bad, n)
+		}
+	}
+}
+
+func TestQualifiedARN(t *testing.T) {
+	if got := QualifiedARN("us-east-1", "000000000000", "f", "3"); got != "arn:aws:lambda:us-east-1:000000000000:function:f:3" {
+		t.Errorf("QualifiedARN = %q", got)
+	}
+	if got := QualifiedARN("us-east-1", "000000000000", "f", ""); got != ARN("us-east-1", "000000000000", "f") {
+		t.Errorf("unqualified QualifiedARN = %q", got)
 	}
 }
