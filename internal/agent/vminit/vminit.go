@@ -1,9 +1,10 @@
 // Package vminit is the agent as PID 1 of an InvokeX microVM.
 //
 // The guest kernel runs /sbin/init (the invokex binary itself) with no
-// arguments. Main mounts what a runtime needs, opens the virtio-serial port
-// the host attached for the agent, tells the host it is ready and then runs
-// exactly the agent of the process sandbox (package agent) on that port.
+// arguments. Main mounts what a runtime needs, opens the stream to the host
+// (the virtio-serial port QEMU attached, or a vsock connection under
+// Firecracker), tells the host it is ready and then runs exactly the agent
+// of the process sandbox (package agent) on that stream.
 // When the agent returns (Shutdown, host gone) it syncs and ends the VM.
 //
 // # Guest layout
@@ -24,6 +25,7 @@
 //	invokex.code=/dev/vdb      code disk
 //	invokex.scratch=/dev/vdc   scratch disk ("tmpfs" for a tmpfs /tmp)
 //	invokex.port=invokex.agent name of the virtio-serial port to the host
+//	invokex.vsock=PORT         serve the host on this AF_VSOCK port instead
 //	invokex.hostname=NAME      hostname (default: the kernel's, "invokex")
 //	invokex.clock=UNIX_MS      host wall clock when the VM was launched
 //	invokex.debug=1            log progress to the console
@@ -34,6 +36,13 @@
 // to it. The write blocks until the host has connected to its end, and
 // the host must not send anything before it has read that line: data sent
 // before the guest opened the port is lost.
+//
+// With invokex.vsock=PORT there is no virtio-serial port: Main listens on
+// AF_VSOCK PORT (any CID), accepts the host's one connection (under
+// Firecracker, what a host "CONNECT PORT" on the hybrid vsock's unix
+// socket becomes), stops listening and writes Ready on that connection
+// before anything else, so the host's side of the handshake is the same
+// on both transports.
 package vminit
 
 import (
@@ -88,7 +97,10 @@ type Config struct {
 	CodeDevice    string
 	ScratchDevice string
 	PortName      string
-	Hostname      string
+	// VsockPort, if not 0, is the AF_VSOCK port to serve the host on
+	// instead of the virtio-serial port PortName.
+	VsockPort uint32
+	Hostname  string
 	// ClockUnixMs is the host's wall clock at launch (0: keep the RTC's).
 	ClockUnixMs int64
 	Debug       bool
@@ -110,6 +122,12 @@ func ParseCmdline(cmdline string) (Config, error) {
 			c.ScratchDevice = v
 		case "port":
 			c.PortName = v
+		case "vsock":
+			p, err := parseVsockPort(v)
+			if err != nil {
+				return c, err
+			}
+			c.VsockPort = p
 		case "hostname":
 			c.Hostname = v
 		case "clock":
@@ -185,12 +203,13 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	if err := setupSystem(cfg, log); err != nil {
 		return err
 	}
-	port, err := openPort(context.Background(), sysVirtioPorts, cfg.PortName, portWait)
+	port, err := openHost(cfg)
 	if err != nil {
 		return err
 	}
-	log.Debug("agent port open", "since_init", time.Since(start), "uptime", uptime())
-	// Blocks until the host has connected to its end of the port.
+	log.Debug("agent port open", "since_init", time.Since(start), "uptime", uptime(), "vsock", cfg.VsockPort)
+	// Blocks until the host has connected to its end of the port (a vsock
+	// connection is the host's already).
 	if _, err := port.Write([]byte(Ready)); err != nil {
 		port.Close()
 		return fmt.Errorf("writing the handshake: %w", err)
@@ -204,6 +223,17 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	}
 	log.Debug("agent done")
 	return nil
+}
+
+// openHost opens the stream to the host: the vsock connection the host
+// makes when invokex.vsock is set, else the virtio-serial port. The wait
+// for the host itself has no deadline on either: a host that never
+// connects kills the VM instead.
+func openHost(cfg Config) (*os.File, error) {
+	if cfg.VsockPort != 0 {
+		return acceptVsock(context.Background(), cfg.VsockPort)
+	}
+	return openPort(context.Background(), sysVirtioPorts, cfg.PortName, portWait)
 }
 
 // end flushes the file systems and ends the VM. With reboot=t (QEMU) or
