@@ -28,6 +28,7 @@ import (
 // Store groups the databases. Close releases the underlying connection(s).
 type Store interface {
 	Functions() Functions
+	Versions() Versions
 	Runtimes() Runtimes
 	Invocations() Invocations
 	Queue() Queue
@@ -35,6 +36,8 @@ type Store interface {
 }
 
 // Functions is the applications DB: one row per function ($LATEST).
+// A function's published versions live in Versions and belong to it: they
+// go when it goes.
 type Functions interface {
 	// Create inserts cfg. ErrAlreadyExists if the name is taken.
 	Create(ctx context.Context, cfg *function.Config) error
@@ -48,11 +51,62 @@ type Functions interface {
 	// equals expectedRevision (compare-and-swap); cfg carries the new
 	// RevisionID. ErrNotFound if absent, ErrPreconditionFailed on mismatch.
 	Update(ctx context.Context, cfg *function.Config, expectedRevision string) error
-	// Delete removes the function. ErrNotFound if absent.
+	// Delete removes the function and all its published versions, in one
+	// transaction. ErrNotFound if absent.
 	Delete(ctx context.Context, name string) error
-	// CodeInUse reports whether any function references the code digest
-	// (base64 CodeSha256), so unreferenced blobs can be removed.
+	// CodeInUse reports whether any function or published version
+	// references the code digest (base64 CodeSha256), so unreferenced blobs
+	// can be removed.
 	CodeInUse(ctx context.Context, codeSha256 string) (bool, error)
+}
+
+// Versions holds published function versions: numbered, immutable copies
+// of a function's $LATEST configuration (and so of its code reference).
+//
+// Numbers are assigned by Publish, per function, from 1 up, and are never
+// reused: deleting version 3 does not make 3 available again. They start
+// from 1 again only for a function that was deleted and created anew,
+// since deleting a function deletes its versions and its counter.
+//
+// A version's configuration never changes after Publish except for its
+// state (State, StateReason, StateReasonCode, SnapStart.OptimizationStatus),
+// which SetState moves. Versions are returned with Version set to their
+// number in decimal; ReservedConcurrency is not a property of a version
+// (it is the function's) and comes back as stored.
+type Versions interface {
+	// Publish stores cfg as cfg.Name's next version if the function's
+	// current RevisionID is latestRevision, the $LATEST revision cfg was
+	// copied from (compare-and-swap: ErrPreconditionFailed if it moved on,
+	// ErrNotFound if the function does not exist). cfg carries the
+	// version's own RevisionID; its Version is ignored and assigned.
+	//
+	// If the function's newest existing version was itself published from
+	// latestRevision, $LATEST has not changed since, and Publish stores
+	// nothing and returns that version with created false, as Lambda does.
+	// Concurrent Publishes of one function get distinct numbers or, for
+	// the same unchanged $LATEST, the same version.
+	Publish(ctx context.Context, cfg *function.Config, latestRevision string) (v *function.Config, created bool, err error)
+	// Get returns version (a decimal number) of the function. ErrNotFound
+	// if the function or the version does not exist.
+	Get(ctx context.Context, name, version string) (*function.Config, error)
+	// List returns up to max versions of the function in ascending number
+	// order, starting after marker ("" = from the first), and the marker
+	// of the next page ("" when there is none). Marker is opaque to
+	// callers; one this store did not return is ErrInvalidParameter. A
+	// function without versions, or without a row, has an empty list.
+	List(ctx context.Context, name, marker string, max int) ([]*function.Config, string, error)
+	// SetState writes cfg's State, StateReason, StateReasonCode and
+	// SnapStart.OptimizationStatus to version cfg.Version of cfg.Name if
+	// the stored State is from (ErrPreconditionFailed otherwise), so two
+	// writers cannot both settle one transition. ErrNotFound if the
+	// version is gone.
+	SetState(ctx context.Context, cfg *function.Config, from function.State) error
+	// Delete removes one version. ErrNotFound if absent.
+	Delete(ctx context.Context, name, version string) error
+	// ListPending returns every version, of any function, whose State is
+	// Pending, ordered by function name and number: the work a control
+	// plane that stopped while preparing versions has left.
+	ListPending(ctx context.Context) ([]*function.Config, error)
 }
 
 // Runtimes is the runtimes DB.
@@ -83,6 +137,8 @@ type Event struct {
 	// RequestID is the invocation's id, assigned at enqueue.
 	RequestID string
 	Function  string
+	// Qualifier is the published version the event invokes; "" is $LATEST.
+	Qualifier string
 	Payload   []byte
 	// ClientContext is X-Amz-Client-Context as received (base64).
 	ClientContext string

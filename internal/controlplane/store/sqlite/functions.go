@@ -21,9 +21,12 @@ var functionCols = []string{
 	"ephemeral_storage", "environment", "architectures", "tags", "code_sha256", "code_size",
 	"revision_id", "version", "state", "state_reason", "state_reason_code",
 	"last_update_status", "last_update_status_reason", "last_modified", "reserved_concurrency",
+	"snap_start_apply_on", "snap_start_optimization",
 }
 
-// functions is the applications DB.
+// functions is the applications DB. Deleting a row deletes its versions
+// through the versions table's ON DELETE CASCADE (every connection enables
+// foreign keys).
 type functions struct {
 	s *Store
 
@@ -43,11 +46,12 @@ func newFunctions(s *Store, p *preparer) *functions {
 			VALUES (` + placeholders(len(functionCols)+2) + `) ON CONFLICT (name) DO NOTHING`),
 		update: p.write(`UPDATE functions SET ` + set.String() + `updated_at = ?
 			WHERE name = ? AND revision_id = ?`),
-		exists:    p.write(`SELECT 1 FROM functions WHERE name = ?`),
-		del:       p.write(`DELETE FROM functions WHERE name = ?`),
-		get:       p.read(`SELECT ` + cols + ` FROM functions WHERE name = ?`),
-		list:      p.read(`SELECT ` + cols + ` FROM functions WHERE name > ? ORDER BY name LIMIT ?`),
-		codeInUse: p.read(`SELECT EXISTS (SELECT 1 FROM functions WHERE code_sha256 = ?)`),
+		exists: p.write(`SELECT 1 FROM functions WHERE name = ?`),
+		del:    p.write(`DELETE FROM functions WHERE name = ?`),
+		get:    p.read(`SELECT ` + cols + ` FROM functions WHERE name = ?`),
+		list:   p.read(`SELECT ` + cols + ` FROM functions WHERE name > ? ORDER BY name LIMIT ?`),
+		codeInUse: p.read(`SELECT EXISTS (SELECT 1 FROM functions WHERE code_sha256 = ?)
+			OR EXISTS (SELECT 1 FROM versions WHERE code_sha256 = ?)`),
 	}
 }
 
@@ -78,6 +82,7 @@ func functionArgs(cfg *function.Config) ([]any, error) {
 		cfg.EphemeralStorage, string(env), string(archs), string(tags), cfg.CodeSha256, cfg.CodeSize,
 		cfg.RevisionID, cfg.Version, string(cfg.State), cfg.StateReason, cfg.StateReasonCode,
 		string(cfg.LastUpdateStatus), cfg.LastUpdateStatusReason, modified, reserved,
+		string(cfg.SnapStart.ApplyOn), string(cfg.SnapStart.OptimizationStatus),
 	}, nil
 }
 
@@ -86,13 +91,15 @@ func scanFunction(row rowScanner) (*function.Config, error) {
 		c                   function.Config
 		env, archs, tags    string
 		state, updateStatus string
+		applyOn, optimized  string
 		modified            int64
 		reserved            sql.NullInt64
 	)
 	err := row.Scan(&c.Name, &c.Runtime, &c.Handler, &c.Role, &c.Description, &c.Timeout, &c.MemorySize,
 		&c.EphemeralStorage, &env, &archs, &tags, &c.CodeSha256, &c.CodeSize,
 		&c.RevisionID, &c.Version, &state, &c.StateReason, &c.StateReasonCode,
-		&updateStatus, &c.LastUpdateStatusReason, &modified, &reserved)
+		&updateStatus, &c.LastUpdateStatusReason, &modified, &reserved,
+		&applyOn, &optimized)
 	if err != nil {
 		return nil, err
 	}
@@ -108,6 +115,7 @@ func scanFunction(row rowScanner) (*function.Config, error) {
 	c.State = function.State(state)
 	c.LastUpdateStatus = function.UpdateStatus(updateStatus)
 	c.LastModified = decTime(modified)
+	c.SnapStart = function.SnapStart{ApplyOn: function.SnapStartApplyOn(applyOn), OptimizationStatus: function.OptimizationStatus(optimized)}
 	if reserved.Valid {
 		v := int(reserved.Int64)
 		c.ReservedConcurrency = &v
@@ -249,7 +257,7 @@ func (f *functions) CodeInUse(ctx context.Context, codeSha256 string) (bool, err
 		return false, err
 	}
 	var used bool
-	if err := f.codeInUse.QueryRowContext(ctx, codeSha256).Scan(&used); err != nil {
+	if err := f.codeInUse.QueryRowContext(ctx, codeSha256, codeSha256).Scan(&used); err != nil {
 		return false, fmt.Errorf("checking use of code %s: %w", codeSha256, err)
 	}
 	return used, nil

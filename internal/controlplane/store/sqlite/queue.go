@@ -13,7 +13,7 @@ import (
 
 var eventCols = []string{
 	"request_id", "function", "payload", "client_context", "enqueued_at", "not_before",
-	"attempts", "last_error",
+	"attempts", "last_error", "qualifier",
 }
 
 // queue is the durable async event queue.
@@ -72,7 +72,7 @@ func (q *queue) Enqueue(ctx context.Context, evs []*store.Event) error {
 			return fmt.Errorf("enqueueing event %s: not before: %w", ev.RequestID, err)
 		}
 		args[i] = []any{ev.RequestID, ev.Function, ev.Payload, ev.ClientContext, enq, nb,
-			ev.Attempts, ev.LastError, nb}
+			ev.Attempts, ev.LastError, ev.Qualifier, nb}
 	}
 	err := q.s.writeTx(ctx, func(tx *sql.Tx) error {
 		st := tx.StmtContext(ctx, q.insert)
@@ -151,7 +151,7 @@ func scanEvent(row rowScanner) (*store.Event, error) {
 		enq, nb int64
 	)
 	if err := row.Scan(&ev.RequestID, &ev.Function, &ev.Payload, &ev.ClientContext, &enq, &nb,
-		&ev.Attempts, &ev.LastError); err != nil {
+		&ev.Attempts, &ev.LastError, &ev.Qualifier); err != nil {
 		return nil, err
 	}
 	ev.EnqueuedAt = decTime(enq)

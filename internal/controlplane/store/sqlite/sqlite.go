@@ -52,6 +52,7 @@ type Store struct {
 	r *sql.DB // read-only pool
 
 	functions   *functions
+	versions    *versions
 	runtimes    *runtimeStore
 	invocations *invocations
 	queue       *queue
@@ -65,6 +66,7 @@ type Store struct {
 var (
 	_ store.Store       = (*Store)(nil)
 	_ store.Functions   = (*functions)(nil)
+	_ store.Versions    = (*versions)(nil)
 	_ store.Runtimes    = (*runtimeStore)(nil)
 	_ store.Invocations = (*invocations)(nil)
 	_ store.Queue       = (*queue)(nil)
@@ -123,6 +125,7 @@ func Open(ctx context.Context, path string) (_ *Store, retErr error) {
 
 	p := &preparer{ctx: ctx, s: s}
 	s.functions = newFunctions(s, p)
+	s.versions = newVersions(s, p)
 	s.runtimes = newRuntimes(s, p)
 	s.invocations = newInvocations(s, p)
 	s.queue = newQueue(s, p)
@@ -166,6 +169,9 @@ func migrate(ctx context.Context, db *sql.DB) error {
 
 // Functions returns the applications DB.
 func (s *Store) Functions() store.Functions { return s.functions }
+
+// Versions returns the published function versions.
+func (s *Store) Versions() store.Versions { return s.versions }
 
 // Runtimes returns the runtimes DB.
 func (s *Store) Runtimes() store.Runtimes { return s.runtimes }

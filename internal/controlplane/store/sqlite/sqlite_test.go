@@ -5,9 +5,13 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
+	"testing/fstest"
 	"time"
+
+	"github.com/pressly/goose/v3"
 
 	"github.com/invokex/invokex/internal/controlplane/store"
 	"github.com/invokex/invokex/internal/controlplane/store/sqlite"
@@ -79,8 +83,60 @@ func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 	if err := db.QueryRow(`SELECT COUNT(*) FROM goose_db_version WHERE version_id > 0`).Scan(&applied); err != nil {
 		t.Fatal(err)
 	}
-	if applied != 1 {
-		t.Fatalf("goose recorded %d applied migrations, want 1", applied)
+	files, err := os.ReadDir("migrations")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if applied != len(files) {
+		t.Fatalf("goose recorded %d applied migrations, want %d (one per file)", applied, len(files))
+	}
+}
+
+// TestUpgradeFromInitialSchema opens a database written by the first
+// schema: its functions and queued events survive, read with the new
+// columns' defaults, and versions can be published at once.
+func TestUpgradeFromInitialSchema(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "old.db")
+	initial, err := os.ReadFile(filepath.Join("migrations", "00001_init.sql"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := rawDB(t, path)
+	p, err := goose.NewProvider(goose.DialectSQLite3, db, fstest.MapFS{"00001_init.sql": {Data: initial}}, goose.WithDisableGlobalRegistry(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Up(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	// Rows as the first schema's store wrote them.
+	if _, err := db.Exec(`INSERT INTO functions VALUES ('old', 'python3.12', 'app.handler', '', '', 3, 128, 512,
+		'null', '["x86_64"]', 'null', 'c2hh', 10, 'rev-1', '$LATEST', 'Active', '', '', 'Successful', '', 0, NULL, 0, 0)`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`INSERT INTO events VALUES ('e1', 'old', NULL, '', 0, 0, 0, '', NULL, 0)`); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+
+	ctx := t.Context()
+	s := open(t, path)
+	got, err := s.Functions().Get(ctx, "old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.RevisionID != "rev-1" || got.SnapStart != (function.SnapStart{}) {
+		t.Fatalf("upgraded function: %+v", got)
+	}
+	v := got.Clone()
+	v.RevisionID = "v-rev-1"
+	pub, created, err := s.Versions().Publish(ctx, v, "rev-1")
+	if err != nil || !created || pub.Version != "1" {
+		t.Fatalf("Publish on an upgraded database: %+v, %v, %v", pub, created, err)
+	}
+	evs, err := s.Queue().Claim(ctx, time.Now(), time.Minute, 10)
+	if err != nil || len(evs) != 1 || evs[0].RequestID != "e1" || evs[0].Qualifier != "" {
+		t.Fatalf("Claim on an upgraded database: %+v, %v", evs, err)
 	}
 }
 

@@ -58,6 +58,7 @@ func fullConfig(name string) *function.Config {
 		LastUpdateStatusReason: "done",
 		LastModified:           base.In(time.FixedZone("UTC+5", 5*3600)),
 		ReservedConcurrency:    ptr(17),
+		SnapStart:              function.SnapStart{ApplyOn: function.SnapStartPublishedVersions, OptimizationStatus: function.OptimizationOn},
 	}
 }
 

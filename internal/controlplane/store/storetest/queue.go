@@ -101,6 +101,7 @@ func testQueueRoundTrip(t *testing.T, s store.Store) {
 	b := event("req-b", base.Add(time.Nanosecond))
 	b.NotBefore = base.Add(-time.Minute)
 	b.Attempts, b.LastError = 2, "previous failure"
+	b.Qualifier = "3" // an Event invoking published version 3
 	enqueue(t, s, a, b)
 	wantLen(t, s, 2)
 

@@ -12,7 +12,9 @@
 //     fails the whole batch; Queue.Retry of an unknown event is ErrNotFound;
 //   - Invocations.DeleteBefore removes records with End strictly before t,
 //     and keeps records whose End is zero (not ended);
-//   - a cancelled context makes a write fail without effect.
+//   - a cancelled context makes a write fail without effect;
+//   - Versions.Get of a qualifier that is not a version number ($LATEST, an
+//     alias name) is ErrNotFound, like a number that was never published.
 package storetest
 
 import (
@@ -39,6 +41,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		tests []test
 	}{
 		{"Functions", functionTests},
+		{"Versions", versionTests},
 		{"Runtimes", runtimeTests},
 		{"Invocations", invocationTests},
 		{"Queue", queueTests},
