@@ -1,8 +1,10 @@
 # Conveniences over the scripts the README names.
 .PHONY: build up test clean
 
+# invokex-agent is what every sandbox runs (the server finds it next to itself).
 build:
 	CGO_ENABLED=0 go build -o bin/invokex ./cmd/invokex
+	CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o bin/invokex-agent ./cmd/invokex-agent
 
 up:
 	./scripts/up.sh
@@ -15,8 +17,8 @@ clean:
 
 .PHONY: bench kernel
 # Benchmarks side by side with Lambda's Runtime Interface Emulator; writes docs/benchmarks.md.
-bench:
-	CGO_ENABLED=0 go build -o bin/invokex ./cmd/invokex && bin/invokex bench --runs 2000 --driver process
+bench: build
+	bin/invokex bench --runs 2000 --driver process
 
 # The microVM guest kernel (cached; minutes the first time).
 kernel:

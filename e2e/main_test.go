@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -66,6 +67,7 @@ func build(t *testing.T) {
 		}
 		for _, b := range []struct{ out, pkg string }{
 			{"invokex", "./cmd/invokex"},
+			{"invokex-agent", "./cmd/invokex-agent"},
 			{"probe/bootstrap", "./internal/testfunc/probe"},
 			{"hello-go/bootstrap", "./examples/hello-go"},
 		} {
@@ -127,6 +129,11 @@ func (s *server) start() {
 		t.Fatal(err)
 	}
 	args := append([]string{"server", "--listen", s.addr, "--data-dir", s.dataDir, "--log-level", "debug"}, s.args...)
+	if !slices.Contains(s.args, "--driver") {
+		// auto would pick microVMs on a host with QEMU and a guest kernel;
+		// the core suite runs on the process sandbox, qemu_test.go on VMs.
+		args = append(args, "--driver", "process")
+	}
 	s.cmd = exec.Command(invokexBin(), args...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {

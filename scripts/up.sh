@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 mkdir -p bin
 CGO_ENABLED=0 go build -o bin/invokex ./cmd/invokex
-echo "built bin/invokex; starting the server (Ctrl-C stops it)" >&2
+CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o bin/invokex-agent ./cmd/invokex-agent
+echo "built bin/invokex and bin/invokex-agent; starting the server (Ctrl-C stops it)" >&2
 exec bin/invokex up "$@"

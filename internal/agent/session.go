@@ -47,6 +47,10 @@ func (s *session) stop(err error) error {
 // serve handles frames until the session ends. Between requests it also
 // watches an idle runtime, so one that dies is reset at once.
 func (s *session) serve(ctx context.Context) error {
+	// idle fires when no request has come for idleTrimAfter: the agent
+	// then trims its memory (see trimImage), once per idle period.
+	idle := time.NewTimer(idleTrimAfter)
+	defer idle.Stop()
 	for {
 		var exited <-chan struct{}
 		rt := s.e.idleRuntime()
@@ -63,6 +67,9 @@ func (s *session) serve(ctx context.Context) error {
 			if err := s.handle(ctx, m); err != nil {
 				return err
 			}
+			idle.Reset(idleTrimAfter)
+		case <-idle.C:
+			trimImage()
 		case <-exited:
 			if s.e.runtimeDied(rt) {
 				s.log.Info("runtime exited between invocations", "pid", rt.proc.pid, "status", exitReason(rt.proc.ws))

@@ -115,8 +115,11 @@ const method = `- **Same function, same client.** Both systems run the same bina
 - **Memory.** From ` + "`/proc/<pid>/smaps_rollup`" + `: RSS (all resident pages, shared ones
   counted in every process), PSS (shared pages divided among their sharers: what N instances
   really add up to) and private (USS: what only that process holds, freed when it stops). InvokeX:
-  N instances are made warm by N concurrent 1 s invokes, left idle 1 s, then each direct child of
-  the server (one instance's init/agent and the function under it) is summed. RIE: one 1 s invoke,
+  N instances are made warm by N concurrent 1 s invokes, left idle 12 s, then each direct child of
+  the server (one instance's init/agent and the function under it) is summed. After 10 s without
+  a request the agent trims itself (returns free heap, unmaps the pages of its binary that only
+  start-up used; the first request after that maps back what it needs, ~0.3 ms once); the sandbox
+  is also measured 1 s after the last invoke, before that trim. RIE: one 1 s invoke,
   1 s idle, then the emulator and its function process. The function's own memory is its process
   under RIE. Overhead by RSS is the issue's definition: an instance's processes minus the
   function's own RSS. Overhead by PSS and private is the sandbox processes' own (the functions of

@@ -135,17 +135,57 @@ func (r *runner) memoryPhase(ctx context.Context, srv *ixServer) error {
 			return fmt.Errorf("making %d warm instances: %s", n, f)
 		}
 	}
+	// Measured twice: just after the instances' last invoke, and once
+	// they have been idle long enough for the agent's idle trim.
+	m := &r.rep.Memory
 	if err := sleepCtx(ctx, time.Second); err != nil {
 		return err
 	}
-	groups, err := srv.instances(r.fs)
+	fresh, err := r.measureInstances(srv)
 	if err != nil {
 		return err
 	}
-	if len(groups) != n {
-		r.note("memory: %d concurrent invokes made %d instances", n, len(groups))
+	m.SandboxFresh = fresh.Sandbox
+	if fresh.Instances != n {
+		r.note("memory: %d concurrent invokes made %d instances", n, fresh.Instances)
 	}
-	m := &r.rep.Memory
+	if err := sleepCtx(ctx, IdleSettle-time.Second); err != nil {
+		return err
+	}
+	idle, err := r.measureInstances(srv)
+	if err != nil {
+		return err
+	}
+	m.Instances, m.Processes, m.Cgroup = idle.Instances, idle.Processes, idle.Cgroup
+	m.PerInstance, m.Sandbox, m.Function = idle.PerInstance, idle.Sandbox, idle.Function
+	if sm, err := r.fs.Mem(srv.pid()); err == nil {
+		m.ServerWithInstances = sm
+	}
+	r.say("InvokeX memory: %d instances, %s RSS / %s PSS each", m.Instances, fmtMiB(m.PerInstance.RSS), fmtMiB(m.PerInstance.PSS))
+	return nil
+}
+
+// IdleSettle is how long the memory phase lets its instances idle before
+// the figures it reports: longer than the agent's idle trim (10 s, see
+// package agent), as instances kept warm for minutes are.
+const IdleSettle = 12 * time.Second
+
+// instMem is one measurement of a server's idle instances: means over
+// Instances of them.
+type instMem struct {
+	Instances                      int
+	PerInstance, Sandbox, Function Mem
+	Processes                      string
+	Cgroup                         int64 // -1 when unavailable
+}
+
+// measureInstances measures every instance of srv by its processes' smaps.
+func (r *runner) measureInstances(srv *ixServer) (instMem, error) {
+	groups, err := srv.instances(r.fs)
+	if err != nil {
+		return instMem{}, err
+	}
+	var out instMem
 	var all, sandbox, fn Mem
 	var cg int64
 	cgN := 0
@@ -177,8 +217,8 @@ func (r *runner) memoryPhase(ctx context.Context, srv *ixServer) error {
 		if !ok {
 			continue
 		}
-		if m.Processes == "" {
-			m.Processes = strings.Join(names, ", ")
+		if out.Processes == "" {
+			out.Processes = strings.Join(names, ", ")
 		}
 		measured++
 		all, sandbox, fn = all.Add(inst), sandbox.Add(sb), fn.Add(f)
@@ -188,23 +228,19 @@ func (r *runner) memoryPhase(ctx context.Context, srv *ixServer) error {
 		}
 	}
 	if measured == 0 {
-		return fmt.Errorf("no instance could be measured (%d found)", len(groups))
+		return instMem{}, fmt.Errorf("no instance could be measured (%d found)", len(groups))
 	}
 	div := func(x Mem) Mem {
 		k := int64(measured)
 		return Mem{RSS: x.RSS / k, PSS: x.PSS / k, Private: x.Private / k}
 	}
-	m.Instances = measured
-	m.PerInstance, m.Sandbox, m.Function = div(all), div(sandbox), div(fn)
-	m.Cgroup = -1
+	out.Instances = measured
+	out.PerInstance, out.Sandbox, out.Function = div(all), div(sandbox), div(fn)
+	out.Cgroup = -1
 	if cgN > 0 {
-		m.Cgroup = cg / int64(cgN)
+		out.Cgroup = cg / int64(cgN)
 	}
-	if sm, err := r.fs.Mem(srv.pid()); err == nil {
-		m.ServerWithInstances = sm
-	}
-	r.say("InvokeX memory: %d instances, %s RSS / %s PSS each", measured, fmtMiB(m.PerInstance.RSS), fmtMiB(m.PerInstance.PSS))
-	return nil
+	return out, nil
 }
 
 // removeAndSettle deletes a function and waits until the server has no

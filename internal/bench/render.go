@@ -245,6 +245,7 @@ func (r *Report) memoryTable() table {
 		figure("  of which the function process, RSS", ixInst(m.Function.RSS), b(m.RIEFunction.RSS), mibCell),
 		figure("  of which the sandbox (init + agent) / emulator, RSS", ixInst(m.Sandbox.RSS), b(m.RIEEmulator.RSS), mibCell),
 		figure("  of which the sandbox (init + agent) / emulator, PSS", ixInst(m.Sandbox.PSS), b(m.RIEEmulator.PSS), mibCell),
+		figure("  sandbox 1 s after its last invoke (before the idle trim), RSS", ixInst(m.SandboxFresh.RSS), b(m.RIEEmulator.RSS), mibCell),
 		figure("overhead beyond the function's own, RSS", ovCell(ov.RSS), b(m.RIEEmulator.RSS), mibCell),
 		figure("overhead beyond the function's own, PSS", ovCell(ov.PSS), b(m.RIEEmulator.PSS), mibCell),
 		figure("overhead beyond the function's own, private (USS)", ovCell(ov.Private), b(m.RIEEmulator.Private), mibCell),

@@ -107,6 +107,9 @@ type MemoryResult struct {
 	PerInstance Mem
 	Sandbox     Mem
 	Function    Mem
+	// SandboxFresh is Sandbox measured 1 s after the instances' last
+	// invoke, before the agent's idle trim; the others after IdleSettle.
+	SandboxFresh Mem
 	// Processes names one instance's processes, e.g. "invokex, invokex, bootstrap".
 	Processes string
 	// Cgroup is the instance cgroup's memory (memory.current: includes

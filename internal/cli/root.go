@@ -14,8 +14,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/invokex/invokex/internal/agent/vminit"
+	"github.com/invokex/invokex/internal/agentbin"
 	"github.com/invokex/invokex/internal/client"
 	"github.com/invokex/invokex/internal/harness/driver/process"
+	"github.com/invokex/invokex/internal/protocol"
 )
 
 // Main runs the command line and returns the process exit code. Errors are
@@ -27,8 +29,12 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 	if vminit.IsVMInit() {
 		return vminit.Main()
 	}
-	if len(args) > 0 && args[0] == "sandbox-init" {
+	if len(args) > 0 && args[0] == process.InitArg {
 		return process.InitMain()
+	}
+	if len(args) > 0 && args[0] == agentbin.VersionArg {
+		fmt.Fprintln(stdout, protocol.Version)
+		return 0
 	}
 	root := newRoot(stdin, stdout, stderr)
 	root.SetArgs(args)

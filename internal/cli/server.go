@@ -24,7 +24,7 @@ type serverFlags struct {
 func (f *serverFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:9000", "address of the HTTP API")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", defaultDataDir(), "directory for the database, code and sandbox state (env INVOKEX_DATA_DIR)")
-	cmd.Flags().StringVar(&f.driver, "driver", "auto", "sandbox driver: auto (= process for now), process or qemu (microVMs; needs `invokex guest kernel` and a static build)")
+	cmd.Flags().StringVar(&f.driver, "driver", "auto", "sandbox driver: auto (the strongest isolation that works here: qemu microVMs when QEMU and a guest kernel are present, else process), process, or qemu (needs `invokex guest kernel` and a static build)")
 	cmd.Flags().DurationVar(&f.keepAlive, "keep-alive", 10*time.Minute, "stop instances idle this long (scale to zero)")
 	cmd.Flags().IntVar(&f.concurrency, "default-concurrency", 100, "concurrent executions per function without reserved concurrency")
 	cmd.Flags().BoolVar(&f.sandboxNetwork, "sandbox-network", false, "give sandboxes the host's network (default: loopback only, so functions cannot reach this server or the host's services)")

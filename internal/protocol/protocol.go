@@ -44,6 +44,13 @@ import (
 	"time"
 )
 
+// Version names this revision of the protocol. The agent binary a server
+// runs in its sandboxes may be a separate file (cmd/invokex-agent); the
+// server asks it for its Version and refuses one that differs, so a stale
+// agent next to a new server is caught at start-up, not as garbled frames.
+// Change it whenever frames or their meaning change.
+const Version = "invokex-protocol/1"
+
 // Type identifies a frame.
 type Type uint8
 

@@ -32,16 +32,18 @@ import (
 	"github.com/invokex/invokex/internal/frontend"
 	"github.com/invokex/invokex/internal/harness"
 	"github.com/invokex/invokex/internal/harness/driver"
-	"github.com/invokex/invokex/internal/harness/driver/process"
-	"github.com/invokex/invokex/internal/harness/driver/qemu"
 )
 
 // Config is the all-in-one server's configuration.
 type Config struct {
 	Listen  string // default 127.0.0.1:9000
 	DataDir string // default ./.data? set by the CLI
-	// Driver is auto or process (qemu and firecracker are later work).
+	// Driver is auto, process or qemu (see newDriver).
 	Driver string
+	// AgentBin is the agent binary sandboxes run; default: found by
+	// package agentbin (invokex-agent next to this executable, else this
+	// executable).
+	AgentBin string
 	// KeepAlive stops instances idle this long (scale to zero).
 	KeepAlive time.Duration
 	// DefaultConcurrency caps a function without reserved concurrency.
@@ -117,7 +119,7 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 		return fmt.Errorf("opening blob store: %w", err)
 	}
 
-	drv, err := newDriver(cfg)
+	drv, err := newDriver(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -193,36 +195,6 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 		return nil
 	case err := <-serveErr:
 		return fmt.Errorf("serving http: %w", err)
-	}
-}
-
-// newDriver picks the sandbox driver. auto stays on the process sandbox
-// until the qemu driver passes the end-to-end suite; qemu is chosen
-// explicitly.
-func newDriver(cfg Config) (driver.Driver, error) {
-	switch cfg.Driver {
-	case "auto", "process":
-		d, err := process.New(process.Options{
-			StateDir: filepath.Join(cfg.DataDir, "sandboxes"),
-			Logger:   cfg.Logger.With("component", "driver"),
-		})
-		if err != nil {
-			return nil, fmt.Errorf("creating process driver: %w", err)
-		}
-		return d, nil
-	case "qemu":
-		d, err := qemu.New(qemu.Options{
-			StateDir: filepath.Join(cfg.DataDir, "vms"),
-			Logger:   cfg.Logger.With("component", "driver"),
-		})
-		if err != nil {
-			return nil, fmt.Errorf("creating qemu driver: %w", err)
-		}
-		return d, nil
-	case "firecracker":
-		return nil, fmt.Errorf("driver %q is not available in this build yet (use process or qemu)", cfg.Driver)
-	default:
-		return nil, fmt.Errorf("unknown driver %q (want auto, process, qemu or firecracker)", cfg.Driver)
 	}
 }
 

@@ -1,0 +1,123 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/invokex/invokex/internal/agentbin"
+	"github.com/invokex/invokex/internal/guest"
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/process"
+	"github.com/invokex/invokex/internal/harness/driver/qemu"
+)
+
+// newDriver creates the sandbox driver cfg.Driver names. "auto" picks the
+// strongest isolation that works on this host: a QEMU microVM per
+// environment when QEMU, a guest kernel and a static agent are there (KVM
+// or, failing that, software emulation), else the process sandbox. The
+// choice and the reason for it are logged once.
+func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver, error) {
+	agent, err := findAgent(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	dlog := cfg.Logger.With("component", "driver")
+	switch cfg.Driver {
+	case "process":
+		return newProcessDriver(cfg, agent, dlog)
+	case "qemu":
+		return newQEMUDriver(cfg, agent, dlog)
+	case "auto":
+		if why := qemuMissing(agent); why != "" {
+			log.Info("driver auto: process sandbox", "reason", why)
+			return newProcessDriver(cfg, agent, dlog)
+		}
+		d, err := newQEMUDriver(cfg, agent, dlog)
+		if err != nil {
+			log.Warn("driver auto: qemu unusable, falling back to the process sandbox", "err", err)
+			return newProcessDriver(cfg, agent, dlog)
+		}
+		log.Info("driver auto: qemu microVMs", "describe", describe(d))
+		return d, nil
+	case "firecracker":
+		return nil, fmt.Errorf("driver %q is not available in this build yet (use auto, process or qemu)", cfg.Driver)
+	default:
+		return nil, fmt.Errorf("unknown driver %q (want auto, process, qemu or firecracker)", cfg.Driver)
+	}
+}
+
+// findAgent resolves the agent binary: cfg.AgentBin, else package
+// agentbin's choice for this executable.
+func findAgent(ctx context.Context, cfg Config, log *slog.Logger) (string, error) {
+	if cfg.AgentBin != "" {
+		if err := agentbin.Check(ctx, cfg.AgentBin); err != nil {
+			return "", fmt.Errorf("agent binary: %w", err)
+		}
+		return cfg.AgentBin, nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("finding own executable: %w", err)
+	}
+	c, err := agentbin.Find(ctx, self)
+	if err != nil {
+		return "", fmt.Errorf("agent binary: %w", err)
+	}
+	if !c.Slim {
+		log.Warn("sandboxes run the whole invokex binary as their agent (more memory per instance, slower VM boots)",
+			"agent", c.Path, "reason", c.Reason)
+	} else {
+		log.Debug("agent binary", "agent", c.Path)
+	}
+	return c.Path, nil
+}
+
+// qemuMissing says why auto cannot use QEMU here ("" if it can try).
+func qemuMissing(agent string) string {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		return "qemu-system-x86_64 not installed"
+	}
+	if _, ok := guest.KernelPath(guest.DefaultCacheDir()); !ok {
+		return "no guest kernel in " + guest.DefaultCacheDir() + " (run `invokex guest kernel`)"
+	}
+	if err := guest.CheckStatic(agent); err != nil {
+		return "agent binary cannot be a VM's init: " + err.Error()
+	}
+	return ""
+}
+
+func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
+	d, err := process.New(process.Options{
+		StateDir:    filepath.Join(cfg.DataDir, "sandboxes"),
+		InitCommand: []string{agent, process.InitArg},
+		Logger:      log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating process driver: %w", err)
+	}
+	return d, nil
+}
+
+func newQEMUDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
+	d, err := qemu.New(qemu.Options{
+		StateDir: filepath.Join(cfg.DataDir, "vms"),
+		AgentBin: agent,
+		Logger:   log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating qemu driver: %w", err)
+	}
+	return d, nil
+}
+
+func describe(d driver.Driver) string {
+	if ds, ok := d.(driver.Describer); ok {
+		return strings.Join(ds.Describe(), "; ")
+	}
+	return d.Name()
+}
