@@ -1,0 +1,190 @@
+package firecracker
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+
+	"github.com/invokex/invokex/internal/errdefs"
+)
+
+// apiClient speaks the few requests of Firecracker's API the driver needs
+// (src/firecracker/swagger/firecracker.yaml): HTTP/1.1 with JSON bodies
+// over the unix socket given to --api-sock. Every request is a PUT that
+// Firecracker answers 204 No Content; any other status carries an Error
+// body, {"fault_message": "..."}, which becomes an *APIError.
+//
+// It is a small hand-written client rather than firecracker-go-sdk: the
+// driver needs seven PUTs, and the SDK brings a generated swagger client
+// and its dependencies along (docs/firecracker.md).
+type apiClient struct {
+	hc *http.Client
+}
+
+func newAPIClient(sockPath string) *apiClient {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialUnix(ctx, sockPath)
+		},
+		// One Firecracker serves one client at a time; a kept connection
+		// saves a dial per request.
+		MaxIdleConnsPerHost: 1,
+		DisableCompression:  true,
+	}
+	return &apiClient{hc: &http.Client{Transport: tr}}
+}
+
+// Close drops the kept connection.
+func (c *apiClient) Close() { c.hc.CloseIdleConnections() }
+
+// Request bodies, as named in the swagger definitions.
+type (
+	machineConfig struct {
+		VCPUCount  int `json:"vcpu_count"`
+		MemSizeMiB int `json:"mem_size_mib"`
+	}
+	bootSource struct {
+		KernelImagePath string `json:"kernel_image_path"`
+		BootArgs        string `json:"boot_args,omitempty"`
+	}
+	drive struct {
+		DriveID      string `json:"drive_id"`
+		PathOnHost   string `json:"path_on_host"`
+		IsRootDevice bool   `json:"is_root_device"`
+		IsReadOnly   bool   `json:"is_read_only"`
+	}
+	vsockDevice struct {
+		GuestCID uint32 `json:"guest_cid"`
+		UDSPath  string `json:"uds_path"`
+	}
+	networkInterface struct {
+		IfaceID     string `json:"iface_id"`
+		HostDevName string `json:"host_dev_name"`
+		GuestMAC    string `json:"guest_mac,omitempty"`
+	}
+	entropyDevice  struct{}
+	instanceAction struct {
+		ActionType string `json:"action_type"`
+	}
+)
+
+// Actions (InstanceActionInfo.action_type).
+const (
+	actionInstanceStart  = "InstanceStart"
+	actionSendCtrlAltDel = "SendCtrlAltDel"
+)
+
+// APIError is a request Firecracker refused: an HTTP status other than
+// 2xx with the Error body's fault_message. It wraps
+// errdefs.ErrInvalidParameter for 400 (Firecracker rejected the
+// configuration, e.g. a memory size it cannot give) and
+// errdefs.ErrUnavailable for anything else (Firecracker failed).
+type APIError struct {
+	Method, Path string
+	StatusCode   int
+	// FaultMessage is Firecracker's explanation ("" if the body had none).
+	FaultMessage string
+}
+
+func (e *APIError) Error() string {
+	msg := e.FaultMessage
+	if msg == "" {
+		msg = "no fault message"
+	}
+	return fmt.Sprintf("firecracker %s %s: %d %s: %s", e.Method, e.Path, e.StatusCode, http.StatusText(e.StatusCode), msg)
+}
+
+// Unwrap returns the errdefs kind of the refusal.
+func (e *APIError) Unwrap() error {
+	if e.StatusCode == http.StatusBadRequest {
+		return errdefs.ErrInvalidParameter
+	}
+	return errdefs.ErrUnavailable
+}
+
+// maxErrorBody bounds how much of an error answer is read.
+const maxErrorBody = 64 << 10
+
+// put sends body as JSON to path. Transport failures (Firecracker gone,
+// socket missing) wrap errdefs.ErrUnavailable.
+func (c *apiClient) put(ctx context.Context, path string, body any) error {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return fmt.Errorf("encoding firecracker PUT %s: %w", path, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://localhost"+path, bytes.NewReader(b))
+	if err != nil {
+		return fmt.Errorf("firecracker PUT %s: %w", path, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("firecracker PUT %s: %w", path, context.Cause(ctx))
+		}
+		return fmt.Errorf("firecracker PUT %s: %w: %w", path, err, errdefs.ErrUnavailable)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		// Drain so the connection can be kept.
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxErrorBody))
+		return nil
+	}
+	return apiErrorFrom(http.MethodPut, path, resp)
+}
+
+func apiErrorFrom(method, path string, resp *http.Response) *APIError {
+	e := &APIError{Method: method, Path: path, StatusCode: resp.StatusCode}
+	raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	var body struct {
+		FaultMessage string `json:"fault_message"`
+	}
+	if json.Unmarshal(raw, &body) == nil && body.FaultMessage != "" {
+		e.FaultMessage = body.FaultMessage
+	} else {
+		e.FaultMessage = strings.TrimSpace(strings.ToValidUTF8(string(raw), "?"))
+	}
+	return e
+}
+
+func (c *apiClient) putMachineConfig(ctx context.Context, m machineConfig) error {
+	return c.put(ctx, "/machine-config", m)
+}
+
+func (c *apiClient) putBootSource(ctx context.Context, b bootSource) error {
+	return c.put(ctx, "/boot-source", b)
+}
+
+func (c *apiClient) putDrive(ctx context.Context, d drive) error {
+	return c.put(ctx, "/drives/"+d.DriveID, d)
+}
+
+func (c *apiClient) putVsock(ctx context.Context, v vsockDevice) error {
+	return c.put(ctx, "/vsock", v)
+}
+
+func (c *apiClient) putEntropy(ctx context.Context) error {
+	return c.put(ctx, "/entropy", entropyDevice{})
+}
+
+func (c *apiClient) putNetworkInterface(ctx context.Context, n networkInterface) error {
+	return c.put(ctx, "/network-interfaces/"+n.IfaceID, n)
+}
+
+func (c *apiClient) action(ctx context.Context, action string) error {
+	return c.put(ctx, "/actions", instanceAction{ActionType: action})
+}
+
+// isAPIError reports whether err is a refusal by Firecracker (as opposed
+// to Firecracker not answering).
+func isAPIError(err error) bool {
+	var ae *APIError
+	return errors.As(err, &ae)
+}
