@@ -466,9 +466,10 @@ func (s *suite) testReadOnlyRoot(t *testing.T) {
 	}
 }
 
-// hostListener listens on the host's loopback for the network tests.
-func hostListener(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+// hostListener listens on ip:0 for the network tests and returns its
+// address.
+func hostListener(t *testing.T, ip string) string {
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -485,20 +486,46 @@ func hostListener(t *testing.T) string {
 	return l.Addr().String()
 }
 
+// hostIPv4 is a non-loopback IPv4 address of the host, "" if it has none.
+// A sandbox with Network must reach the host's network through it: a VM's
+// 127.0.0.1 is its own loopback, so the host's loopback is no common
+// target for every driver.
+func hostIPv4() string {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return ""
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && !n.IP.IsLoopback() && n.IP.To4() != nil && !n.IP.IsLinkLocalUnicast() {
+			return n.IP.String()
+		}
+	}
+	return ""
+}
+
 func (s *suite) testNetworkIsolated(t *testing.T) {
-	addr := hostListener(t)
+	targets := []string{hostListener(t, "127.0.0.1")}
+	if ip := hostIPv4(); ip != "" {
+		targets = append(targets, hostListener(t, ip))
+	}
 	e := s.env(t)
 	sb := e.start(t, e.spec())
 	sb.init()
-	var o outcome
-	sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
-	if o.Error == "" {
-		t.Errorf("an isolated sandbox reached the host's %s", addr)
+	for _, addr := range targets {
+		var o outcome
+		sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
+		if o.Error == "" {
+			t.Errorf("an isolated sandbox reached the host's %s", addr)
+		}
 	}
 }
 
 func (s *suite) testNetworkShared(t *testing.T) {
-	addr := hostListener(t)
+	ip := hostIPv4()
+	if ip == "" {
+		t.Skip("the host has no non-loopback IPv4 address to reach")
+	}
+	addr := hostListener(t, ip)
 	e := s.env(t)
 	sp := e.spec()
 	sp.Network = true

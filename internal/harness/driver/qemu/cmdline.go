@@ -75,6 +75,29 @@ type vmConfig struct {
 	// clock from it (the RTC has only whole seconds), so deadlines the
 	// harness computes hold inside to the millisecond.
 	ClockUnixMs int64
+	// Network gives the guest a NIC on QEMU's user-mode network (see
+	// guestNet); without it the guest has loopback only.
+	Network bool
+}
+
+// The guest's address plan on QEMU's user-mode network (slirp). QEMU
+// answers as the gateway and the DNS server itself and turns the guest's
+// connections into connections of the QEMU process on the host: outbound
+// only, nothing on the host can connect in. Every VM has its own private
+// copy of this network, so one VM cannot reach another.
+const (
+	guestNetIP      = "10.0.2.15"
+	guestNetGateway = "10.0.2.2"
+	guestNetMask    = "255.255.255.0"
+	guestNetDNS     = "10.0.2.3"
+)
+
+// guestNetParam is the kernel's ip= parameter (CONFIG_IP_PNP): eth0 is
+// configured statically before init runs, no DHCP client needed, and
+// /proc/net/pnp (the images' resolv.conf) names the DNS server.
+func guestNetParam() string {
+	// ip=client:server:gateway:netmask:hostname:device:autoconf:dns0
+	return "ip=" + guestNetIP + "::" + guestNetGateway + ":" + guestNetMask + "::eth0:off:" + guestNetDNS
 }
 
 // vcpusFor derives the vCPU count from the memory size as Lambda does,
@@ -120,6 +143,9 @@ func (c vmConfig) kernelCmdline() string {
 	if c.ClockUnixMs > 0 {
 		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
 	}
+	if c.Network {
+		parts = append(parts, guestNetParam())
+	}
 	return strings.Join(parts, " ")
 }
 
@@ -161,19 +187,26 @@ func (c vmConfig) args() []string {
 		"-drive", "id=scratch,file=" + fdPath(fdScratch) + ",format=raw,if=none,cache=unsafe",
 		"-device", "virtio-blk-device,drive=scratch",
 		"-device", "virtio-rng-device",
+	}
+	if c.Network {
+		a = append(a,
+			"-netdev", "user,id=net,ipv6=off,net="+guestNetIP+"/24,host="+guestNetGateway+",dns="+guestNetDNS,
+			"-device", "virtio-net-device,netdev=net")
+	}
+	a = append(a,
 		"-device", "virtio-serial-device",
 		// Both sockets are bound by the driver and served by QEMU, so the
 		// driver can connect before QEMU is up (the connection waits in
 		// the backlog) and a new harness could connect again.
-		"-chardev", "socket,id=agent,fd=" + strconv.Itoa(fdAgent) + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=" + agentPort,
-		"-chardev", "socket,id=qmp,fd=" + strconv.Itoa(fdQMP) + ",server=on,wait=off",
+		"-chardev", "socket,id=agent,fd="+strconv.Itoa(fdAgent)+",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name="+agentPort,
+		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(fdQMP)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
 		// The console goes to QEMU's stdout, a pipe the driver drains
 		// into a bounded log: never into a file that could fill the disk.
 		"-chardev", "stdio,id=console,signal=off",
 		"-serial", "chardev:console",
-	}
+	)
 	return a
 }
 

@@ -163,3 +163,30 @@ func TestChooseAccel(t *testing.T) {
 		t.Errorf("kvm with an unusable kvm: %v, want an error with QEMU's reason", err)
 	}
 }
+
+func TestArgsNetwork(t *testing.T) {
+	c := vmConfig{ID: "n", Accel: accelTCG, MemoryMB: 128, VCPUs: 1}
+	if got := argValues(c.args(), "-netdev"); len(got) != 0 {
+		t.Errorf("without Network: -netdev %q", got)
+	}
+	if strings.Contains(c.kernelCmdline(), "ip=") {
+		t.Errorf("without Network the guest configures an address: %s", c.kernelCmdline())
+	}
+	c.Network = true
+	a := c.args()
+	if got := argValues(a, "-netdev"); len(got) != 1 || !strings.HasPrefix(got[0], "user,id=net,") {
+		t.Errorf("-netdev = %q, want one user-mode network", got)
+	}
+	if !slices.Contains(argValues(a, "-device"), "virtio-net-device,netdev=net") {
+		t.Errorf("no virtio-net device in %q", argValues(a, "-device"))
+	}
+	// The disks keep their order (vda, vdb, vdc) with a NIC present.
+	devs := strings.Join(argValues(a, "-device"), " ")
+	if i, j := strings.Index(devs, "drive=scratch"), strings.Index(devs, "virtio-net"); i < 0 || j < i {
+		t.Errorf("devices out of order: %s", devs)
+	}
+	want := "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3"
+	if !slices.Contains(strings.Fields(c.kernelCmdline()), want) {
+		t.Errorf("kernel command line lacks %s: %s", want, c.kernelCmdline())
+	}
+}

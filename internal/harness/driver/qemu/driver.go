@@ -24,6 +24,17 @@
 // The console is a pipe drained into the harness's log under a byte
 // budget, never a file.
 //
+// # Network
+//
+// A VM has loopback only unless Spec.Network is set; then it gets a
+// virtio-net NIC on QEMU's user-mode network (slirp), configured by the
+// kernel (ip=) before init runs. Its connections leave as connections of
+// its QEMU process (so, like the process sandbox with Network, they can
+// reach the host's loopback services through the gateway address);
+// nothing can connect into the VM and VMs cannot reach each other. Slirp
+// costs CPU per packet; a tap-and-bridge setup would be faster but needs
+// host network configuration the driver does not make.
+//
 // # Recovery
 //
 // Recover kills every QEMU a previous harness left running on the same
@@ -146,9 +157,8 @@ type Driver struct {
 
 	instances hostproc.Table[*instance]
 
-	mu          sync.Mutex   // guards slots and warnedNetwk
-	slots       map[int]bool // uid slots in use
-	warnedNetwk bool
+	mu    sync.Mutex   // guards slots
+	slots map[int]bool // uid slots in use
 }
 
 // New checks QEMU, the kernel and the agent binary, chooses the
@@ -318,7 +328,6 @@ func (d *Driver) Describe() []string {
 	case d.accel == accelTCG:
 		s = append(s, "TCG software emulation (no usable KVM: "+d.why+"): ~10x slower")
 	}
-	s = append(s, "no guest network yet: Spec.Network is ignored and VMs have loopback only")
 	if d.asRoot != "" && os.Geteuid() == 0 {
 		s = append(s, "qemu runs as root, not as a user per vm: "+d.asRoot)
 	}
@@ -352,16 +361,6 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 		cancel()
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
 	}
-	d.mu.Lock()
-	warn := spec.Network && !d.warnedNetwk
-	if warn {
-		d.warnedNetwk = true
-	}
-	d.mu.Unlock()
-	if warn {
-		d.log.Warn("sandbox network requested but the qemu driver has no guest network yet: vms get loopback only")
-	}
-
 	err = inst.start(startCtx, spec)
 	cancel()
 	close(inst.started)

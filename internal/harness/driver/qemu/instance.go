@@ -78,6 +78,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 		ID: spec.ID, Accel: d.accel,
 		MemoryMB: spec.MemoryMB, VCPUs: vcpusFor(spec.MemoryMB, d.hostCPUs),
 		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
+		Network: spec.Network,
 	}
 	launched := time.Now()
 	if err := i.launch(cfg, disks); err != nil {

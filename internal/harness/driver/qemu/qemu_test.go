@@ -47,9 +47,6 @@ func TestDriver(t *testing.T) {
 	}
 	agent := agentBinary(t)
 	opts := drivertest.Options{
-		Unsupported: map[string]string{
-			"NetworkShared": "the qemu driver attaches no guest network yet (loopback only)",
-		},
 		// Under TCG a boot takes seconds, more with several VMs on few
 		// cores, and the first Start builds the runtime's root image.
 		StartTimeout: 5 * time.Minute,
@@ -76,9 +73,10 @@ var agentBuild struct {
 	path string
 }
 
-// agentPackage is the guest init the suite boots. It runs vminit.Main, as
-// the invokex binary does when the kernel starts it as /sbin/init.
-const agentPackage = "./internal/harness/driver/qemu/testdata/agent"
+// agentPackage is the guest init the suite boots: the agent binary the
+// server runs in every sandbox (vminit.Main when the kernel starts it as
+// /sbin/init).
+const agentPackage = "./cmd/invokex-agent"
 
 // agentBinary builds agentPackage with CGO_ENABLED=0 into the test's
 // temporary directory, or returns the build of an earlier (still running)
@@ -100,7 +98,7 @@ func agentBinary(t testing.TB) string {
 		t.Fatalf("locating the module: %v", err)
 	}
 	bin := filepath.Join(t.TempDir(), "invokex-agent")
-	cmd := exec.Command("go", "build", "-o", bin, agentPackage)
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, agentPackage)
 	cmd.Dir = strings.TrimSpace(string(out))
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
