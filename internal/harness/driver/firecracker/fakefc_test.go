@@ -62,6 +62,7 @@ type loggedRequest struct {
 //
 // It exits 0 when the "guest" ends (stream closed, Ctrl-Alt-Del) and
 // fakeTermExit on SIGTERM, so tests can tell which ended it.
+//
 //	die-        exits 0 right after the ready line
 //
 // Started by the stand-in jailer, it finds its chroot in $FAKEFC_ROOT and
