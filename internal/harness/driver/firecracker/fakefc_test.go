@@ -59,11 +59,10 @@ type loggedRequest struct {
 //	stubborn-   ignores Ctrl-Alt-Del, SIGTERM and the stream's end
 //	nocad-      ignores Ctrl-Alt-Del and the stream's end (a guest
 //	            without an i8042 driver whose agent is wedged)
+//	die-        exits 0 right after the ready line
 //
 // It exits 0 when the "guest" ends (stream closed, Ctrl-Alt-Del) and
 // fakeTermExit on SIGTERM, so tests can tell which ended it.
-//
-//	die-        exits 0 right after the ready line
 //
 // Started by the stand-in jailer, it finds its chroot in $FAKEFC_ROOT and
 // resolves absolute paths under it.

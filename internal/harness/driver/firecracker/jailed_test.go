@@ -1,0 +1,170 @@
+package firecracker
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
+)
+
+// jailedEnv is a fakeEnv whose VMs go through the stand-in jailer, with a
+// cgroup parent of the test's own (removed at the end).
+func jailedEnv(t *testing.T) (*fakeEnv, string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: the jailer needs root")
+	}
+	jailer := fakeBinary(t, fakeJailerName)
+	parent := "invokex-fctest-" + strconv.Itoa(os.Getpid())
+	e := newFakeEnv(t, func(o *Options) {
+		o.JailerPath = jailer
+		o.CgroupParent = parent
+		o.UIDBase = 1<<30 + 777
+	})
+	t.Cleanup(func() {
+		for _, root := range []string{e.d.cgroups.MemoryRoot, e.d.cgroups.PidsRoot} {
+			if root != "" {
+				os.Remove(filepath.Join(root, parent))
+			}
+		}
+	})
+	if e.d.cgroups.Version == 0 {
+		t.Logf("no cgroups on this host (%s): jailed without limits", e.d.cgroups.why)
+	}
+	return e, parent
+}
+
+func TestJailedStartStop(t *testing.T) {
+	e, parent := jailedEnv(t)
+	inst := startFake(t, e, "ok-jail")
+	j := inst.jail
+	if j == nil || inst.root != filepath.Join(e.stateDir, "ok-jail", "jail", "firecracker", "ok-jail", "root") {
+		t.Fatalf("jail %+v, root %s", j, inst.root)
+	}
+	b, err := os.ReadFile(filepath.Join(inst.root, fakeJailerArgs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var args []string
+	json.Unmarshal(b, &args)
+	if strings.Join(args, " ") != strings.Join(j.args(), " ") || j.UID != 1<<30+777 || j.GID != j.UID {
+		t.Errorf("jailer ran with %q, want %q (uid %d)", args, j.args(), j.UID)
+	}
+	// The images are in the chroot: hard links into the cache (one file
+	// system here), and the scratch disk belongs to the VM's user.
+	rt := e.spec("x").Runtime
+	rootSrc, _ := e.images.Root(context.Background(), &rt)
+	a, _ := os.Stat(rootSrc)
+	if c, err := os.Stat(filepath.Join(inst.root, rootImage)); err != nil || !os.SameFile(a, c) {
+		t.Errorf("root image in the jail is not a link of the cache's: %v", err)
+	}
+	if k, err := os.ReadFile(filepath.Join(inst.root, kernelFile)); err != nil || string(k) != "kernel" {
+		t.Errorf("kernel in the jail: %q, %v", k, err)
+	}
+	if fi, err := os.Stat(filepath.Join(inst.root, scratchImage)); err != nil || fi.Sys().(*syscall.Stat_t).Uid != uint32(j.UID) {
+		t.Errorf("scratch image not the vm user's: %v", err)
+	}
+	paths := map[string]string{}
+	for _, r := range requests(t, inst) {
+		var body map[string]any
+		json.Unmarshal(r.Body, &body)
+		for _, k := range []string{"kernel_image_path", "path_on_host", "uds_path"} {
+			if v, ok := body[k].(string); ok {
+				paths[r.Path] = v
+			}
+		}
+	}
+	for p, want := range map[string]string{"/boot-source": "/vmlinux", "/drives/root": "/root.ext4", "/drives/code": "/code.ext4", "/drives/scratch": "/scratch.ext4", "/vsock": "/vsock.sock"} {
+		if paths[p] != want {
+			t.Errorf("%s names %q, want the chroot's %q", p, paths[p], want)
+		}
+	}
+	rec, _ := hostproc.ReadRecord[record](inst.dir)
+	if rec == nil || rec.Jailer != e.d.opts.JailerPath || rec.UID != j.UID || len(rec.Cgroups) != len(inst.cgroups) || rec.Root != inst.root {
+		t.Errorf("record %+v does not describe the jailed vm", rec)
+	}
+	for _, dir := range inst.cgroups {
+		procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		if err != nil || !strings.Contains(string(procs), strconv.Itoa(inst.PID())) {
+			t.Errorf("cgroup %s: procs %q, %v; want firecracker %d", dir, procs, err, inst.PID())
+		}
+		if !strings.Contains(dir, filepath.Join(parent, "ok-jail")) {
+			t.Errorf("cgroup %s is not <hierarchy>/%s/ok-jail", dir, parent)
+		}
+	}
+	if !isOurVMM(inst.PID(), e.fc, e.d.opts.JailerPath, "ok-jail") {
+		t.Errorf("the jailed firecracker (argv[0] /firecracker, --id=ok-jail) is not recognised")
+	}
+	pid := inst.PID()
+	if err := e.d.Stop(context.Background(), "ok-jail"); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	assertGone(t, e, "ok-jail", pid, inst.cgroups...)
+}
+
+// TestJailedRecover: after a crash (simulated: a second driver on the
+// same state directory, the record without a pid), Recover kills the
+// jailed VMM by its command line and anything left in its cgroups, and
+// removes them.
+func TestJailedRecover(t *testing.T) {
+	e, _ := jailedEnv(t)
+	inst := startFake(t, e, "ok-jrec")
+	rec, err := hostproc.ReadRecord[record](inst.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.PID, rec.StartTime = 0, 0
+	hostproc.WriteRecord(inst.dir, rec)
+	// A process the VM left in its cgroups (with the jailer's
+	// --new-pid-ns, Firecracker itself is one the command line misses).
+	var stray *int
+	if len(inst.cgroups) > 0 {
+		sl := startSleeper(t)
+		for _, dir := range inst.cgroups {
+			if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(sl.Process.Pid)), 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		stray = &sl.Process.Pid
+	}
+	d2, err := newDriver(Options{StateDir: e.stateDir, FirecrackerPath: e.fc, JailerPath: e.d.opts.JailerPath,
+		KernelPath: e.kernel, CgroupParent: e.d.opts.CgroupParent, Logger: hostproctest.Logger(t)}, e.images)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close(context.Background())
+	if _, err := d2.Recover(context.Background()); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	select {
+	case <-inst.Done():
+	case <-time.After(10 * time.Second):
+		t.Errorf("the jailed vm survived Recover")
+	}
+	if stray != nil && pidAlive(*stray) {
+		t.Errorf("a process in the vm's cgroups survived Recover")
+	}
+	assertGone(t, e, "ok-jrec", inst.PID(), inst.cgroups...)
+	if err := e.d.Stop(context.Background(), "ok-jrec"); err != nil {
+		t.Errorf("Stop after Recover: %v", err)
+	}
+}
+
+// TestJailedStartFailure: a VM whose configuration Firecracker refuses
+// leaves no cgroup, process or directory behind.
+func TestJailedStartFailure(t *testing.T) {
+	e, parent := jailedEnv(t)
+	_, err := e.d.Start(context.Background(), e.spec("apifail-j"))
+	if err == nil || !strings.Contains(err.Error(), "fake failure of code") {
+		t.Fatalf("Start = %v, want the refusal", err)
+	}
+	assertGone(t, e, "apifail-j", 0, e.d.cgroups.dirs(parent, "apifail-j")...)
+}
