@@ -28,8 +28,40 @@ type Functions interface {
 	DeleteFunction(ctx context.Context, name string) error
 	// PutFunctionConcurrency sets (n != nil) or removes (n == nil) reserved concurrency.
 	PutFunctionConcurrency(ctx context.Context, name string, n *int) (*function.Config, error)
-	// FunctionCode returns the deployment package.
-	FunctionCode(ctx context.Context, name string) ([]byte, error)
+	// FunctionCode returns the deployment package of $LATEST (qualifier
+	// "" or "$LATEST") or of a published version.
+	FunctionCode(ctx context.Context, name, qualifier string) ([]byte, error)
+}
+
+// Versions manages published versions: immutable, numbered copies of a
+// function's $LATEST configuration and code.
+type Versions interface {
+	// PublishVersion publishes $LATEST as the next version (or returns the
+	// newest version if $LATEST has not changed since it was published).
+	// A version of a function with SnapStart.ApplyOn PublishedVersions is
+	// Pending until every host has taken its snapshot (see
+	// VersionPreparer); any other is Active.
+	PublishVersion(ctx context.Context, name string, in *PublishInput) (*function.Config, error)
+	// ListVersionsByFunction returns up to max configurations (default 50,
+	// at most 10000): $LATEST first, then the versions by ascending
+	// number, and the next page's marker ("" at the end).
+	ListVersionsByFunction(ctx context.Context, name, marker string, max int) ([]*function.Config, string, error)
+	// GetFunctionVersion returns $LATEST (qualifier "" or "$LATEST") or a
+	// published version. ErrNotFound for anything else.
+	GetFunctionVersion(ctx context.Context, name, qualifier string) (*function.Config, error)
+	// DeleteFunctionVersion deletes one published version; $LATEST cannot
+	// be deleted this way (ErrInvalidParameter).
+	DeleteFunctionVersion(ctx context.Context, name, version string) error
+}
+
+// PublishInput is PublishVersion's optional checks and description.
+type PublishInput struct {
+	// CodeSha256, if not "", must be $LATEST's (else ErrInvalidParameter).
+	CodeSha256 string
+	// Description, if not "", replaces $LATEST's in the version.
+	Description string
+	// RevisionID, if not "", must be $LATEST's (else ErrPreconditionFailed).
+	RevisionID string
 }
 
 // ConfigUpdate holds the fields UpdateFunctionConfiguration may change; nil
@@ -43,6 +75,7 @@ type ConfigUpdate struct {
 	MemorySize       *int
 	EphemeralStorage *int
 	Environment      *map[string]string
+	SnapStart        *function.SnapStartApplyOn
 }
 
 // InvokeInput is a synchronous invocation as the frontend received it.
@@ -83,6 +116,7 @@ type Catalog interface {
 // API is everything the frontend needs.
 type API interface {
 	Functions
+	Versions
 	Invoker
 	Records
 	Catalog

@@ -163,17 +163,17 @@ func (s *Service) InvokeAsync(ctx context.Context, in *InvokeInput) error {
 	if err := s.running(); err != nil {
 		return err
 	}
-	if in.Qualifier != "" && in.Qualifier != function.LatestVersion {
-		return fmt.Errorf("Function not found: %s:%s: %w", s.arn(in.Function), in.Qualifier, errdefs.ErrNotFound)
-	}
 	if len(in.Payload) > MaxAsyncPayload {
 		return fmt.Errorf("Request must be smaller than %d bytes for the Invoke operation: %w", MaxAsyncPayload, errdefs.ErrTooLarge)
 	}
-	fn, err := s.cachedFunction(ctx, in.Function)
+	fn, err := s.lookup(ctx, in.Function, in.Qualifier)
 	if err != nil {
 		return err
 	}
 	cfg := fn.cfg
+	if err := checkRunnable(cfg); err != nil {
+		return err
+	}
 	reqID := in.RequestID
 	if reqID == "" {
 		reqID = uuid.NewString()
@@ -183,6 +183,7 @@ func (s *Service) InvokeAsync(ctx context.Context, in *InvokeInput) error {
 		ev: &store.Event{
 			RequestID:     reqID,
 			Function:      cfg.Name,
+			Qualifier:     in.Qualifier,
 			Payload:       append([]byte(nil), in.Payload...),
 			ClientContext: in.ClientContext,
 			EnqueuedAt:    now,
@@ -400,12 +401,15 @@ func (s *Service) runEvent(ctx context.Context, ev *store.Event) {
 	fnErrs := functionErrors(ev.LastError)
 	deadline := ev.EnqueuedAt.Add(s.cfg.MaxEventAge)
 	stub := &function.Config{Name: ev.Function, Version: function.LatestVersion}
+	if _, ok := function.ParseVersion(ev.Qualifier); ok {
+		stub.Version = ev.Qualifier
+	}
 	if now.After(deadline) {
 		s.finishEvent(ev, s.failedRecord(ev, stub, now, "EventAgeExceeded",
 			fmt.Sprintf("event exceeded maximum age of %s", s.cfg.MaxEventAge)))
 		return
 	}
-	fn, rt, err := s.resolve(ctx, ev.Function, "")
+	fn, rt, err := s.resolve(ctx, ev.Function, ev.Qualifier)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		s.finishEvent(ev, s.failedRecord(ev, stub, now, "ResourceNotFoundException", errdefs.Message(err)))
 		return

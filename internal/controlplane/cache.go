@@ -20,7 +20,8 @@ import (
 // it caches. That holds for the all-in-one server, which holds its data
 // dir's lock, so no other process opens its store; and every write the
 // Service makes (CreateFunction, UpdateFunctionCode and
-// UpdateFunctionConfiguration, PutFunctionConcurrency, DeleteFunction, the
+// UpdateFunctionConfiguration, PutFunctionConcurrency, DeleteFunction,
+// PublishVersion, DeleteFunctionVersion, a version's state change, the
 // runtimes sync of Start) calls invalidate once the store has it. A control
 // plane whose hosts share one database must not rely on this: it needs
 // invalidation by revision (each host checking the stored RevisionId, or
@@ -38,18 +39,25 @@ type configCache struct {
 	mu  sync.RWMutex
 	gen uint64
 	fns map[string]*cachedFunction
-	rts map[string]*runtimes.Runtime
+	// vers holds published versions by function name, then version. An
+	// entry also reflects its function's row (its reserved concurrency),
+	// so every invalidation of the function drops its versions too.
+	vers map[string]map[string]*cachedFunction
+	rts  map[string]*runtimes.Runtime
 }
 
-// cachedFunction is a function's configuration with what every invocation
-// derives from it.
+// cachedFunction is a function's configuration ($LATEST or a published
+// version) with what every invocation derives from it.
 type cachedFunction struct {
 	cfg *function.Config
+	// arn is the invoked function ARN handed to the runtime: qualified
+	// (NAME:7, NAME:$LATEST) when the invocation named a qualifier.
 	arn string
 }
 
 func newConfigCache() *configCache {
-	return &configCache{fns: map[string]*cachedFunction{}, rts: map[string]*runtimes.Runtime{}}
+	return &configCache{fns: map[string]*cachedFunction{},
+		vers: map[string]map[string]*cachedFunction{}, rts: map[string]*runtimes.Runtime{}}
 }
 
 // generation returns the current generation, to pass to a later put.
@@ -63,6 +71,12 @@ func (c *configCache) function(name string) *cachedFunction {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.fns[name]
+}
+
+func (c *configCache) version(name, version string) *cachedFunction {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.vers[name][version]
 }
 
 func (c *configCache) runtime(id string) *runtimes.Runtime {
@@ -80,6 +94,22 @@ func (c *configCache) putFunction(gen uint64, name string, f *cachedFunction) {
 	}
 }
 
+// putVersion caches a published version unless an invalidation happened
+// since gen.
+func (c *configCache) putVersion(gen uint64, name, version string, f *cachedFunction) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen != gen {
+		return
+	}
+	m := c.vers[name]
+	if m == nil {
+		m = map[string]*cachedFunction{}
+		c.vers[name] = m
+	}
+	m[version] = f
+}
+
 // putRuntime caches rt unless an invalidation happened since gen.
 func (c *configCache) putRuntime(gen uint64, rt *runtimes.Runtime) {
 	c.mu.Lock()
@@ -89,14 +119,16 @@ func (c *configCache) putRuntime(gen uint64, rt *runtimes.Runtime) {
 	}
 }
 
-// invalidateFunction forgets name's configuration. Writers call it after
-// the store has the change (whether or not the write succeeded: a failed
-// write may still have changed the row, e.g. on a lost commit reply).
+// invalidateFunction forgets name's configuration and its versions'.
+// Writers call it after the store has the change (whether or not the write
+// succeeded: a failed write may still have changed the row, e.g. on a lost
+// commit reply).
 func (c *configCache) invalidateFunction(name string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.gen++
 	delete(c.fns, name)
+	delete(c.vers, name)
 }
 
 // invalidateAll forgets everything: after the runtimes sync, and for tests
@@ -106,6 +138,7 @@ func (c *configCache) invalidateAll() {
 	defer c.mu.Unlock()
 	c.gen++
 	clear(c.fns)
+	clear(c.vers)
 	clear(c.rts)
 }
 
@@ -122,6 +155,35 @@ func (s *Service) cachedFunction(ctx context.Context, name string) (*cachedFunct
 	}
 	f := &cachedFunction{cfg: cfg, arn: s.arn(cfg.Name)}
 	s.cache.putFunction(gen, name, f)
+	return f, nil
+}
+
+// cachedVersion returns published version of name (shared, read-only),
+// from the cache or else from the store, with its function's current
+// reserved concurrency: that cap is the function's, shared by $LATEST and
+// every version, and the harness applies whatever the request carries.
+func (s *Service) cachedVersion(ctx context.Context, name, version string) (*cachedFunction, error) {
+	if f := s.cache.version(name, version); f != nil {
+		return f, nil
+	}
+	gen := s.cache.generation()
+	latest, err := s.cachedFunction(ctx, name)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil, s.errVersionNotFound(name, version)
+	}
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := s.getVersion(ctx, name, version)
+	if err != nil {
+		return nil, err
+	}
+	if rc := latest.cfg.ReservedConcurrency; rc != nil {
+		v := *rc
+		cfg.ReservedConcurrency = &v
+	}
+	f := &cachedFunction{cfg: cfg, arn: function.QualifiedARN(s.cfg.Region, s.cfg.Account, name, version)}
+	s.cache.putVersion(gen, name, version, f)
 	return f, nil
 }
 

@@ -123,7 +123,8 @@ func (s *Service) putCode(ctx context.Context, digest string, zip []byte) (int64
 	return size, nil
 }
 
-// collectCode deletes the blob of digest if no function references it. The
+// collectCode deletes the blob of digest if no function or version
+// references it. The
 // caller must not hold the digest's code lock. Failures are logged, not
 // returned: the operation that orphaned the blob has succeeded.
 func (s *Service) collectCode(ctx context.Context, digest string) {
@@ -193,6 +194,8 @@ func (s *Service) CreateFunction(ctx context.Context, in *function.Config, zip [
 	cfg := in.Clone()
 	cfg.ApplyDefaults()
 	cfg.Version = function.LatestVersion
+	// $LATEST never restores from a snapshot; only published versions do.
+	cfg.SnapStart.OptimizationStatus = function.OptimizationOff
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -367,7 +370,7 @@ func (s *Service) UpdateFunctionCode(ctx context.Context, name string, zip []byt
 	// Prepared before the old revision is retired, so that code the two
 	// share stays unpacked.
 	s.prepare(ctx, updated)
-	s.retire(ctx, name, updated.RevisionID)
+	s.retireRevision(ctx, name, old.RevisionID, updated.RevisionID)
 	if old.CodeSha256 != digest {
 		s.collectCode(ctx, old.CodeSha256)
 	}
@@ -385,7 +388,7 @@ func (s *Service) UpdateFunctionConfiguration(ctx context.Context, name string, 
 	}
 	unlock := s.fnLocks.Lock(name)
 	defer unlock()
-	_, updated, err := s.mutate(ctx, name, revisionID, func(cfg *function.Config) (*function.Config, error) {
+	old, updated, err := s.mutate(ctx, name, revisionID, func(cfg *function.Config) (*function.Config, error) {
 		oldRuntime, oldHandler := cfg.Runtime, cfg.Handler
 		// No ApplyDefaults here: the stored values are complete, and an
 		// explicit 0 (timeout, memory) is invalid rather than "default".
@@ -405,7 +408,7 @@ func (s *Service) UpdateFunctionConfiguration(ctx context.Context, name string, 
 		return nil, err
 	}
 	s.prepare(ctx, updated)
-	s.retire(ctx, name, updated.RevisionID)
+	s.retireRevision(ctx, name, old.RevisionID, updated.RevisionID)
 	s.log.Info("function configuration updated", "function", name, "revision", updated.RevisionID)
 	return updated, nil
 }
@@ -431,6 +434,9 @@ func applyUpdate(cfg *function.Config, upd *ConfigUpdate) {
 	}
 	if upd.EphemeralStorage != nil {
 		cfg.EphemeralStorage = *upd.EphemeralStorage
+	}
+	if upd.SnapStart != nil {
+		cfg.SnapStart.ApplyOn = *upd.SnapStart
 	}
 	if upd.Environment != nil {
 		env := make(map[string]string, len(*upd.Environment))
@@ -500,15 +506,20 @@ func (s *Service) PutFunctionConcurrency(ctx context.Context, name string, n *in
 	return updated, nil
 }
 
-// DeleteFunction removes the function, retires its instances on every host
-// and deletes its code unless another function uses the same package.
-// Events already queued for it fail when they run (recorded as Failed).
+// DeleteFunction removes the function and all its published versions,
+// retires their instances on every host and deletes their code unless
+// another function uses the same package. Events already queued for it
+// fail when they run (recorded as Failed).
 func (s *Service) DeleteFunction(ctx context.Context, name string) error {
 	if err := s.running(); err != nil {
 		return err
 	}
 	unlock := s.fnLocks.Lock(name)
 	cur, err := s.getFunction(ctx, name)
+	var digests []string
+	if err == nil {
+		digests, err = s.versionDigests(ctx, name)
+	}
 	if err == nil {
 		err = s.store.Functions().Delete(ctx, name)
 		s.cache.invalidateFunction(name)
@@ -524,16 +535,22 @@ func (s *Service) DeleteFunction(ctx context.Context, name string) error {
 	}
 	s.retire(ctx, name, "")
 	s.collectCode(ctx, cur.CodeSha256)
+	for _, d := range digests {
+		if d != cur.CodeSha256 {
+			s.collectCode(ctx, d)
+		}
+	}
 	s.log.Info("function deleted", "function", name)
 	return nil
 }
 
-// FunctionCode returns the function's deployment package.
-func (s *Service) FunctionCode(ctx context.Context, name string) ([]byte, error) {
+// FunctionCode returns the deployment package of $LATEST (qualifier "" or
+// "$LATEST") or of a published version.
+func (s *Service) FunctionCode(ctx context.Context, name, qualifier string) ([]byte, error) {
 	if err := s.running(); err != nil {
 		return nil, err
 	}
-	fn, err := s.cachedFunction(ctx, name)
+	fn, err := s.lookup(ctx, name, qualifier)
 	if err != nil {
 		return nil, err
 	}

@@ -74,7 +74,7 @@ func TestCreateGetList(t *testing.T) {
 	if got.RevisionID != cfg.RevisionID || got.Environment["A"] != "1" {
 		t.Errorf("GetFunction = %+v", got)
 	}
-	code, err := e.svc.FunctionCode(ctx, "hello")
+	code, err := e.svc.FunctionCode(ctx, "hello", "")
 	if err != nil || string(code) != string(zip) {
 		t.Fatalf("FunctionCode = %d bytes, %v", len(code), err)
 	}

@@ -19,20 +19,18 @@ import (
 // maxErrorMessage caps the ErrorMessage kept in a record.
 const maxErrorMessage = 1024
 
-// resolve finds what an invocation of name at qualifier runs: the
-// function, which must be Active, and its runtime, which must be available.
-// Both come from the configuration cache and are shared: read-only.
+// resolve finds what an invocation of name at qualifier ($LATEST or a
+// published version) runs: its configuration, which must be Active, and
+// its runtime, which must be available. Both come from the configuration
+// cache and are shared: read-only.
 func (s *Service) resolve(ctx context.Context, name, qualifier string) (*cachedFunction, *runtimes.Runtime, error) {
-	if qualifier != "" && qualifier != function.LatestVersion {
-		return nil, nil, fmt.Errorf("Function not found: %s:%s: %w", s.arn(name), qualifier, errdefs.ErrNotFound)
-	}
-	fn, err := s.cachedFunction(ctx, name)
+	fn, err := s.lookup(ctx, name, qualifier)
 	if err != nil {
 		return nil, nil, err
 	}
 	cfg := fn.cfg
-	if cfg.State != function.StateActive {
-		return nil, nil, fmt.Errorf("The operation cannot be performed at this time. The function is currently in the following state: %s: %w", cfg.State, errdefs.ErrNotReady)
+	if err := checkRunnable(cfg); err != nil {
+		return nil, nil, err
 	}
 	rt, err := s.cachedRuntime(ctx, cfg.Runtime)
 	switch {

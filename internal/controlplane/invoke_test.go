@@ -119,15 +119,28 @@ func TestInvokeResolveErrors(t *testing.T) {
 	// The Service is its store's only writer and caches what it read;
 	// this test writes behind its back, so it says so.
 	e.svc.cache.invalidateAll()
+	// Pending is a conflict (try again later), as on Lambda.
 	_, _, err = e.svc.Invoke(ctx, &InvokeInput{Function: "f"})
-	wantKind(t, err, errdefs.ErrNotReady, "Pending")
+	wantKind(t, err, errdefs.ErrConflict, "The operation cannot be performed at this time. The function is currently in the following state: Pending")
 	_, err = e.svc.CheckInvoke(ctx, "f", "")
-	wantKind(t, err, errdefs.ErrNotReady, "")
+	wantKind(t, err, errdefs.ErrConflict, "")
+	err = e.svc.InvokeAsync(ctx, &InvokeInput{Function: "f"})
+	wantKind(t, err, errdefs.ErrConflict, "Pending")
+
+	// Failed is not ready.
+	failed := pending.Clone()
+	failed.State, failed.RevisionID = function.StateFailed, "failed-rev"
+	if err := e.store.Functions().Update(ctx, failed, "pending-rev"); err != nil {
+		t.Fatal(err)
+	}
+	e.svc.cache.invalidateAll()
+	_, _, err = e.svc.Invoke(ctx, &InvokeInput{Function: "f"})
+	wantKind(t, err, errdefs.ErrNotReady, "Failed")
 
 	// A runtime this host no longer has.
 	active := pending.Clone()
 	active.State, active.RevisionID = function.StateActive, "active-rev"
-	if err := e.store.Functions().Update(ctx, active, "pending-rev"); err != nil {
+	if err := e.store.Functions().Update(ctx, active, "failed-rev"); err != nil {
 		t.Fatal(err)
 	}
 	e.svc.cache.invalidateAll()

@@ -157,6 +157,8 @@ type Service struct {
 	cache   *configCache
 	records *recordWriter
 	async   *asyncQueue
+	// versionWork prepares Pending (SnapStart) versions in the background.
+	versionWork versionWork
 
 	state    atomic.Int32 // stateNew, stateRunning, stateClosed
 	bgCancel context.CancelFunc
@@ -209,10 +211,17 @@ func (s *Service) Start(ctx context.Context) error {
 	} else if n > 0 {
 		s.log.Info("re-queued events claimed by a previous run", "count", n)
 	}
+	pending, err := s.store.Versions().ListPending(ctx)
+	if err != nil {
+		s.state.Store(stateClosed)
+		return fmt.Errorf("listing versions a previous run left pending: %w", err)
+	}
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.bgCancel = cancel
 	s.records.start()
 	s.async.start(bg)
+	s.versionWork.start(bg)
+	s.resumePending(pending)
 	if s.cfg.RecordRetention > 0 {
 		s.bgWG.Add(1)
 		go func() {
@@ -255,7 +264,8 @@ func (s *Service) syncRuntimes(ctx context.Context) error {
 // Close stops the background work: new calls fail with ErrUnavailable,
 // pending async enqueues are committed, async workers finish their current
 // invocation (or, when ctx ends first, have it interrupted and put back in
-// the queue), and buffered invocation records are flushed. It does not close
+// the queue), versions being prepared are left Pending for the next start,
+// and buffered invocation records are flushed. It does not close
 // the Store, the blob store or the hosts. It returns ctx.Err() if ctx ended
 // before the workers were done; the records are flushed regardless.
 func (s *Service) Close(ctx context.Context) error {
@@ -264,6 +274,7 @@ func (s *Service) Close(ctx context.Context) error {
 		return nil
 	}
 	err := s.async.stop(ctx)
+	s.versionWork.stop()
 	s.bgCancel()
 	s.bgWG.Wait()
 	// Records go last: the workers above write them until they stop.
