@@ -212,18 +212,18 @@ func TestUnknownRouteAndWrongMethod(t *testing.T) {
 		}
 	}
 	check(http.MethodGet, "/2015-03-31/nothing", 404, "UnknownOperationException")
-	check(http.MethodPost, "/2015-03-31/functions/f/versions", 404, "UnknownOperationException")
+	check(http.MethodPost, "/2015-03-31/functions/f/aliases", 404, "UnknownOperationException")
 	check(http.MethodPatch, "/2015-03-31/functions/f", 405, "MethodNotAllowedException")
 	check(http.MethodPost, "/invokex/v1/runtimes", 405, "MethodNotAllowedException")
 
 	// The SDK sees an operation InvokeX lacks as an API error, not a crash.
-	_, err := e.sdk.PublishVersion(context.Background(), &lambda.PublishVersionInput{FunctionName: aws.String("f")})
+	_, err := e.sdk.ListAliases(context.Background(), &lambda.ListAliasesInput{FunctionName: aws.String("f")})
 	var ae smithy.APIError
 	if !errors.As(err, &ae) || ae.ErrorCode() != "UnknownOperationException" {
-		t.Errorf("PublishVersion err = %v", err)
+		t.Errorf("ListAliases err = %v", err)
 	}
 	var re *smithyhttp.ResponseError
 	if !errors.As(err, &re) || re.HTTPStatusCode() != 404 {
-		t.Errorf("PublishVersion status: %v", err)
+		t.Errorf("ListAliases status: %v", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http/httptest"
+	"slices"
 	"sort"
 	"sync"
 	"testing"
@@ -52,13 +53,23 @@ type fakeAPI struct {
 	lastLimit    int
 	records      map[string]*invocation.Record
 	runtimes     []*runtimes.Runtime
+
+	// Published versions, by function, in number order; the $LATEST
+	// revision each came from; the last number given per function.
+	vers        map[string][]*function.Config
+	verSource   map[string]string // "name:N" -> $LATEST revision
+	verLast     map[string]int
+	lastPublish *controlplane.PublishInput
+	lastDelete  [2]string // name, qualifier of the last version deleted
+	lastCode    [2]string // name, qualifier of the last FunctionCode
 }
 
 var _ controlplane.API = (*fakeAPI)(nil)
 
 func newFake() *fakeAPI {
 	return &fakeAPI{calls: map[string]int{}, fns: map[string]*function.Config{},
-		code: map[string][]byte{}, records: map[string]*invocation.Record{}}
+		code: map[string][]byte{}, records: map[string]*invocation.Record{},
+		vers: map[string][]*function.Config{}, verSource: map[string]string{}, verLast: map[string]int{}}
 }
 
 // enter counts a call and returns the injected error, if any. Callers hold f.mu.
@@ -233,6 +244,9 @@ func (f *fakeAPI) UpdateFunctionConfiguration(ctx context.Context, name string, 
 	if upd.Environment != nil {
 		n.Environment = *upd.Environment
 	}
+	if upd.SnapStart != nil {
+		n.SnapStart.ApplyOn = *upd.SnapStart
+	}
 	if err := n.Validate(); err != nil {
 		return nil, err
 	}
@@ -273,16 +287,140 @@ func (f *fakeAPI) PutFunctionConcurrency(ctx context.Context, name string, n *in
 	return c.Clone(), nil
 }
 
-func (f *fakeAPI) FunctionCode(ctx context.Context, name string) ([]byte, error) {
+func (f *fakeAPI) FunctionCode(ctx context.Context, name, qualifier string) ([]byte, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.enter("FunctionCode"); err != nil {
 		return nil, err
 	}
+	f.lastCode = [2]string{name, qualifier}
+	if qualifier != "" && qualifier != function.LatestVersion {
+		if _, err := f.version(name, qualifier); err != nil {
+			return nil, err
+		}
+		return bytes.Clone(f.code[name+":"+qualifier]), nil
+	}
 	if _, err := f.get(name); err != nil {
 		return nil, err
 	}
 	return bytes.Clone(f.code[name]), nil
+}
+
+func (f *fakeAPI) version(name, q string) (*function.Config, error) {
+	for _, v := range f.vers[name] {
+		if v.Version == q {
+			return v, nil
+		}
+	}
+	return nil, fmt.Errorf("Function not found: %s:%s: %w", function.ARN("us-east-1", "000000000000", name), q, errdefs.ErrNotFound)
+}
+
+func (f *fakeAPI) PublishVersion(ctx context.Context, name string, in *controlplane.PublishInput) (*function.Config, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("PublishVersion"); err != nil {
+		return nil, err
+	}
+	f.lastPublish = in
+	c, err := f.get(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.checkRevision(c, in.RevisionID); err != nil {
+		return nil, err
+	}
+	if in.CodeSha256 != "" && in.CodeSha256 != c.CodeSha256 {
+		return nil, errdefs.Invalid("CodeSHA256 (%s) is different from current CodeSHA256 in $LATEST (%s). Please try again with the CodeSHA256 in $LATEST.", in.CodeSha256, c.CodeSha256)
+	}
+	if vs := f.vers[name]; len(vs) > 0 && f.verSource[name+":"+vs[len(vs)-1].Version] == c.RevisionID {
+		return vs[len(vs)-1].Clone(), nil
+	}
+	f.verLast[name]++
+	v := c.Clone()
+	v.Version = fmt.Sprint(f.verLast[name])
+	v.RevisionID = f.nextRevision()
+	if in.Description != "" {
+		v.Description = in.Description
+	}
+	f.vers[name] = append(f.vers[name], v)
+	f.verSource[name+":"+v.Version] = c.RevisionID
+	f.code[name+":"+v.Version] = f.code[name]
+	return v.Clone(), nil
+}
+
+// ListVersionsByFunction pages like the control plane: $LATEST first, then
+// the versions; the marker is the last version listed.
+func (f *fakeAPI) ListVersionsByFunction(ctx context.Context, name, marker string, max int) ([]*function.Config, string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("ListVersionsByFunction"); err != nil {
+		return nil, "", err
+	}
+	f.lastLimit = max
+	c, err := f.get(name)
+	if err != nil {
+		return nil, "", err
+	}
+	all := append([]*function.Config{c}, f.vers[name]...)
+	start := 0
+	if marker != "" {
+		start = -1
+		for i, v := range all {
+			if v.Version == marker {
+				start = i + 1
+			}
+		}
+		if start < 0 {
+			return nil, "", errdefs.Invalid("unknown marker %q", marker)
+		}
+	}
+	end := min(start+max, len(all))
+	next := ""
+	if end < len(all) {
+		next = all[end-1].Version
+	}
+	out := make([]*function.Config, 0, end-start)
+	for _, v := range all[start:end] {
+		out = append(out, v.Clone())
+	}
+	return out, next, nil
+}
+
+func (f *fakeAPI) GetFunctionVersion(ctx context.Context, name, qualifier string) (*function.Config, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("GetFunctionVersion"); err != nil {
+		return nil, err
+	}
+	if qualifier == "" || qualifier == function.LatestVersion {
+		c, err := f.get(name)
+		if err != nil {
+			return nil, err
+		}
+		return c.Clone(), nil
+	}
+	v, err := f.version(name, qualifier)
+	if err != nil {
+		return nil, err
+	}
+	return v.Clone(), nil
+}
+
+func (f *fakeAPI) DeleteFunctionVersion(ctx context.Context, name, version string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.enter("DeleteFunctionVersion"); err != nil {
+		return err
+	}
+	f.lastDelete = [2]string{name, version}
+	if version == function.LatestVersion {
+		return errdefs.Invalid("$LATEST version cannot be deleted without deleting the function.")
+	}
+	if _, err := f.version(name, version); err != nil {
+		return err
+	}
+	f.vers[name] = slices.DeleteFunc(f.vers[name], func(v *function.Config) bool { return v.Version == version })
+	return nil
 }
 
 func (f *fakeAPI) Invoke(ctx context.Context, in *controlplane.InvokeInput) (*harness.InvokeResult, *function.Config, error) {
@@ -303,6 +441,11 @@ func (f *fakeAPI) Invoke(ctx context.Context, in *controlplane.InvokeInput) (*ha
 	c, err := f.get(in.Function)
 	if err != nil {
 		return nil, nil, err
+	}
+	if in.Qualifier != "" && in.Qualifier != function.LatestVersion {
+		if c, err = f.version(in.Function, in.Qualifier); err != nil {
+			return nil, nil, err
+		}
 	}
 	res := &harness.InvokeResult{RequestID: in.RequestID, Payload: in.Payload}
 	if f.invoke != nil {

@@ -39,9 +39,9 @@ func resolveName(r *http.Request) (name, qualifier string, err error) {
 	return name, qualifier, nil
 }
 
-// resolveLatest is resolveName for operations on $LATEST: InvokeX has no
-// published versions or aliases yet, so any other qualifier names a
-// function version that does not exist.
+// resolveLatest is resolveName for operations that only act on $LATEST
+// (updates, concurrency, records): any other qualifier names a function
+// version they cannot reach, which Lambda reports as not found.
 func (s *Server) resolveLatest(r *http.Request) (string, error) {
 	name, q, err := resolveName(r)
 	if err != nil {
@@ -123,6 +123,7 @@ func (s *Server) createFunction(w http.ResponseWriter, r *http.Request) error {
 		Description:   in.Description,
 		Architectures: in.Architectures,
 		Tags:          in.Tags,
+		SnapStart:     function.SnapStart{ApplyOn: in.SnapStart.applyOn()},
 	}
 	if err := setInts(&cfg.Timeout, &cfg.MemorySize, &cfg.EphemeralStorage, in.Timeout, in.MemorySize, in.EphemeralStorage); err != nil {
 		return err
@@ -134,7 +135,20 @@ func (s *Server) createFunction(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if in.Publish {
+		if out, err = s.publishAfter(r, out); err != nil {
+			return err
+		}
+	}
 	return writeJSON(w, http.StatusCreated, s.toConfiguration(out))
+}
+
+// publishAfter publishes the revision a CreateFunction or
+// UpdateFunctionCode with Publish just stored and returns the version, as
+// Lambda's response is then the new version's configuration. The revision
+// check makes sure it is that revision, not a later one, that is published.
+func (s *Server) publishAfter(r *http.Request, cfg *function.Config) (*function.Config, error) {
+	return s.api.PublishVersion(r.Context(), cfg.Name, &controlplane.PublishInput{RevisionID: cfg.RevisionID})
 }
 
 // setInts copies the explicit numeric members into a Config after checking
@@ -168,18 +182,31 @@ func setInts(timeout, memory, ephemeral *int, inTimeout, inMemory *int, inEpheme
 	return nil
 }
 
-func (s *Server) getFunction(w http.ResponseWriter, r *http.Request) error {
-	name, err := s.resolveLatest(r)
+// getQualified reads $LATEST or the version the request names and renders
+// it: with a qualified FunctionArn when the request named a qualifier.
+func (s *Server) getQualified(r *http.Request) (*function.Config, *functionConfiguration, string, error) {
+	name, q, err := resolveName(r)
 	if err != nil {
-		return err
+		return nil, nil, "", err
 	}
-	cfg, err := s.api.GetFunction(r.Context(), name)
+	cfg, err := s.api.GetFunctionVersion(r.Context(), name, q)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	if q != "" {
+		return cfg, s.toQualifiedConfiguration(cfg), q, nil
+	}
+	return cfg, s.toConfiguration(cfg), q, nil
+}
+
+func (s *Server) getFunction(w http.ResponseWriter, r *http.Request) error {
+	cfg, conf, q, err := s.getQualified(r)
 	if err != nil {
 		return err
 	}
 	out := &getFunctionOutput{
-		Configuration: s.toConfiguration(cfg),
-		Code:          functionCodeLocation{RepositoryType: "S3", Location: codeURL(r, cfg.Name)},
+		Configuration: conf,
+		Code:          functionCodeLocation{RepositoryType: "S3", Location: codeURL(r, cfg.Name, q)},
 		Tags:          cfg.Tags,
 	}
 	if cfg.ReservedConcurrency != nil {
@@ -189,40 +216,51 @@ func (s *Server) getFunction(w http.ResponseWriter, r *http.Request) error {
 }
 
 // codeURL is where GetFunction's Code.Location points: this server's
-// /invokex/v1 code route, absolute as Lambda's presigned URLs are.
-func codeURL(r *http.Request, name string) string {
+// /invokex/v1 code route, absolute as Lambda's presigned URLs are, with the
+// qualifier of a published version.
+func codeURL(r *http.Request, name, qualifier string) string {
 	scheme := "http"
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	return scheme + "://" + r.Host + "/invokex/v1/functions/" + url.PathEscape(name) + "/code"
+	u := scheme + "://" + r.Host + "/invokex/v1/functions/" + url.PathEscape(name) + "/code"
+	if qualifier != "" {
+		u += "?Qualifier=" + url.QueryEscape(qualifier)
+	}
+	return u
 }
 
 func (s *Server) getFunctionConfiguration(w http.ResponseWriter, r *http.Request) error {
-	name, err := s.resolveLatest(r)
+	_, conf, _, err := s.getQualified(r)
 	if err != nil {
 		return err
 	}
-	cfg, err := s.api.GetFunction(r.Context(), name)
-	if err != nil {
-		return err
-	}
-	return writeJSON(w, http.StatusOK, s.toConfiguration(cfg))
+	return writeJSON(w, http.StatusOK, conf)
 }
 
-func (s *Server) listFunctions(w http.ResponseWriter, r *http.Request) error {
+// pageParams reads a list operation's Marker and MaxItems (at most
+// maxListItems per page, whatever is asked, as Lambda does).
+func pageParams(r *http.Request) (marker string, max int, err error) {
 	q := r.URL.Query()
-	max := maxListItems
+	max = maxListItems
 	if v := q.Get("MaxItems"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {
-			return errdefs.Invalid("1 validation error detected: Value '%s' at 'maxItems' failed to satisfy constraint: Member must have value greater than or equal to 1", truncate(v, 32))
+			return "", 0, errdefs.Invalid("1 validation error detected: Value '%s' at 'maxItems' failed to satisfy constraint: Member must have value greater than or equal to 1", truncate(v, 32))
 		}
 		max = min(n, maxListItems)
 	}
-	marker := q.Get("Marker")
+	marker = q.Get("Marker")
 	if len(marker) > 1024 {
-		return errdefs.Invalid("Marker is not one this server returned")
+		return "", 0, errdefs.Invalid("Marker is not one this server returned")
+	}
+	return marker, max, nil
+}
+
+func (s *Server) listFunctions(w http.ResponseWriter, r *http.Request) error {
+	marker, max, err := pageParams(r)
+	if err != nil {
+		return err
 	}
 	fns, next, err := s.api.ListFunctions(r.Context(), marker, max)
 	if err != nil {
@@ -260,6 +298,11 @@ func (s *Server) updateFunctionCode(w http.ResponseWriter, r *http.Request) erro
 	if err != nil {
 		return err
 	}
+	if in.Publish {
+		if cfg, err = s.publishAfter(r, cfg); err != nil {
+			return err
+		}
+	}
 	return writeJSON(w, http.StatusOK, s.toConfiguration(cfg))
 }
 
@@ -294,6 +337,10 @@ func (s *Server) updateFunctionConfiguration(w http.ResponseWriter, r *http.Requ
 	if in.EphemeralStorage != nil {
 		upd.EphemeralStorage = &ephemeral
 	}
+	if in.SnapStart != nil {
+		v := in.SnapStart.applyOn()
+		upd.SnapStart = &v
+	}
 	if in.Environment != nil {
 		// Environment{} without Variables clears them, as in Lambda.
 		vars := in.Environment.Variables
@@ -309,12 +356,19 @@ func (s *Server) updateFunctionConfiguration(w http.ResponseWriter, r *http.Requ
 	return writeJSON(w, http.StatusOK, s.toConfiguration(cfg))
 }
 
+// deleteFunction deletes the function and all its versions, or with a
+// qualifier only that published version ($LATEST cannot be deleted alone).
 func (s *Server) deleteFunction(w http.ResponseWriter, r *http.Request) error {
-	name, err := s.resolveLatest(r)
+	name, q, err := resolveName(r)
 	if err != nil {
 		return err
 	}
-	if err := s.api.DeleteFunction(r.Context(), name); err != nil {
+	if q != "" {
+		err = s.api.DeleteFunctionVersion(r.Context(), name, q)
+	} else {
+		err = s.api.DeleteFunction(r.Context(), name)
+	}
+	if err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -34,7 +34,6 @@ func TestCreateAndGetFunction(t *testing.T) {
 		EphemeralStorage: &types.EphemeralStorage{Size: aws.Int32(1024)},
 		Architectures:    []types.Architecture{types.ArchitectureX8664},
 		Tags:             map[string]string{"team": "a"},
-		Publish:          true,
 	})
 	if err != nil {
 		t.Fatalf("CreateFunction: %v", err)
@@ -194,15 +193,15 @@ func TestGetFunctionConfiguration(t *testing.T) {
 	if aws.ToString(out.FunctionName) != "cfg" || out.Runtime != types.RuntimeNodejs20x || aws.ToString(out.Handler) != "index.handler" {
 		t.Errorf("out = %+v", out)
 	}
-	// A published version does not exist: not found, without asking the control plane.
+	// A version that was never published is not found.
 	_, err = e.sdk.GetFunctionConfiguration(context.Background(), &lambda.GetFunctionConfigurationInput{
 		FunctionName: aws.String("cfg"), Qualifier: aws.String("3")})
 	var nf *types.ResourceNotFoundException
 	if !errors.As(err, &nf) {
 		t.Fatalf("qualified err = %v, want ResourceNotFoundException", err)
 	}
-	if n := e.fake.count("GetFunction"); n != 1 {
-		t.Errorf("GetFunction called %d times, want 1", n)
+	if n := e.fake.count("GetFunctionVersion"); n != 2 {
+		t.Errorf("GetFunctionVersion called %d times, want 2", n)
 	}
 	// The qualifier in an ARN must agree with the Qualifier parameter.
 	_, err = e.sdk.GetFunctionConfiguration(context.Background(), &lambda.GetFunctionConfigurationInput{
@@ -271,7 +270,7 @@ func TestUpdateFunctionCode(t *testing.T) {
 	c := e.fake.put(&function.Config{Name: "up", Runtime: "provided.al2023"}, testZip)
 	newZip := []byte("PK\x03\x04 version two")
 	out, err := e.sdk.UpdateFunctionCode(context.Background(), &lambda.UpdateFunctionCodeInput{
-		FunctionName: aws.String("up"), ZipFile: newZip, RevisionId: aws.String(c.RevisionID), Publish: true,
+		FunctionName: aws.String("up"), ZipFile: newZip, RevisionId: aws.String(c.RevisionID),
 	})
 	if err != nil {
 		t.Fatalf("UpdateFunctionCode: %v", err)

@@ -62,11 +62,11 @@ func (s *Server) listInvocations(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) getFunctionCode(w http.ResponseWriter, r *http.Request) error {
-	name, err := s.resolveLatest(r)
+	name, q, err := resolveName(r)
 	if err != nil {
 		return err
 	}
-	zip, err := s.api.FunctionCode(r.Context(), name)
+	zip, err := s.api.FunctionCode(r.Context(), name, q)
 	if err != nil {
 		return err
 	}

@@ -124,6 +124,8 @@ func (s *Server) routes() {
 	s.handle("GET /2015-03-31/functions/{name}/configuration", "GetFunctionConfiguration", s.getFunctionConfiguration)
 	s.handle("PUT /2015-03-31/functions/{name}/configuration", "UpdateFunctionConfiguration", s.updateFunctionConfiguration)
 	s.handle("PUT /2015-03-31/functions/{name}/code", "UpdateFunctionCode", s.updateFunctionCode)
+	s.handle("POST /2015-03-31/functions/{name}/versions", "PublishVersion", s.publishVersion)
+	s.handle("GET /2015-03-31/functions/{name}/versions", "ListVersionsByFunction", s.listVersionsByFunction)
 	s.handle("PUT /2017-10-31/functions/{name}/concurrency", "PutFunctionConcurrency", s.putFunctionConcurrency)
 	s.handle("GET /2019-09-30/functions/{name}/concurrency", "GetFunctionConcurrency", s.getFunctionConcurrency)
 	s.handle("DELETE /2017-10-31/functions/{name}/concurrency", "DeleteFunctionConcurrency", s.deleteFunctionConcurrency)

@@ -69,11 +69,17 @@ type functionConfiguration struct {
 	SnapStart              snapStartResponse `json:"SnapStart"`
 }
 
-// toConfiguration renders cfg as Lambda's FunctionConfiguration.
+// toConfiguration renders cfg as Lambda's FunctionConfiguration. A
+// published version's FunctionArn carries its number; $LATEST's is
+// unqualified (toQualifiedConfiguration qualifies it).
 func (s *Server) toConfiguration(cfg *function.Config) *functionConfiguration {
+	arn := function.ARN(s.cfg.Region, s.cfg.Account, cfg.Name)
+	if cfg.Version != "" && cfg.Version != function.LatestVersion {
+		arn += ":" + cfg.Version
+	}
 	out := &functionConfiguration{
 		FunctionName:           cfg.Name,
-		FunctionArn:            function.ARN(s.cfg.Region, s.cfg.Account, cfg.Name),
+		FunctionArn:            arn,
 		Runtime:                cfg.Runtime,
 		Role:                   cfg.Role,
 		Handler:                cfg.Handler,
@@ -94,7 +100,7 @@ func (s *Server) toConfiguration(cfg *function.Config) *functionConfiguration {
 		RevisionId:             cfg.RevisionID,
 		TracingConfig:          tracingConfig{Mode: "PassThrough"},
 		LoggingConfig:          loggingConfig{LogFormat: "Text", LogGroup: "/aws/lambda/" + cfg.Name},
-		SnapStart:              snapStartResponse{ApplyOn: "None", OptimizationStatus: "Off"},
+		SnapStart:              toSnapStart(cfg),
 	}
 	if out.Role == "" {
 		// Lambda always shows a role; InvokeX has no IAM, so it shows a
@@ -112,6 +118,30 @@ func (s *Server) toConfiguration(cfg *function.Config) *functionConfiguration {
 	}
 	if len(cfg.Environment) > 0 {
 		out.Environment = &environment{Variables: cfg.Environment}
+	}
+	return out
+}
+
+// toQualifiedConfiguration is toConfiguration with the FunctionArn
+// qualified even for $LATEST (NAME:$LATEST), as Lambda shows it when the
+// request named a qualifier and in ListVersionsByFunction.
+func (s *Server) toQualifiedConfiguration(cfg *function.Config) *functionConfiguration {
+	out := s.toConfiguration(cfg)
+	if out.Version == function.LatestVersion {
+		out.FunctionArn += ":" + function.LatestVersion
+	}
+	return out
+}
+
+// toSnapStart renders the SnapStart setting: OptimizationStatus is On only
+// for a published version restored from its snapshot, never for $LATEST.
+func toSnapStart(cfg *function.Config) snapStartResponse {
+	out := snapStartResponse{ApplyOn: string(cfg.SnapStart.ApplyOn), OptimizationStatus: string(function.OptimizationOff)}
+	if out.ApplyOn == "" {
+		out.ApplyOn = string(function.SnapStartNone)
+	}
+	if cfg.Version != "" && cfg.Version != function.LatestVersion && cfg.SnapStart.On() {
+		out.OptimizationStatus = string(function.OptimizationOn)
 	}
 	return out
 }
@@ -157,6 +187,31 @@ type environmentInput struct {
 	Variables map[string]string `json:"Variables"`
 }
 
+// snapStartInput is the SnapStart member of CreateFunction and
+// UpdateFunctionConfiguration; an absent ApplyOn means None.
+type snapStartInput struct {
+	ApplyOn *string `json:"ApplyOn"`
+}
+
+func (in *snapStartInput) applyOn() function.SnapStartApplyOn {
+	if in == nil || in.ApplyOn == nil {
+		return function.SnapStartNone
+	}
+	return function.SnapStartApplyOn(*in.ApplyOn)
+}
+
+// publishVersionInput is PublishVersion's request body.
+type publishVersionInput struct {
+	CodeSha256  string `json:"CodeSha256"`
+	Description string `json:"Description"`
+	RevisionId  string `json:"RevisionId"`
+}
+
+type listVersionsOutput struct {
+	Versions   []*functionConfiguration `json:"Versions"`
+	NextMarker string                   `json:"NextMarker,omitempty"`
+}
+
 // createFunctionInput is CreateFunction's request body. Members InvokeX
 // does not implement (VpcConfig, DeadLetterConfig, ...) are ignored, as
 // unknown members are; Layers are refused because ignoring them would
@@ -177,6 +232,7 @@ type createFunctionInput struct {
 	Publish          bool                   `json:"Publish"`
 	Tags             map[string]string      `json:"Tags"`
 	Layers           []string               `json:"Layers"`
+	SnapStart        *snapStartInput        `json:"SnapStart"`
 }
 
 type updateFunctionCodeInput struct {
@@ -204,6 +260,7 @@ type updateFunctionConfigurationInput struct {
 	Environment      *environmentInput      `json:"Environment"`
 	RevisionId       string                 `json:"RevisionId"`
 	Layers           []string               `json:"Layers"`
+	SnapStart        *snapStartInput        `json:"SnapStart"`
 }
 
 type putConcurrencyInput struct {
