@@ -206,6 +206,8 @@ func TestStopAsksThenTerminates(t *testing.T) {
 	inst := startFake(t, e, "ok-cad")
 	// Stop the stream's end from ending the "guest": the stand-in then
 	// exits only on Ctrl-Alt-Del or SIGTERM.
+	conn := inst.conn
+	defer conn.Close()
 	inst.conn = nil
 	if err := e.d.Stop(context.Background(), "ok-cad"); err != nil {
 		t.Fatal(err)
