@@ -45,6 +45,10 @@ type Options struct {
 	// Logger receives the agent's own diagnostics (not function output);
 	// default slog.Default().
 	Logger *slog.Logger
+	// SyncClock sets the system clock to the harness's (Init.HostUnixNano)
+	// when they differ. Only for an agent that owns its kernel, a VM's PID
+	// 1: anywhere else it would set the host's clock.
+	SyncClock bool
 }
 
 // DefaultRuntimeAPIAddr is Lambda's Runtime API address.
@@ -104,7 +108,7 @@ func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 		_ = srv.Serve(ln) // returns ErrServerClosed after Shutdown/Close
 	}()
 
-	s := &session{e: e, conn: pc, log: log, frames: readFrames(pc)}
+	s := &session{e: e, conn: pc, log: log, frames: readFrames(pc), syncClock: opts.SyncClock}
 
 	err = s.serve(ctx)
 	if errors.Is(err, errStopped) {

@@ -52,14 +52,19 @@ func socketpair(t *testing.T) (net.Conn, net.Conn) {
 }
 
 // startAgent runs the agent in this process on a fresh socketpair.
-func startAgent(t *testing.T) *testAgent {
+func startAgent(t *testing.T) *testAgent { return startAgentWith(t, Options{}) }
+
+// startAgentWith runs the agent with opts (RuntimeAPIAddr and Logger are
+// the test's).
+func startAgentWith(t *testing.T, opts Options) *testAgent {
 	t.Helper()
 	harnessEnd, agentEnd := socketpair(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	ta := &testAgent{t: t, raw: harnessEnd, conn: protocol.NewConn(harnessEnd), done: make(chan error, 1), cancel: cancel}
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	go func() {
-		ta.done <- Run(ctx, agentEnd, Options{RuntimeAPIAddr: "127.0.0.1:0", Logger: log})
+		opts.RuntimeAPIAddr, opts.Logger = "127.0.0.1:0", log
+		ta.done <- Run(ctx, agentEnd, opts)
 	}()
 	t.Cleanup(func() {
 		cancel()

@@ -34,8 +34,9 @@ type session struct {
 	log    *slog.Logger
 	frames <-chan frameMsg
 
-	shutdown bool  // a Shutdown frame ended the session
-	stopErr  error // what Run returns after errStopped
+	shutdown  bool  // a Shutdown frame ended the session
+	stopErr   error // what Run returns after errStopped
+	syncClock bool  // Options.SyncClock
 }
 
 // stop records why the session ends and returns errStopped.
@@ -189,6 +190,11 @@ func (s *session) doInit(ctx context.Context, f *protocol.Frame) error {
 		return err
 	}
 	normalize(&cfg)
+	if s.syncClock && cfg.HostUnixNano > 0 {
+		if err := setClock(cfg.HostUnixNano); err != nil {
+			s.log.Warn("setting the clock from the host's", "err", err)
+		}
+	}
 	if err := s.e.configure(&cfg); err != nil {
 		return s.refuseInit(err.Error())
 	}
@@ -303,6 +309,15 @@ func (s *session) doInvoke(ctx context.Context, f *protocol.Frame) error {
 	cfg, idle := s.e.config()
 	if cfg == nil {
 		return s.refuseInvoke(req, "no Init received")
+	}
+	if s.syncClock && req.HostUnixNano > 0 {
+		// The deadline is a host time: keep the clock in step with it.
+		// (At Init the first frame of a freshly booted guest can take tens
+		// of ms to be read; once warm, a frame's transit is well under the
+		// slack.)
+		if err := setClock(req.HostUnixNano); err != nil {
+			s.log.Warn("setting the clock from the host's", "err", err)
+		}
 	}
 	received := time.Now()
 	if req.DeadlineUnixMs == 0 {

@@ -222,6 +222,7 @@ func (h *Harness) initMessage(req *InvokeRequest, logStream string) protocol.Ini
 		InitTimeoutMs:   initTimeout.Milliseconds(),
 		LogLimit:        invocation.MaxLogBytes,
 		InitType:        initTypeOnDemand,
+		HostUnixNano:    h.now().UnixNano(),
 	}
 }
 
@@ -345,9 +346,11 @@ func (h *Harness) watch(i *instance) {
 func (h *Harness) invokeOn(i *instance, req *InvokeRequest, cold bool, start time.Time) (res *InvokeResult, keep bool, reason string, err error) {
 	fn := req.Function
 	timeout := time.Duration(fn.Timeout) * time.Second
+	now := h.now()
 	hdr := protocol.Invoke{
 		RequestID:      req.RequestID,
-		DeadlineUnixMs: h.now().Add(timeout).UnixMilli(),
+		DeadlineUnixMs: now.Add(timeout).UnixMilli(),
+		HostUnixNano:   now.UnixNano(),
 		FunctionARN:    req.ARN,
 		TraceID:        req.TraceID,
 		ClientContext:  decodeClientContext(req.ClientContext),

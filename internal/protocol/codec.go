@@ -86,6 +86,10 @@ func (m *Invoke) appendJSON(b []byte) []byte {
 		b = append(b, `,"CognitoIdentity":`...)
 		b = appendString(b, m.CognitoIdentity)
 	}
+	if m.HostUnixNano != 0 {
+		b = append(b, `,"HostUnixNano":`...)
+		b = strconv.AppendInt(b, m.HostUnixNano, 10)
+	}
 	return append(b, '}')
 }
 
@@ -109,6 +113,8 @@ func (m *Invoke) decodeFast(data []byte) bool {
 			m.ClientContext, ok = v.str()
 		case "CognitoIdentity":
 			m.CognitoIdentity, ok = v.str()
+		case "HostUnixNano":
+			m.HostUnixNano, ok = v.int()
 		default:
 			ok = false
 		}

@@ -49,7 +49,7 @@ import (
 // server asks it for its Version and refuses one that differs, so a stale
 // agent next to a new server is caught at start-up, not as garbled frames.
 // Change it whenever frames or their meaning change.
-const Version = "invokex-protocol/1"
+const Version = "invokex-protocol/2"
 
 // Type identifies a frame.
 type Type uint8
@@ -112,6 +112,12 @@ type Init struct {
 	LogLimit int
 	// InitType is AWS_LAMBDA_INITIALIZATION_TYPE (on-demand by default).
 	InitType string
+	// HostUnixNano is the harness's wall clock when it sent this frame. A
+	// VM's clock starts from the host's launch time plus the guest
+	// kernel's uptime, which misses the boot before the kernel's clock ran
+	// (a few hundred ms under emulation); deadlines are absolute host
+	// times, so an agent that owns its kernel's clock sets it from this.
+	HostUnixNano int64 `json:",omitempty"`
 }
 
 // ErrorInfo is the runtime's error document, as Lambda returns it.
@@ -136,6 +142,10 @@ type Invoke struct {
 	// ClientContext is the decoded JSON of X-Amz-Client-Context.
 	ClientContext   string `json:",omitempty"`
 	CognitoIdentity string `json:",omitempty"`
+	// HostUnixNano is the harness's wall clock when it sent this frame
+	// (see Init.HostUnixNano): DeadlineUnixMs is a host time, so an agent
+	// that owns its kernel's clock keeps it in step from this.
+	HostUnixNano int64 `json:",omitempty"`
 }
 
 // Result answers Invoke. The body is the response payload (PayloadLen bytes)
