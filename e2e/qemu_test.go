@@ -10,15 +10,16 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/lambda"
+	"github.com/aws/aws-sdk-go-v2/service/lambda/types"
 
 	"github.com/invokex/invokex/internal/guest"
 )
 
-// TestQEMUDriverThroughSDK runs the core end-to-end path with every
-// function in its own QEMU microVM (TCG here, KVM where the host allows).
-func TestQEMUDriverThroughSDK(t *testing.T) {
+// requireVMs skips a test that needs QEMU microVMs where they cannot run.
+func requireVMs(t *testing.T) {
+	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 not installed")
+		t.Skip("qemu-system-x86_64 not installed (scripts/vm-deps.sh installs it)")
 	}
 	if _, ok := guest.KernelPath(guest.DefaultCacheDir()); !ok {
 		t.Skip("no guest kernel in " + guest.DefaultCacheDir() + ": run `invokex guest kernel`")
@@ -26,6 +27,12 @@ func TestQEMUDriverThroughSDK(t *testing.T) {
 	if testing.Short() {
 		t.Skip("microVMs under software emulation are slow; skipped with -short")
 	}
+}
+
+// TestQEMUDriverThroughSDK runs the core end-to-end path with every
+// function in its own QEMU microVM (TCG here, KVM where the host allows).
+func TestQEMUDriverThroughSDK(t *testing.T) {
+	requireVMs(t)
 	s := startServer(t, "", "--driver", "qemu")
 	createProbe(t, s, "vm", func(in *lambda.CreateFunctionInput) { in.Timeout = aws.Int32(5) })
 
@@ -76,5 +83,85 @@ func TestQEMUDriverThroughSDK(t *testing.T) {
 	}
 	if out := invoke(t, s, "vm", map[string]any{"name": "vm"}, false); !strings.Contains(string(out.Payload), "Hello, vm") {
 		t.Fatalf("after code update in a VM: %s", out.Payload)
+	}
+}
+
+// The interpreted runtimes in VMs: their roots are Debian's packages
+// (bookworm's python3.11 and nodejs 18), built once into the guest cache
+// (scripts/vm-deps.sh builds them in CI; elsewhere the first deploy does,
+// in minutes).
+var vmInterpreted = []struct {
+	runtime, handler, file, source string
+}{
+	{"python3.11", "app.handler", "app.py", `import os
+
+def handler(event, context):
+    if event.get("fail"):
+        raise ValueError("bad " + event["fail"])
+    print("python in", os.uname().nodename)
+    return {"message": "Hello, %s!" % event.get("name"),
+            "remaining": context.get_remaining_time_in_millis(),
+            "initType": os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE")}
+`},
+	{"nodejs18.x", "index.handler", "index.mjs", `import os from "node:os";
+
+export const handler = async (event, context) => {
+  if (event.fail) throw new Error("bad " + event.fail);
+  console.log("node in", os.hostname());
+  return { message: "Hello, " + event.name + "!",
+           remaining: context.getRemainingTimeInMillis(),
+           initType: process.env.AWS_LAMBDA_INITIALIZATION_TYPE };
+};
+`},
+}
+
+// TestQEMUInterpretedRuntimesThroughSDK runs python and node functions,
+// each in its own microVM, through the AWS SDK: cold and warm invokes,
+// the context object, logs, and a handler's exception.
+func TestQEMUInterpretedRuntimesThroughSDK(t *testing.T) {
+	requireVMs(t)
+	s := startServer(t, "", "--driver", "qemu")
+	for _, rt := range vmInterpreted {
+		t.Run(rt.runtime, func(t *testing.T) {
+			name := strings.ReplaceAll(rt.runtime, ".", "-")
+			_, err := s.sdk().CreateFunction(ctxT(t), &lambda.CreateFunctionInput{
+				FunctionName: aws.String(name), Runtime: types.Runtime(rt.runtime), Handler: aws.String(rt.handler),
+				Role:    aws.String("arn:aws:iam::000000000000:role/x"),
+				Code:    &types.FunctionCode{ZipFile: makeZip(t, map[string][]byte{rt.file: []byte(rt.source)}, nil)},
+				Timeout: aws.Int32(30), MemorySize: aws.Int32(256),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var reply struct {
+				Message   string
+				Remaining int
+				InitType  string
+			}
+			for i, want := range []bool{true, false} { // cold, then warm
+				out := invoke(t, s, name, map[string]any{"name": "vm"}, true)
+				log := tailLog(t, out)
+				if out.FunctionError != nil {
+					t.Fatalf("invoke %d: %q %s\n%s", i, aws.ToString(out.FunctionError), out.Payload, log)
+				}
+				if err := json.Unmarshal(out.Payload, &reply); err != nil || reply.Message != "Hello, vm!" ||
+					reply.Remaining <= 0 || reply.Remaining > 30000 || reply.InitType != "on-demand" {
+					t.Fatalf("invoke %d: %s (%v)", i, out.Payload, err)
+				}
+				if !strings.Contains(log, " in sandbox-") {
+					t.Errorf("invoke %d: the function's output is not in the log:\n%s", i, log)
+				}
+				if got := strings.Contains(log, "Init Duration"); got != want {
+					t.Errorf("invoke %d: Init Duration in the log = %v, want %v:\n%s", i, got, want, log)
+				}
+			}
+			out := invoke(t, s, name, map[string]any{"fail": "input"}, false)
+			if aws.ToString(out.FunctionError) != "Unhandled" || !strings.Contains(string(out.Payload), "bad input") {
+				t.Fatalf("handler exception: %q %s", aws.ToString(out.FunctionError), out.Payload)
+			}
+			if out := invoke(t, s, name, map[string]any{"name": "again"}, false); out.FunctionError != nil {
+				t.Fatalf("invoke after an exception: %s", out.Payload)
+			}
+		})
 	}
 }

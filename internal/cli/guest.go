@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/invokex/invokex/internal/agentbin"
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/runtimes"
@@ -67,7 +68,7 @@ func newGuestRuntimeCmd(g *globals, cacheDir *string) *cobra.Command {
 		Use:   "runtime",
 		Short: "Build or import a runtime's root image",
 	}
-	cmd.PersistentFlags().StringVar(&agent, "agent", "", "static invokex binary to use as the guest's /sbin/init (default: this binary)")
+	cmd.PersistentFlags().StringVar(&agent, "agent", "", "static agent binary to use as the guest's /sbin/init (default: the one a server started from this binary uses: invokex-agent next to it, else this binary)")
 	build := &cobra.Command{
 		Use:   "build RUNTIME",
 		Short: "Build RUNTIME's root image (python/nodejs: from Debian packages, minutes once) and print its path",
@@ -127,11 +128,17 @@ func runtimeRow(ctx context.Context, id string) (*runtimes.Runtime, error) {
 
 func printRootImage(ctx context.Context, g *globals, cacheDir string, rt *runtimes.Runtime, agent string) error {
 	if agent == "" {
+		// The same agent a server started from this binary would use, so
+		// the image is the one its VMs boot.
 		self, err := os.Executable()
 		if err != nil {
 			return fmt.Errorf("locating this binary for the guest's init: %w", err)
 		}
-		agent = self
+		c, err := agentbin.Find(ctx, self)
+		if err != nil {
+			return err
+		}
+		agent = c.Path
 	}
 	img, err := guest.RootImage(ctx, cacheDir, rt, agent)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/runtimes"
@@ -94,6 +95,7 @@ func RootImage(ctx context.Context, cacheDir string, rt *runtimes.Runtime, agent
 	dir := filepath.Join(cacheDir, "images")
 	out := filepath.Join(dir, rt.ID+"-"+d+".ext4")
 	if exists(out) {
+		markUsed(out)
 		return out, nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -115,7 +117,42 @@ func RootImage(ctx context.Context, cacheDir string, rt *runtimes.Runtime, agent
 	if err != nil {
 		return "", fmt.Errorf("building the %s root image: %w", rt.ID, err)
 	}
+	pruneRootImages(dir, rt.ID, out, time.Now().Add(-unusedImageAge))
 	return out, nil
+}
+
+// unusedImageAge is how long a root image may go unused before a newer
+// image of the same runtime replaces it in the cache.
+const unusedImageAge = time.Hour
+
+// markUsed stamps an image's mtime with now: the cache's record of use.
+func markUsed(path string) {
+	now := time.Now()
+	_ = os.Chtimes(path, now, now)
+}
+
+// pruneRootImages removes the root images of runtime id other than keep
+// that nobody has used since before cutoff. Every new agent binary or root
+// tree makes a new image (hundreds of MB for a Debian runtime), so without
+// this the cache only grows. A VM still running on a removed image is
+// unaffected (its QEMU holds the file open); a server that wants the image
+// again builds it again.
+func pruneRootImages(dir, id, keep string, cutoff time.Time) {
+	matches, err := filepath.Glob(filepath.Join(dir, id+"-*.ext4"))
+	if err != nil {
+		return
+	}
+	for _, m := range matches {
+		// Only this runtime's images: for id "foo", "foo-bar-<digest>" is
+		// runtime foo-bar's.
+		d := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(m), id+"-"), ".ext4")
+		if m == keep || d == "" || strings.ContainsAny(d, "-.") {
+			continue
+		}
+		if fi, err := os.Stat(m); err == nil && fi.ModTime().Before(cutoff) {
+			_ = os.Remove(m)
+		}
+	}
 }
 
 // rootTree finds the tree RootImage uses for rt: the current imported or

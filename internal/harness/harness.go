@@ -86,6 +86,20 @@ type Config struct {
 	RuntimeFiles func(runtimes.Family) fs.FS
 	// Metrics, when set, receives the harness's Prometheus metrics.
 	Metrics prometheus.Registerer
+	// Runtime looks up a runtime of the runtimes DB by ID, for Prepare
+	// (invocations carry theirs); default: the built-in catalog.
+	// ErrNotFound for an unknown ID.
+	Runtime func(ctx context.Context, id string) (*runtimes.Runtime, error)
+}
+
+// builtinRuntime is Config.Runtime's default.
+func builtinRuntime(_ context.Context, id string) (*runtimes.Runtime, error) {
+	for _, rt := range runtimes.Builtin() {
+		if rt.ID == id {
+			return rt, nil
+		}
+	}
+	return nil, fmt.Errorf("runtime %q: %w", id, errdefs.ErrNotFound)
 }
 
 // defaultSandboxID is the uid and gid of function code when running as root.
@@ -187,6 +201,9 @@ func New(cfg Config) (*Harness, error) {
 	}
 	if cfg.RuntimeFiles == nil {
 		cfg.RuntimeFiles = runtimes.SupportFiles
+	}
+	if cfg.Runtime == nil {
+		cfg.Runtime = builtinRuntime
 	}
 	abs, err := filepath.Abs(cfg.CacheDir)
 	if err != nil {

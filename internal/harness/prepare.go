@@ -6,6 +6,7 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/function"
+	"github.com/invokex/invokex/internal/harness/driver"
 )
 
 var _ Preparer = (*Harness)(nil)
@@ -36,15 +37,41 @@ func (h *Harness) Prepare(ctx context.Context, cfg *function.Config) error {
 	stop := context.AfterFunc(h.bgCtx, cancel)
 	defer stop()
 
-	_, key, err := h.code.acquire(ctx, cfg.CodeSha256)
+	dir, key, err := h.code.acquire(ctx, cfg.CodeSha256)
 	if err != nil {
 		return fmt.Errorf("preparing code of %s: %w", cfg.Name, err)
 	}
+	defer h.code.release(key)
 	// The revision takes its own reference (unless it was retired
 	// meanwhile, when the directory goes with ours).
 	p.pinCode(cfg.RevisionID, key, h.code)
-	h.code.release(key)
-	return nil
+	return h.prepareDriver(ctx, cfg, dir)
+}
+
+// prepareDriver lets a driver that implements driver.Preparer make its
+// own artifacts of the revision (a VM driver's disk images) at deploy
+// time, so the first cold start does not build them.
+func (h *Harness) prepareDriver(ctx context.Context, cfg *function.Config, codeDir string) error {
+	dp, ok := h.cfg.Driver.(driver.Preparer)
+	if !ok {
+		return nil
+	}
+	rt, err := h.cfg.Runtime(ctx, cfg.Runtime)
+	if err != nil {
+		return fmt.Errorf("preparing %s: runtime %s: %w", cfg.Name, cfg.Runtime, err)
+	}
+	runtimeDir, err := h.runtimes.dirFor(ctx, rt.Family)
+	if err != nil {
+		return fmt.Errorf("preparing %s: runtime %s files: %w", cfg.Name, rt.ID, err)
+	}
+	return dp.Prepare(ctx, driver.Spec{
+		Function:   cfg.Name,
+		RevisionID: cfg.RevisionID,
+		Runtime:    *rt,
+		CodeDir:    codeDir,
+		CodeSha256: cfg.CodeSha256,
+		RuntimeDir: runtimeDir,
+	})
 }
 
 // preparedRevision registers cfg's revision as its pool's latest and

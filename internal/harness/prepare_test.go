@@ -6,10 +6,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/harness/driver"
 )
 
 // codeDir is where the cache unpacks digest.
@@ -208,5 +211,63 @@ func TestPrepareErrors(t *testing.T) {
 	}
 	if err := e.h.Prepare(ctx, e.fn("f", "r3")); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("Prepare after Close = %v, want ErrUnavailable", err)
+	}
+}
+
+// preparingDriver is a fakeDriver that also implements driver.Preparer.
+type preparingDriver struct {
+	*fakeDriver
+	mu       sync.Mutex
+	prepared []driver.Spec
+	err      error
+}
+
+func (d *preparingDriver) Prepare(_ context.Context, spec driver.Spec) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.prepared = append(d.prepared, spec)
+	return d.err
+}
+
+func TestPrepareLetsTheDriverPrepare(t *testing.T) {
+	var pd *preparingDriver
+	e := newTestEnv(t, func(c *Config) {
+		pd = &preparingDriver{fakeDriver: c.Driver.(*fakeDriver)}
+		c.Driver = pd
+	})
+	fn := e.fn("f", "r1")
+	if err := e.h.Prepare(context.Background(), fn); err != nil {
+		t.Fatal(err)
+	}
+	pd.mu.Lock()
+	got := pd.prepared
+	pd.mu.Unlock()
+	if len(got) != 1 {
+		t.Fatalf("driver prepared %d times, want 1", len(got))
+	}
+	sp := got[0]
+	if sp.Function != "f" || sp.RevisionID != "r1" || sp.Runtime.ID != fn.Runtime || sp.CodeSha256 != fn.CodeSha256 ||
+		sp.CodeDir != e.codeDir(t, fn.CodeSha256) || sp.ID != "" {
+		t.Fatalf("driver got spec %+v", sp)
+	}
+
+	// A driver's failure is Prepare's (the control plane logs it); the
+	// revision still runs.
+	pd.mu.Lock()
+	pd.err = errors.New("disk full")
+	pd.mu.Unlock()
+	fn2 := e.fn("g", "r1")
+	if err := e.h.Prepare(context.Background(), fn2); err == nil || !strings.Contains(err.Error(), "disk full") {
+		t.Fatalf("Prepare with a failing driver: %v", err)
+	}
+	if res := mustInvoke(t, e.h, request(fn2, "y")); string(res.Payload) != "y" {
+		t.Fatalf("invoke after a failed driver Prepare: %q", res.Payload)
+	}
+
+	// An unknown runtime is an error naming it.
+	fn3 := e.fn("h", "r1")
+	fn3.Runtime = "cobol1.0"
+	if err := e.h.Prepare(context.Background(), fn3); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("Prepare of an unknown runtime: %v", err)
 	}
 }

@@ -140,6 +140,25 @@ func fillInterpreted(rt *Runtime, f *found, bootstrap string) {
 	rt.Reason = f.reason(v)
 }
 
+// UseInterpreter makes an interpreted runtime available with the
+// interpreter at path (as the sandbox sees it): its bootstrap command runs
+// InvokeX's runtime interface client for the family with it. For a VM
+// driver, path is inside the runtime's root image, not on the host.
+func (rt *Runtime) UseInterpreter(path string) {
+	rt.Available, rt.Reason = true, ""
+	rt.Interpreter = path
+	switch rt.Family {
+	case FamilyPython:
+		rt.Bootstrap = []string{path, pythonBootstrap}
+	case FamilyNode:
+		rt.Bootstrap = []string{path, nodeBootstrap}
+	}
+}
+
+// Version is the interpreter version an interpreted runtime needs
+// ("3.11", "18"), "" for provided and unknown runtimes.
+func Version(id string) string { return versionOf(id) }
+
 func versionOf(id string) string {
 	for _, k := range known {
 		if k.id == id {

@@ -32,6 +32,7 @@ import (
 	"github.com/invokex/invokex/internal/frontend"
 	"github.com/invokex/invokex/internal/harness"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/runtimes"
 )
 
 // Config is the all-in-one server's configuration.
@@ -138,6 +139,7 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 		KeepAlive:          cfg.KeepAlive,
 		DefaultConcurrency: cfg.DefaultConcurrency,
 		Network:            cfg.SandboxNetwork,
+		Runtime:            st.Runtimes().Get,
 		Logger:             log.With("component", "harness"),
 		Metrics:            reg,
 	})
@@ -149,12 +151,17 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 	}
 	closers = append(closers, h.Close)
 
+	var detect func(context.Context) []*runtimes.Runtime
+	if rd, ok := drv.(driver.RuntimeDetector); ok {
+		detect = rd.DetectRuntimes // VMs run their images' interpreters, not the host's
+	}
 	cp, err := controlplane.New(controlplane.Config{
-		Store:        st,
-		Blobs:        blobs,
-		Hosts:        []harness.Host{h},
-		Logger:       log.With("component", "controlplane"),
-		AsyncWorkers: cfg.AsyncWorkers,
+		DetectRuntimes: detect,
+		Store:          st,
+		Blobs:          blobs,
+		Hosts:          []harness.Host{h},
+		Logger:         log.With("component", "controlplane"),
+		AsyncWorkers:   cfg.AsyncWorkers,
 	})
 	if err != nil {
 		return fmt.Errorf("creating control plane: %w", err)

@@ -102,6 +102,29 @@ type Closer interface {
 	Close(ctx context.Context) error
 }
 
+// Preparer is implemented by drivers that turn a revision into artifacts
+// of their own before its first Start, such as a VM driver's root and code
+// disk images. The harness calls Prepare when a revision is deployed, with
+// a Spec whose Function, RevisionID, Runtime, CodeDir, CodeSha256 and
+// RuntimeDir are set (no ID: there is no instance yet). What Prepare makes
+// is a cache Start uses: a failed or skipped Prepare only makes the first
+// Start slower, and Start must work without it. Idempotent and safe for
+// concurrent use; it stops early when ctx is cancelled. Errors wrap errdefs
+// kinds.
+type Preparer interface {
+	Prepare(ctx context.Context, spec Spec) error
+}
+
+// RuntimeDetector is implemented by drivers whose sandboxes do not run
+// the host's interpreters: a VM driver boots each runtime's own root image,
+// so which runtimes it can run, and where their interpreters are, depends
+// on its images, not on the host. The runtimes DB is filled from it instead
+// of from probing the host. Safe for concurrent use; stops when ctx is done
+// (the runtimes left are reported unavailable).
+type RuntimeDetector interface {
+	DetectRuntimes(ctx context.Context) []*runtimes.Runtime
+}
+
 // Describer is implemented by drivers that can report how well they isolate
 // on this host (e.g. "cgroup memory limits unavailable: not root").
 type Describer interface {

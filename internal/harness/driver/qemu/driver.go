@@ -71,6 +71,9 @@ var (
 	_ driver.Driver    = (*Driver)(nil)
 	_ driver.Closer    = (*Driver)(nil)
 	_ driver.Describer = (*Driver)(nil)
+	_ driver.Preparer  = (*Driver)(nil)
+
+	_ driver.RuntimeDetector = (*Driver)(nil)
 )
 
 // Timeouts of the driver's own steps. They bound cleanup even when the
@@ -388,6 +391,33 @@ func validate(spec driver.Spec) error {
 // and agent fit in with room for a runtime.
 const minMemoryMB = 128
 
+// DetectRuntimes reports the runtimes this driver's images provide; see
+// guest.DetectRuntimes.
+func (d *Driver) DetectRuntimes(ctx context.Context) []*runtimes.Runtime {
+	return guest.DetectRuntimes(ctx, d.opts.CacheDir)
+}
+
+// Prepare builds (or finds cached) the root image of spec's runtime and
+// the code image of its revision, the two disks Start would otherwise
+// build on a cold start; see driver.Preparer.
+func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) error {
+	if spec.Runtime.ID == "" || spec.CodeDir == "" {
+		return errdefs.Invalid("preparing %s: runtime and code directory are required", spec.Function)
+	}
+	rt := spec.Runtime
+	if _, err := d.images.Root(ctx, &rt); err != nil {
+		return fmt.Errorf("preparing the root image of %s: %w", rt.ID, err)
+	}
+	key, err := codeKey(spec)
+	if err != nil {
+		return err
+	}
+	if _, err := d.images.Code(ctx, spec.CodeDir, spec.RuntimeDir, key); err != nil {
+		return fmt.Errorf("preparing the code image of %s: %w", spec.Function, err)
+	}
+	return nil
+}
+
 // Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
 func (d *Driver) Stop(ctx context.Context, id string) error {
 	inst, ok := d.instances.Get(id)
@@ -470,6 +500,9 @@ func (d *Driver) Close(ctx context.Context) error {
 	// more.
 	if first {
 		d.fork.Close()
+		if c, ok := d.images.(interface{ close() }); ok {
+			c.close()
+		}
 	}
 	return err
 }
