@@ -20,6 +20,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/function"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/runtimes"
 )
@@ -712,5 +713,40 @@ func TestDefaultRuntimeFiles(t *testing.T) {
 	})
 	if want == 0 || got != want {
 		t.Fatalf("python runtime dir %q holds %d files, want %d", pyDir, got, want)
+	}
+}
+
+// RetireRevisions retires only the named revisions: instances of the
+// other versions of the function stay warm.
+func TestRetireRevisionsKeepsTheOthers(t *testing.T) {
+	e := newTestEnv(t, nil)
+	e.openGate()
+	v1, v2, latest := e.fn("svc", "rev-v1"), e.fn("svc", "rev-v2"), e.fn("svc", "rev-latest")
+	first := map[string]string{}
+	for _, fn := range []*function.Config{v1, v2, latest} {
+		first[fn.RevisionID] = mustInvoke(t, e.h, request(fn, "x")).Instance
+	}
+	if err := e.h.RetireRevisions(context.Background(), "svc", []string{"rev-v2", "unknown"}); err != nil {
+		t.Fatal(err)
+	}
+	if !e.drv.wasStopped(first["rev-v2"]) {
+		t.Fatal("the retired revision's instance is still running")
+	}
+	for _, rev := range []string{"rev-v1", "rev-latest"} {
+		if e.drv.wasStopped(first[rev]) {
+			t.Fatalf("%s's instance was stopped", rev)
+		}
+	}
+	for _, fn := range []*function.Config{v1, latest} {
+		if res := mustInvoke(t, e.h, request(fn, "y")); res.Cold || res.Instance != first[fn.RevisionID] {
+			t.Fatalf("%s after RetireRevisions: instance %s cold %v, want warm %s", fn.RevisionID, res.Instance, res.Cold, first[fn.RevisionID])
+		}
+	}
+	// Idempotent, and a function without a pool is no error.
+	if err := e.h.RetireRevisions(context.Background(), "svc", []string{"rev-v2"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.h.RetireRevisions(context.Background(), "nobody", []string{"r"}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -356,6 +356,25 @@ func (h *Harness) teardown(i *instance, reason string, graceful bool) {
 // their work ends. Retired revisions stop pinning their code. It waits for
 // the idle ones to be gone, bounded by ctx and the driver's stop timeout.
 func (h *Harness) Retire(ctx context.Context, fn, keepRevision string) error {
+	return h.retireWhere(ctx, fn, func(rev string) bool { return keepRevision == "" || rev != keepRevision })
+}
+
+// RetireRevisions implements the control plane's RevisionRetirer: it
+// retires only the named revisions of fn (a published version that was
+// deleted, or the $LATEST revision an update replaced), so the instances
+// of every other version stay warm. Unknown revisions are ignored.
+func (h *Harness) RetireRevisions(ctx context.Context, fn string, revisions []string) error {
+	set := make(map[string]bool, len(revisions))
+	for _, r := range revisions {
+		set[r] = true
+	}
+	return h.retireWhere(ctx, fn, func(rev string) bool { return set[rev] })
+}
+
+// retireWhere stops fn's instances whose revision retire selects (idle
+// ones now, busy and starting ones when they finish) and drops what was
+// prepared for those revisions.
+func (h *Harness) retireWhere(ctx context.Context, fn string, retire func(revision string) bool) error {
 	h.mu.Lock()
 	p := h.pools[fn]
 	h.mu.Unlock()
@@ -366,7 +385,7 @@ func (h *Harness) Retire(ctx context.Context, fn, keepRevision string) error {
 	var unpin []string
 	p.mu.Lock()
 	for _, i := range p.instances {
-		if keepRevision != "" && i.revision == keepRevision {
+		if !retire(i.revision) {
 			continue
 		}
 		switch i.state {
@@ -379,7 +398,7 @@ func (h *Harness) Retire(ctx context.Context, fn, keepRevision string) error {
 		}
 	}
 	for id, rev := range p.revisions {
-		if keepRevision != "" && id == keepRevision {
+		if !retire(id) {
 			continue
 		}
 		delete(p.revisions, id)

@@ -217,3 +217,8 @@ func lockDataDir(dir string) (func(), error) {
 	}
 	return func() { f.Close() }, nil
 }
+
+// The control plane finds these on its hosts by type assertion; the
+// harness cannot name the control plane's interfaces (it is imported by
+// it), so the match is checked here.
+var _ controlplane.RevisionRetirer = (*harness.Harness)(nil)
