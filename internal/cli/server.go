@@ -19,16 +19,20 @@ type serverFlags struct {
 	concurrency    int
 	sandboxNetwork bool
 	asyncWorkers   int
+	firecracker    string
+	jailer         string
 }
 
 func (f *serverFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.listen, "listen", "127.0.0.1:9000", "address of the HTTP API")
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", defaultDataDir(), "directory for the database, code and sandbox state (env INVOKEX_DATA_DIR)")
-	cmd.Flags().StringVar(&f.driver, "driver", "auto", "sandbox driver: auto (the strongest isolation that works here: qemu microVMs when QEMU and a guest kernel are present, else process), process, or qemu (needs `invokex guest kernel` and a static build)")
+	cmd.Flags().StringVar(&f.driver, "driver", "auto", "sandbox driver: auto (the strongest isolation that works here: firecracker microVMs where KVM and firecracker are, else qemu microVMs where QEMU and a guest kernel are, else process), process, qemu or firecracker (VMs need `invokex guest kernel`)")
 	cmd.Flags().DurationVar(&f.keepAlive, "keep-alive", 10*time.Minute, "stop instances idle this long (scale to zero)")
 	cmd.Flags().IntVar(&f.concurrency, "default-concurrency", 100, "concurrent executions per function without reserved concurrency")
 	cmd.Flags().BoolVar(&f.sandboxNetwork, "sandbox-network", false, "give sandboxes the host's network (default: loopback only, so functions cannot reach this server or the host's services)")
 	cmd.Flags().IntVar(&f.asyncWorkers, "async-workers", 8, "workers running Event invocations")
+	cmd.Flags().StringVar(&f.firecracker, "firecracker", "", "firecracker binary of the firecracker driver (default: from PATH); see docs/firecracker.md")
+	cmd.Flags().StringVar(&f.jailer, "jailer", "", "start every Firecracker VM through this jailer binary (chroot, cgroups, a user per VM; needs root)")
 }
 
 func (f *serverFlags) config(g *globals) server.Config {
@@ -40,6 +44,8 @@ func (f *serverFlags) config(g *globals) server.Config {
 		DefaultConcurrency: f.concurrency,
 		SandboxNetwork:     f.sandboxNetwork,
 		AsyncWorkers:       f.asyncWorkers,
+		FirecrackerPath:    f.firecracker,
+		JailerPath:         f.jailer,
 		Logger:             g.logger(),
 	}
 }

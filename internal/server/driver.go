@@ -12,15 +12,17 @@ import (
 	"github.com/invokex/invokex/internal/agentbin"
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/firecracker"
 	"github.com/invokex/invokex/internal/harness/driver/process"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
 )
 
 // newDriver creates the sandbox driver cfg.Driver names. "auto" picks the
-// strongest isolation that works on this host: a QEMU microVM per
-// environment when QEMU, a guest kernel and a static agent are there (KVM
-// or, failing that, software emulation), else the process sandbox. The
-// choice and the reason for it are logged once.
+// strongest isolation that works on this host: Firecracker microVMs when
+// KVM runs a standard guest and a firecracker binary is found, else QEMU
+// microVMs when QEMU, a guest kernel and a static agent are there (KVM or,
+// failing that, software emulation), else the process sandbox. The choice
+// and the reason for it are logged once.
 func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver, error) {
 	agent, err := findAgent(ctx, cfg, log)
 	if err != nil {
@@ -32,7 +34,17 @@ func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver
 		return newProcessDriver(cfg, agent, dlog)
 	case "qemu":
 		return newQEMUDriver(cfg, agent, dlog)
+	case "firecracker":
+		return newFirecrackerDriver(cfg, agent, dlog)
 	case "auto":
+		if why := firecrackerMissing(cfg, agent); why != "" {
+			log.Info("driver auto: not firecracker", "reason", why)
+		} else if d, err := newFirecrackerDriver(cfg, agent, dlog); err != nil {
+			log.Warn("driver auto: firecracker unusable", "err", err)
+		} else {
+			log.Info("driver auto: firecracker microVMs", "describe", describe(d))
+			return d, nil
+		}
 		if why := qemuMissing(agent); why != "" {
 			log.Info("driver auto: process sandbox", "reason", why)
 			return newProcessDriver(cfg, agent, dlog)
@@ -44,8 +56,6 @@ func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver
 		}
 		log.Info("driver auto: qemu microVMs", "describe", describe(d))
 		return d, nil
-	case "firecracker":
-		return nil, fmt.Errorf("driver %q is not available in this build yet (use auto, process or qemu)", cfg.Driver)
 	default:
 		return nil, fmt.Errorf("unknown driver %q (want auto, process, qemu or firecracker)", cfg.Driver)
 	}
@@ -89,6 +99,38 @@ func qemuMissing(agent string) string {
 		return "agent binary cannot be a VM's init: " + err.Error()
 	}
 	return ""
+}
+
+// firecrackerMissing says why auto cannot use Firecracker here ("" if it
+// can try): it needs a firecracker binary, a guest kernel, a static agent
+// and /dev/kvm (firecracker.New opens it).
+func firecrackerMissing(cfg Config, agent string) string {
+	if cfg.FirecrackerPath == "" {
+		if _, err := exec.LookPath("firecracker"); err != nil {
+			return "no firecracker binary in PATH"
+		}
+	}
+	if _, ok := guest.KernelPath(guest.DefaultCacheDir()); !ok {
+		return "no guest kernel in " + guest.DefaultCacheDir() + " (run `invokex guest kernel`)"
+	}
+	if err := guest.CheckStatic(agent); err != nil {
+		return "agent binary cannot be a VM's init: " + err.Error()
+	}
+	return ""
+}
+
+func newFirecrackerDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
+	d, err := firecracker.New(firecracker.Options{
+		StateDir:        filepath.Join(cfg.DataDir, "firecracker"),
+		FirecrackerPath: cfg.FirecrackerPath,
+		JailerPath:      cfg.JailerPath,
+		AgentBin:        agent,
+		Logger:          log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating firecracker driver: %w", err)
+	}
+	return d, nil
 }
 
 func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {

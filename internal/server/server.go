@@ -39,8 +39,11 @@ import (
 type Config struct {
 	Listen  string // default 127.0.0.1:9000
 	DataDir string // default ./.data? set by the CLI
-	// Driver is auto, process or qemu (see newDriver).
+	// Driver is auto, process, qemu or firecracker (see newDriver).
 	Driver string
+	// FirecrackerPath and JailerPath configure the firecracker driver
+	// (default: firecracker from PATH, no jailer).
+	FirecrackerPath, JailerPath string
 	// AgentBin is the agent binary sandboxes run; default: found by
 	// package agentbin (invokex-agent next to this executable, else this
 	// executable).
