@@ -3,7 +3,9 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +16,38 @@ import (
 
 	"github.com/invokex/invokex/internal/guest"
 )
+
+// vmDrivers are the microVM drivers the VM end-to-end tests run on; each
+// skips, saying why, where its VMs cannot run.
+var vmDrivers = []struct {
+	name    string
+	require func(t *testing.T)
+}{
+	{"qemu", requireVMs},
+	{"firecracker", requireFirecracker},
+}
+
+// requireFirecracker skips where Firecracker cannot run: it needs a
+// firecracker binary (PATH, or $INVOKEX_FIRECRACKER), a guest kernel and
+// KVM that runs a standard guest.
+func requireFirecracker(t *testing.T) {
+	t.Helper()
+	fc := os.Getenv("INVOKEX_FIRECRACKER")
+	if fc == "" {
+		p, err := exec.LookPath("firecracker")
+		if err != nil {
+			t.Skip("no firecracker binary (PATH or INVOKEX_FIRECRACKER): see docs/firecracker.md")
+		}
+		fc = p
+	}
+	if _, ok := guest.KernelPath(guest.DefaultCacheDir()); !ok {
+		t.Skip("no guest kernel in " + guest.DefaultCacheDir() + ": run `invokex guest kernel`")
+	}
+	if err := kvmRunsGuests(); err != nil {
+		t.Skip("KVM cannot run a standard guest here: " + err.Error())
+	}
+	t.Setenv("PATH", filepath.Dir(fc)+string(os.PathListSeparator)+os.Getenv("PATH")) // the server finds it
+}
 
 // requireVMs skips a test that needs QEMU microVMs where they cannot run.
 func requireVMs(t *testing.T) {
@@ -29,11 +63,19 @@ func requireVMs(t *testing.T) {
 	}
 }
 
-// TestQEMUDriverThroughSDK runs the core end-to-end path with every
-// function in its own QEMU microVM (TCG here, KVM where the host allows).
-func TestQEMUDriverThroughSDK(t *testing.T) {
-	requireVMs(t)
-	s := startServer(t, "", "--driver", "qemu")
+// TestVMDriversThroughSDK runs the core end-to-end path with every
+// function in its own microVM: QEMU (TCG here, KVM where the host allows)
+// and Firecracker (where KVM and a firecracker binary are).
+func TestVMDriversThroughSDK(t *testing.T) {
+	for _, d := range vmDrivers {
+		t.Run(d.name, func(t *testing.T) {
+			d.require(t)
+			vmDriverThroughSDK(t, startServer(t, "", "--driver", d.name))
+		})
+	}
+}
+
+func vmDriverThroughSDK(t *testing.T, s *server) {
 	createProbe(t, s, "vm", func(in *lambda.CreateFunctionInput) { in.Timeout = aws.Int32(5) })
 
 	out := invoke(t, s, "vm", map[string]any{"action": "echo", "marker": "in-a-vm"}, true)
@@ -115,12 +157,19 @@ export const handler = async (event, context) => {
 `},
 }
 
-// TestQEMUInterpretedRuntimesThroughSDK runs python and node functions,
+// TestVMInterpretedRuntimesThroughSDK runs python and node functions,
 // each in its own microVM, through the AWS SDK: cold and warm invokes,
 // the context object, logs, and a handler's exception.
-func TestQEMUInterpretedRuntimesThroughSDK(t *testing.T) {
-	requireVMs(t)
-	s := startServer(t, "", "--driver", "qemu")
+func TestVMInterpretedRuntimesThroughSDK(t *testing.T) {
+	for _, d := range vmDrivers {
+		t.Run(d.name, func(t *testing.T) {
+			d.require(t)
+			vmInterpretedThroughSDK(t, startServer(t, "", "--driver", d.name))
+		})
+	}
+}
+
+func vmInterpretedThroughSDK(t *testing.T, s *server) {
 	for _, rt := range vmInterpreted {
 		t.Run(rt.runtime, func(t *testing.T) {
 			name := strings.ReplaceAll(rt.runtime, ".", "-")
