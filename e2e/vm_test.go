@@ -6,9 +6,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/lambda"
@@ -210,6 +212,68 @@ func vmInterpretedThroughSDK(t *testing.T, s *server) {
 			}
 			if out := invoke(t, s, name, map[string]any{"name": "again"}, false); out.FunctionError != nil {
 				t.Fatalf("invoke after an exception: %s", out.Payload)
+			}
+		})
+	}
+}
+
+// childrenOf returns the pids whose parent is ppid.
+func childrenOf(ppid int) []int {
+	var pids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so cut at ")".
+		_, rest, ok := strings.Cut(string(b), ") ")
+		f := strings.Fields(rest)
+		if ok && len(f) > 1 && f[1] == strconv.Itoa(ppid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// TestVMServerCrashLeavesNoVM kills the server with warm VMs: no VMM
+// process outlives it, and the restarted server removes what the dead one
+// left and runs the function again.
+func TestVMServerCrashLeavesNoVM(t *testing.T) {
+	for _, d := range vmDrivers {
+		t.Run(d.name, func(t *testing.T) {
+			d.require(t)
+			dataDir := t.TempDir()
+			s := startServer(t, dataDir, "--driver", d.name)
+			createProbe(t, s, "survivor")
+			invoke(t, s, "survivor", map[string]any{"action": "echo"}, false)
+			vmms := childrenOf(s.cmd.Process.Pid)
+			if len(vmms) == 0 {
+				t.Fatal("no VMM process under the server while a VM is warm; the check below would prove nothing")
+			}
+
+			s.kill() // SIGKILL: no graceful shutdown runs.
+			eventually(t, 30*time.Second, func() error {
+				for _, pid := range vmms {
+					if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
+						return fmt.Errorf("VMM %d outlives the crashed server", pid)
+					}
+				}
+				return nil
+			})
+
+			s.start()
+			if out := invoke(t, s, "survivor", map[string]any{"action": "echo"}, false); out.FunctionError != nil {
+				t.Fatal(string(out.Payload))
+			}
+			s.stop()
+			ents, _ := os.ReadDir(filepath.Join(dataDir, map[string]string{"qemu": "vms", "firecracker": "firecracker"}[d.name]))
+			if len(ents) != 0 {
+				t.Errorf("VM state left after a graceful stop: %d entries", len(ents))
 			}
 		})
 	}
