@@ -16,3 +16,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "vm-deps: guest kernel $(CGO_ENABLED=0 go run ./cmd/invokex guest kernel)" >&2
+# The Debian roots of the interpreted runtimes the VM tests use (debootstrap,
+# minutes once; cached in the guest cache like the kernel).
+vm_bin=$(mktemp -d)
+trap 'rm -rf "$vm_bin"' EXIT
+CGO_ENABLED=0 go build -o "$vm_bin/invokex" ./cmd/invokex
+CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$vm_bin/invokex-agent" ./cmd/invokex-agent
+for rt in python3.11 nodejs18.x; do
+  echo "vm-deps: $rt root image $("$vm_bin/invokex" guest runtime build "$rt")" >&2
+done
+rm -rf "$vm_bin"
+trap - EXIT

@@ -78,7 +78,7 @@ interpreter; needs root and the host's Debian mirror), unless a root was
 imported for them. The agent binary must be static (CGO_ENABLED=0).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rt, err := runtimeRow(cmd.Context(), args[0])
+			rt, err := runtimeRow(cmd.Context(), *cacheDir, args[0])
 			if err != nil {
 				return err
 			}
@@ -99,15 +99,22 @@ replaces any built one for RUNTIME; its interpreter must be at the path the
 runtimes DB has for RUNTIME. Prints the root image's path.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			rt, err := runtimeRow(cmd.Context(), args[0])
-			if err != nil {
+			if _, err := runtimeRow(cmd.Context(), *cacheDir, args[0]); err != nil {
 				return err
 			}
-			tree, err := guest.ImportRoot(cmd.Context(), *cacheDir, rt.ID, args[1])
+			tree, err := guest.ImportRoot(cmd.Context(), *cacheDir, args[0], args[1])
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(g.stderr, "imported %s into %s\n", args[1], tree)
+			// Read again: the row now describes the imported tree.
+			rt, err := runtimeRow(cmd.Context(), *cacheDir, args[0])
+			if err != nil {
+				return err
+			}
+			if !rt.Available {
+				return fmt.Errorf("imported %s, but: %s: %w", args[1], rt.Reason, errdefs.ErrInvalidParameter)
+			}
 			return printRootImage(cmd.Context(), g, *cacheDir, rt, agent)
 		},
 	}
@@ -115,10 +122,10 @@ runtimes DB has for RUNTIME. Prints the root image's path.`,
 	return cmd
 }
 
-// runtimeRow returns the runtimes DB row for id as this host probes it
-// (the interpreter path the harness will run in the guest).
-func runtimeRow(ctx context.Context, id string) (*runtimes.Runtime, error) {
-	for _, rt := range runtimes.Detect(ctx) {
+// runtimeRow returns the runtimes DB row for id as a VM driver on this
+// cache sees it (the interpreter path the harness will run in the guest).
+func runtimeRow(ctx context.Context, cacheDir, id string) (*runtimes.Runtime, error) {
+	for _, rt := range guest.DetectRuntimes(ctx, cacheDir) {
 		if rt.ID == id {
 			return rt, nil
 		}
