@@ -45,10 +45,12 @@ type Options struct {
 	// Logger receives the agent's own diagnostics (not function output);
 	// default slog.Default().
 	Logger *slog.Logger
-	// SyncClock sets the system clock to the harness's (Init.HostUnixNano)
-	// when they differ. Only for an agent that owns its kernel, a VM's PID
-	// 1: anywhere else it would set the host's clock.
-	SyncClock bool
+	// OwnsKernel is set by an agent that is its kernel's only tenant, a
+	// microVM's PID 1. It then keeps the system clock in step with the
+	// harness's (Init and Invoke carry it), and an idle trim also drops the
+	// kernel's clean caches, whose pages the VMM can take back. Anywhere
+	// else either would act on the host.
+	OwnsKernel bool
 }
 
 // DefaultRuntimeAPIAddr is Lambda's Runtime API address.
@@ -108,7 +110,7 @@ func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 		_ = srv.Serve(ln) // returns ErrServerClosed after Shutdown/Close
 	}()
 
-	s := &session{e: e, conn: pc, log: log, frames: readFrames(pc), syncClock: opts.SyncClock}
+	s := &session{e: e, conn: pc, log: log, frames: readFrames(pc), ownsKernel: opts.OwnsKernel}
 
 	err = s.serve(ctx)
 	if errors.Is(err, errStopped) {

@@ -15,7 +15,7 @@ const clockSlack = time.Millisecond
 var setClock = syncClock
 
 // syncClock sets the system clock to hostNano if it is further off than
-// clockSlack. See Options.SyncClock.
+// clockSlack. See Options.OwnsKernel.
 func syncClock(hostNano int64) error {
 	if d := time.Now().UnixNano() - hostNano; d > -int64(clockSlack) && d < int64(clockSlack) {
 		return nil

@@ -24,7 +24,7 @@ func TestSyncClock(t *testing.T) {
 
 	host := time.Now().Add(-3 * time.Second).UnixNano()
 	for _, own := range []bool{false, true} {
-		ta := startAgentWith(t, Options{SyncClock: own})
+		ta := startAgentWith(t, Options{OwnsKernel: own})
 		cfg := fakeInit(t, "ok")
 		cfg.HostUnixNano = host
 		if done, _ := ta.init(cfg); done.Error != nil {
@@ -34,10 +34,10 @@ func TestSyncClock(t *testing.T) {
 		got := append([]int64(nil), set...)
 		mu.Unlock()
 		if !own && len(got) != 0 {
-			t.Fatalf("an agent without SyncClock set the clock to %v", got)
+			t.Fatalf("an agent without OwnsKernel set the clock to %v", got)
 		}
 		if own && (len(got) != 1 || got[0] != host) {
-			t.Fatalf("an agent with SyncClock set the clock to %v, want [%d]", got, host)
+			t.Fatalf("an agent with OwnsKernel set the clock to %v, want [%d]", got, host)
 		}
 		// Every Invoke carries the host's clock too.
 		id := ta.nextID()
@@ -49,7 +49,7 @@ func TestSyncClock(t *testing.T) {
 		got = append([]int64(nil), set...)
 		mu.Unlock()
 		if !own && len(got) != 0 {
-			t.Fatalf("an agent without SyncClock set the clock to %v", got)
+			t.Fatalf("an agent without OwnsKernel set the clock to %v", got)
 		}
 		if own && (len(got) != 2 || got[1] != host+7) {
 			t.Fatalf("after an Invoke the clock was set to %v, want [%d %d]", got, host, host+7)

@@ -34,9 +34,9 @@ type session struct {
 	log    *slog.Logger
 	frames <-chan frameMsg
 
-	shutdown  bool  // a Shutdown frame ended the session
-	stopErr   error // what Run returns after errStopped
-	syncClock bool  // Options.SyncClock
+	shutdown   bool  // a Shutdown frame ended the session
+	stopErr    error // what Run returns after errStopped
+	ownsKernel bool  // Options.OwnsKernel
 }
 
 // stop records why the session ends and returns errStopped.
@@ -71,6 +71,9 @@ func (s *session) serve(ctx context.Context) error {
 			idle.Reset(idleTrimAfter)
 		case <-idle.C:
 			trimImage()
+			if s.ownsKernel {
+				dropCaches()
+			}
 		case <-exited:
 			if s.e.runtimeDied(rt) {
 				s.log.Info("runtime exited between invocations", "pid", rt.proc.pid, "status", exitReason(rt.proc.ws))
@@ -190,7 +193,7 @@ func (s *session) doInit(ctx context.Context, f *protocol.Frame) error {
 		return err
 	}
 	normalize(&cfg)
-	if s.syncClock && cfg.HostUnixNano > 0 {
+	if s.ownsKernel && cfg.HostUnixNano > 0 {
 		if err := setClock(cfg.HostUnixNano); err != nil {
 			s.log.Warn("setting the clock from the host's", "err", err)
 		}
@@ -310,7 +313,7 @@ func (s *session) doInvoke(ctx context.Context, f *protocol.Frame) error {
 	if cfg == nil {
 		return s.refuseInvoke(req, "no Init received")
 	}
-	if s.syncClock && req.HostUnixNano > 0 {
+	if s.ownsKernel && req.HostUnixNano > 0 {
 		// The deadline is a host time: keep the clock in step with it.
 		// (At Init the first frame of a freshly booted guest can take tens
 		// of ms to be read; once warm, a frame's transit is well under the

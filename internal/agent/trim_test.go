@@ -2,6 +2,7 @@ package agent
 
 import (
 	"os"
+	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -59,5 +60,19 @@ func TestTrimImage(t *testing.T) {
 	// Code and data of the binary still work after the trim.
 	if got := statusField([]byte("VmHWM:\t  42 kB\n"), "VmHWM"); got != 42 {
 		t.Errorf("statusField after trim = %d", got)
+	}
+}
+
+func TestDropCaches(t *testing.T) {
+	knob := filepath.Join(t.TempDir(), "drop_caches")
+	if err := os.WriteFile(knob, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	old := dropCachesPath
+	dropCachesPath = knob
+	t.Cleanup(func() { dropCachesPath = old })
+	dropCaches()
+	if b, err := os.ReadFile(knob); err != nil || string(b) != "3\n" {
+		t.Fatalf("drop_caches got %q (%v), want \"3\\n\"", b, err)
 	}
 }

@@ -217,7 +217,7 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	// Run owns and closes the port. No signal reaches PID 1 unless
 	// handled, and nothing in the guest should stop the agent: the host
 	// ends it by Shutdown or by closing the stream.
-	err = agent.Run(context.Background(), port, agent.Options{RuntimeAPIAddr: agent.DefaultRuntimeAPIAddr, Logger: log, SyncClock: true})
+	err = agent.Run(context.Background(), port, agent.Options{RuntimeAPIAddr: agent.DefaultRuntimeAPIAddr, Logger: log, OwnsKernel: true})
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}
