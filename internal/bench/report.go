@@ -224,6 +224,9 @@ func (r *Report) warm(c int) (WarmRow, bool) {
 
 // Targets evaluates the targets on the report.
 func (r *Report) Targets() []Target {
+	if isVMDriver(r.Driver) {
+		return r.vmTargets()
+	}
 	var ts []Target
 
 	t := Target{Name: "warm p50 (concurrency 1)", Goal: "≤ RIE's p50"}
@@ -319,6 +322,49 @@ func (r *Report) Targets() []Target {
 	}
 	ts = append(ts, t)
 	return ts
+}
+
+// vmTargets are the microVM issue's targets: a provided function's cold
+// boot to its first response, the warm invoke through the VM, and the host
+// memory an idle booted 128 MB VM holds.
+func (r *Report) vmTargets() []Target {
+	var ts []Target
+	for _, c := range []struct {
+		name string
+		s    ColdSeries
+	}{{"VM cold boot to first response, after deploy", r.ColdAfterDeploy}, {"VM cold boot to first response, after scale-to-zero", r.ColdAfterScaleZero}} {
+		t := Target{Name: c.name, Goal: "p50 ≤ 0.6 s (provided function)"}
+		if c.s.TTFB.N > 0 {
+			t.Measured = true
+			t.Value = fmt.Sprintf("%s (init %s)", fmtMs(c.s.TTFB.P50), fmtMs(c.s.Init.P50))
+			t.Met = c.s.TTFB.P50 <= 600*time.Millisecond
+			if !t.Met {
+				t.Miss = fmt.Sprintf("%s over (%s)", fmtMs(c.s.TTFB.P50-600*time.Millisecond), pctOver(ms(c.s.TTFB.P50), 600))
+			}
+		}
+		ts = append(ts, t)
+	}
+	t := Target{Name: "warm invoke through the VM", Goal: "p50 ≤ 1 ms"}
+	if w, ok := r.warm(1); ok && w.InvokeX.OK > 0 {
+		p50 := w.InvokeX.Latency.P50
+		t.Measured = true
+		t.Value = fmtMs(p50)
+		t.Met = p50 <= time.Millisecond
+		if !t.Met {
+			t.Miss = fmt.Sprintf("%s over (%s)", fmtMs(p50-time.Millisecond), pctOver(ms(p50), 1))
+		}
+	}
+	ts = append(ts, t)
+	t = Target{Name: "host memory per idle 128 MB VM", Goal: "≤ 80 MiB RSS"}
+	if m := r.Memory; m.Instances > 0 {
+		t.Measured = true
+		t.Value = fmt.Sprintf("%s RSS (PSS %s)", fmtMiB(m.PerInstance.RSS), fmtMiB(m.PerInstance.PSS))
+		t.Met = m.PerInstance.RSS <= 80<<20
+		if !t.Met {
+			t.Miss = fmt.Sprintf("%s over (%s)", fmtMiB(m.PerInstance.RSS-80<<20), pctOver(float64(m.PerInstance.RSS), 80<<20))
+		}
+	}
+	return append(ts, t)
 }
 
 // pctOver renders how much a exceeds b as a percentage of b: "+21%".

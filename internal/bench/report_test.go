@@ -177,3 +177,51 @@ func TestFigureRatio(t *testing.T) {
 		t.Errorf("ratio over zero: %v", got)
 	}
 }
+
+func TestMemoryTableOfAVMDriver(t *testing.T) {
+	r := &Report{Driver: "qemu", Memory: MemoryResult{
+		Instances:   2,
+		PerInstance: Mem{RSS: 100 << 20, PSS: 90 << 20, Private: 80 << 20},
+		Sandbox:     Mem{RSS: 100 << 20, PSS: 90 << 20, Private: 80 << 20},
+		RIEEmulator: Mem{RSS: 12 << 20, PSS: 11 << 20, Private: 11 << 20},
+		RIEFunction: Mem{RSS: 8 << 20, PSS: 8 << 20, Private: 8 << 20},
+		Processes:   "qemu-system-x86 (sandbox init, 100.0 MiB RSS)",
+	}}
+	var names []string
+	for _, row := range r.memoryTable().rows {
+		names = append(names, row[0])
+	}
+	all := strings.Join(names, "\n")
+	if !strings.Contains(all, "per idle VM, host memory of its VMM process, RSS") || strings.Contains(all, "overhead beyond the function's own") {
+		t.Fatalf("VM memory rows:\n%s", all)
+	}
+	r.Driver = "process"
+	names = names[:0]
+	for _, row := range r.memoryTable().rows {
+		names = append(names, row[0])
+	}
+	if all := strings.Join(names, "\n"); !strings.Contains(all, "overhead beyond the function's own, RSS") {
+		t.Fatalf("process memory rows:\n%s", all)
+	}
+}
+
+func TestVMTargets(t *testing.T) {
+	r := sampleReport()
+	r.Driver = "qemu"
+	ts := r.Targets()
+	if len(ts) != 4 {
+		t.Fatalf("%d VM targets, want 4: %+v", len(ts), ts)
+	}
+	for _, name := range []string{"VM cold boot to first response, after deploy", "warm invoke through the VM", "host memory per idle 128 MB VM"} {
+		if g := targetByName(t, ts, name); !g.Measured {
+			t.Errorf("%s not measured: %+v", name, g)
+		}
+	}
+	// The sample's warm p50 is 0.80 ms, its instances 16 MiB.
+	if g := targetByName(t, ts, "warm invoke through the VM"); !g.Met {
+		t.Errorf("warm: %+v", g)
+	}
+	if g := targetByName(t, ts, "host memory per idle 128 MB VM"); !g.Met || !strings.Contains(g.Value, "16.0 MiB") {
+		t.Errorf("memory: %+v", g)
+	}
+}
