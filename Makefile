@@ -15,10 +15,14 @@ test:
 clean:
 	rm -rf bin
 
-.PHONY: bench kernel
+.PHONY: bench bench-qemu kernel
 # Benchmarks side by side with Lambda's Runtime Interface Emulator; writes docs/benchmarks.md.
 bench: build
 	bin/invokex bench --runs 2000 --driver process
+
+# The same suite with every function in a QEMU microVM (docs/benchmarks-qemu.md).
+bench-qemu: build
+	bin/invokex bench --runs 500 --cold-starts 50 --instances 8 --driver qemu
 
 # The microVM guest kernel (cached; minutes the first time).
 kernel:

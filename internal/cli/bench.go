@@ -81,6 +81,10 @@ results to --out. Run it as root from InvokeX's source tree (make bench).`,
 					return fmt.Errorf("writing %s: %w", jsonOut, err)
 				}
 			}
+			if !cmd.Flags().Changed("out") && opts.Driver != "process" {
+				// Each driver's figures have their own page.
+				out = "docs/benchmarks-" + opts.Driver + ".md"
+			}
 			if out == "" {
 				return nil
 			}
@@ -110,7 +114,7 @@ results to --out. Run it as root from InvokeX's source tree (make bench).`,
 	}
 	f := cmd.Flags()
 	f.IntVar(&opts.Runs, "runs", 2000, "measured invokes per concurrency level")
-	f.StringVar(&opts.Driver, "driver", "process", "sandbox driver of the InvokeX servers (process; qemu and firecracker when available)")
+	f.StringVar(&opts.Driver, "driver", "process", "sandbox driver of the InvokeX servers: process, qemu or firecracker")
 	f.IntSliceVar(&opts.Concurrency, "concurrency", []int{1, 8, 64}, "concurrency levels of the warm phase")
 	f.IntVar(&opts.ColdStarts, "cold-starts", 50, "cold starts per series")
 	f.IntVar(&opts.EventCount, "events", 5000, "Event invokes in the burst")
@@ -120,7 +124,7 @@ results to --out. Run it as root from InvokeX's source tree (make bench).`,
 	f.IntVar(&opts.ProfileSeconds, "profile-seconds", 5, "seconds of CPU profile during a warm load (negative: none)")
 	f.DurationVar(&keepAlive, "scale-to-zero-keep-alive", time.Second, "keep-alive of the server that measures cold starts after scale to zero")
 	f.StringVar(&serverLogs, "server-log-level", "info", "log level of the InvokeX servers under test")
-	f.StringVar(&out, "out", "docs/benchmarks.md", "Markdown report to write, relative to the source tree (empty: none)")
+	f.StringVar(&out, "out", "docs/benchmarks.md", "Markdown report to write, relative to the source tree (empty: none); default for a driver other than process: docs/benchmarks-DRIVER.md")
 	f.StringVar(&jsonOut, "json", "", "also write the whole report as JSON to this file")
 	f.StringVar(&rieBin, "rie", "", "aws-lambda-rie binary (default: on PATH or in GOPATH/bin, else installed with go install)")
 	f.BoolVar(&noInstall, "no-install", false, "fail instead of installing aws-lambda-rie when it is missing")
