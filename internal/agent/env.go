@@ -43,6 +43,9 @@ type env struct {
 	// pendingInit is the INIT duration to report with the next invocation,
 	// after an Init frame succeeded.
 	pendingInit time.Duration
+	// pendingRestore is the restore duration to report with the next
+	// invocation (see protocol.Restore).
+	pendingRestore time.Duration
 }
 
 // runtimeProc is one start of the runtime, from fork to reset.
@@ -206,6 +209,22 @@ func (e *env) setPendingInit(d time.Duration) {
 	e.mu.Lock()
 	e.pendingInit = d
 	e.mu.Unlock()
+}
+
+// setPendingRestore records the restore duration the next Result reports.
+func (e *env) setPendingRestore(d time.Duration) {
+	e.mu.Lock()
+	e.pendingRestore = d
+	e.mu.Unlock()
+}
+
+// takePendingRestore returns and clears the pending restore duration.
+func (e *env) takePendingRestore() time.Duration {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	d := e.pendingRestore
+	e.pendingRestore = 0
+	return d
 }
 
 // takePendingInit returns and clears the pending INIT duration.

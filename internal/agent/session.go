@@ -95,11 +95,41 @@ func (s *session) handle(ctx context.Context, m frameMsg) error {
 		return s.doInit(ctx, m.f)
 	case protocol.TypeInvoke:
 		return s.doInvoke(ctx, m.f)
+	case protocol.TypeRestore:
+		return s.doRestore(m.f)
 	case protocol.TypeShutdown:
 		s.shutdown = true
 		return s.stop(nil)
 	}
 	return fmt.Errorf("unexpected %s frame from the harness", m.f.Type)
+}
+
+// doRestore makes a restored environment a new one (see protocol.Restore)
+// and answers RestoreDone. Outside a VM (no kernel of its own) only the
+// reported duration applies.
+func (s *session) doRestore(f *protocol.Frame) error {
+	start := time.Now()
+	var req protocol.Restore
+	if err := f.Decode(&req); err != nil {
+		return err
+	}
+	if cfg, _ := s.e.config(); cfg == nil {
+		return s.write(protocol.TypeRestoreDone, protocol.RestoreDone{Error: &protocol.ErrorInfo{
+			ErrorType: errTypeInvalidState, ErrorMessage: "Restore before Init: no snapshot of an initialised environment"}})
+	}
+	// The snapshot was taken after INIT, before any invocation: what the
+	// first invocation reports is the restore, not that INIT.
+	s.e.takePendingInit()
+	if s.ownsKernel {
+		if err := renewEnv(req); err != nil {
+			// A restored environment that could not be made unique must
+			// not serve: the harness discards it.
+			return s.write(protocol.TypeRestoreDone, protocol.RestoreDone{Error: &protocol.ErrorInfo{
+				ErrorType: "Sandbox.RestoreFailed", ErrorMessage: err.Error()}})
+		}
+	}
+	s.e.setPendingRestore(req.RestoreDuration + time.Since(start))
+	return s.write(protocol.TypeRestoreDone, protocol.RestoreDone{})
 }
 
 // interrupt handles a frame that arrives while a request is in progress:
@@ -332,6 +362,7 @@ func (s *session) doInvoke(ctx context.Context, f *protocol.Frame) error {
 	deadline := time.UnixMilli(req.DeadlineUnixMs)
 
 	initDur := s.e.takePendingInit()
+	restoreDur := s.e.takePendingRestore()
 	for attempt := 0; ; attempt++ {
 		if idle {
 			r, err := s.runInit(ctx, req.RequestID, deadline)
@@ -372,7 +403,7 @@ func (s *session) doInvoke(ctx context.Context, f *protocol.Frame) error {
 			s.log.Info("invocation failed; runtime reset", "function", cfg.FunctionName,
 				"request_id", req.RequestID, "error_type", o.fail.errorType)
 		}
-		return s.writeResult(cfg, inv, o, initDur)
+		return s.writeResult(cfg, inv, o, initDur, restoreDur)
 	}
 }
 
@@ -404,11 +435,12 @@ func (s *session) await(ctx context.Context, inv *invocation, deadline time.Time
 }
 
 // writeResult answers an invocation: payload, then its log.
-func (s *session) writeResult(cfg *protocol.Init, inv *invocation, o *outcome, initDur time.Duration) error {
+func (s *session) writeResult(cfg *protocol.Init, inv *invocation, o *outcome, initDur, restoreDur time.Duration) error {
 	res := protocol.Result{
-		RequestID:    inv.req.RequestID,
-		Duration:     o.end.Sub(inv.start),
-		InitDuration: initDur,
+		RequestID:       inv.req.RequestID,
+		Duration:        o.end.Sub(inv.start),
+		InitDuration:    initDur,
+		RestoreDuration: restoreDur,
 		MaxMemoryMB:  inv.rt.peakMB(),
 		Reset:        o.reset,
 	}
@@ -418,7 +450,8 @@ func (s *session) writeResult(cfg *protocol.Init, inv *invocation, o *outcome, i
 		res.ErrorType = o.fail.errorType
 		payload, extra = o.fail.doc, o.fail.logLine
 	}
-	report := protocol.Report{RequestID: res.RequestID, Duration: res.Duration, MemoryMB: cfg.MemoryMB, MaxMemoryMB: res.MaxMemoryMB, InitDuration: initDur}.Line()
+	report := protocol.Report{RequestID: res.RequestID, Duration: res.Duration, MemoryMB: cfg.MemoryMB, MaxMemoryMB: res.MaxMemoryMB,
+		InitDuration: initDur, RestoreDuration: restoreDur}.Line()
 	segs, n := invocationLog(inv.pre, inv.body, res.RequestID, cfg.FunctionVersion, extra, report)
 	res.PayloadLen = len(payload)
 	res.LogBytes = n

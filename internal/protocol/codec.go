@@ -145,6 +145,10 @@ func (m *Result) appendJSON(b []byte) []byte {
 		b = append(b, `,"InitDuration":`...)
 		b = strconv.AppendInt(b, int64(m.InitDuration), 10)
 	}
+	if m.RestoreDuration != 0 {
+		b = append(b, `,"RestoreDuration":`...)
+		b = strconv.AppendInt(b, int64(m.RestoreDuration), 10)
+	}
 	b = append(b, `,"MaxMemoryMB":`...)
 	b = strconv.AppendInt(b, int64(m.MaxMemoryMB), 10)
 	if m.Reset {
@@ -179,6 +183,9 @@ func (m *Result) decodeFast(data []byte) bool {
 		case "InitDuration":
 			n, ok = v.int()
 			m.InitDuration = time.Duration(n)
+		case "RestoreDuration":
+			n, ok = v.int()
+			m.RestoreDuration = time.Duration(n)
 		case "MaxMemoryMB":
 			n, ok = v.intSize(strconv.IntSize)
 			m.MaxMemoryMB = int(n)

@@ -21,7 +21,7 @@ func codecValues() []any {
 			Invoke{RequestID: s, DeadlineUnixMs: 1700000000123, FunctionARN: s},
 			Invoke{RequestID: "id", FunctionARN: "a", TraceID: s, ClientContext: s, CognitoIdentity: s, HostUnixNano: 1795659277098123456},
 			Result{RequestID: s, FunctionError: s, ErrorType: s, PayloadLen: 7, LogBytes: 300,
-				Duration: 1234567, InitDuration: 5 * time.Millisecond, MaxMemoryMB: 21, Reset: true},
+				Duration: 1234567, InitDuration: 5 * time.Millisecond, RestoreDuration: 7 * time.Millisecond, MaxMemoryMB: 21, Reset: true},
 		)
 	}
 	return append(vs,

@@ -27,8 +27,11 @@ type Report struct {
 	MemoryMB     int
 	MaxMemoryMB  int
 	InitDuration time.Duration // shown when > 0 (INIT preceded the invocation)
-	Status       string        // shown when set, e.g. "timeout"
-	ErrorType    string        // shown when set
+	// RestoreDuration is shown when > 0 (the environment was restored from
+	// a snapshot for this invocation), with Lambda's billed figure.
+	RestoreDuration time.Duration
+	Status          string // shown when set, e.g. "timeout"
+	ErrorType       string // shown when set
 }
 
 // Line is Lambda's tab-separated REPORT line, ending in "\n".
@@ -42,6 +45,10 @@ func (r Report) Line() string {
 	b.WriteString("\tMax Memory Used: " + strconv.Itoa(r.MaxMemoryMB) + " MB")
 	if r.InitDuration > 0 {
 		b.WriteString("\tInit Duration: " + Millis(r.InitDuration) + " ms")
+	}
+	if r.RestoreDuration > 0 {
+		b.WriteString("\tRestore Duration: " + Millis(r.RestoreDuration) + " ms")
+		b.WriteString("\tBilled Restore Duration: " + strconv.FormatInt(BilledMillis(r.RestoreDuration), 10) + " ms")
 	}
 	if r.Status != "" {
 		b.WriteString("\tStatus: " + r.Status)

@@ -17,6 +17,11 @@ func TestReportLine(t *testing.T) {
 	if got != want {
 		t.Fatalf("got  %q\nwant %q", got, want)
 	}
+	got = Report{RequestID: "r", Duration: time.Millisecond, MemoryMB: 128, MaxMemoryMB: 20, RestoreDuration: 35200 * time.Microsecond}.Line()
+	want = "REPORT RequestId: r\tDuration: 1.00 ms\tBilled Duration: 1 ms\tMemory Size: 128 MB\tMax Memory Used: 20 MB\tRestore Duration: 35.20 ms\tBilled Restore Duration: 36 ms\n"
+	if got != want {
+		t.Fatalf("got  %q\nwant %q", got, want)
+	}
 	if BilledMillis(0) != 1 || BilledMillis(time.Millisecond) != 1 || BilledMillis(time.Millisecond+1) != 2 {
 		t.Fatal("billed duration rounding")
 	}

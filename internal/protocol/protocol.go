@@ -49,7 +49,7 @@ import (
 // server asks it for its Version and refuses one that differs, so a stale
 // agent next to a new server is caught at start-up, not as garbled frames.
 // Change it whenever frames or their meaning change.
-const Version = "invokex-protocol/2"
+const Version = "invokex-protocol/3"
 
 // Type identifies a frame.
 type Type uint8
@@ -61,6 +61,8 @@ const (
 	TypeResult
 	TypeShutdown
 	TypeShutdownDone
+	TypeRestore
+	TypeRestoreDone
 )
 
 func (t Type) String() string {
@@ -77,6 +79,10 @@ func (t Type) String() string {
 		return "Shutdown"
 	case TypeShutdownDone:
 		return "ShutdownDone"
+	case TypeRestore:
+		return "Restore"
+	case TypeRestoreDone:
+		return "RestoreDone"
 	}
 	return fmt.Sprintf("Type(%d)", uint8(t))
 }
@@ -118,6 +124,31 @@ type Init struct {
 	// (a few hundred ms under emulation); deadlines are absolute host
 	// times, so an agent that owns its kernel's clock sets it from this.
 	HostUnixNano int64 `json:",omitempty"`
+}
+
+// Restore tells an agent that its environment was restored from a
+// snapshot (SnapStart) and is a new one: the harness sends it, before any
+// Invoke, to an instance started from a snapshot taken after INIT (whose
+// Init had InitType "snap-start"). Every restore of one snapshot starts
+// from the same memory, so whatever must be unique is made so here.
+type Restore struct {
+	// HostUnixNano is the harness's clock, as in Init.
+	HostUnixNano int64 `json:",omitempty"`
+	// Seed is fresh randomness from the host. An agent that owns its
+	// kernel mixes it into the kernel's pool and reseeds the kernel's
+	// generator, so no two restores draw the same random numbers.
+	Seed []byte `json:",omitempty"`
+	// Hostname is the new environment's hostname ("" keeps it).
+	Hostname string `json:",omitempty"`
+	// RestoreDuration is the platform's share of the restore so far (the
+	// VMM loading the snapshot); the agent adds its own and reports the
+	// sum with the first invocation, as Lambda's "Restore Duration".
+	RestoreDuration time.Duration `json:",omitempty"`
+}
+
+// RestoreDone answers Restore.
+type RestoreDone struct {
+	Error *ErrorInfo `json:",omitempty"`
 }
 
 // ErrorInfo is the runtime's error document, as Lambda returns it.
@@ -165,7 +196,9 @@ type Result struct {
 	// InitDuration is set when INIT ran as part of this invocation (cold start
 	// or re-init after a crash) or, for the first invocation, the Init it followed.
 	InitDuration time.Duration `json:",omitempty"`
-	MaxMemoryMB  int
+	// RestoreDuration is set on the first invocation after a Restore.
+	RestoreDuration time.Duration `json:",omitempty"`
+	MaxMemoryMB     int
 	// Reset reports that the runtime was killed or died (timeout, crash,
 	// oversize response) and INIT will run again before the next invocation.
 	Reset bool `json:",omitempty"`
