@@ -441,8 +441,8 @@ func (s *session) writeResult(cfg *protocol.Init, inv *invocation, o *outcome, i
 		Duration:        o.end.Sub(inv.start),
 		InitDuration:    initDur,
 		RestoreDuration: restoreDur,
-		MaxMemoryMB:  inv.rt.peakMB(),
-		Reset:        o.reset,
+		MaxMemoryMB:     inv.rt.peakMB(),
+		Reset:           o.reset,
 	}
 	payload, extra := o.payload, ""
 	if o.fail != nil {
