@@ -131,8 +131,18 @@ func (s *Service) snapshotsSupported() bool {
 		if _, ok := h.(VersionPreparer); !ok {
 			return false
 		}
+		if c, ok := h.(snapshotCapable); ok && !c.SnapshotsSupported() {
+			return false
+		}
 	}
 	return true
+}
+
+// snapshotCapable is implemented by hosts whose VersionPreparer works only
+// in some configurations (the harness: when its sandbox driver can
+// snapshot). A host that says false counts as one without snapshots.
+type snapshotCapable interface {
+	SnapshotsSupported() bool
 }
 
 // versionWork runs the background preparation of Pending versions: at most

@@ -41,6 +41,8 @@ type fakeDriver struct {
 	recovered []driver.Instance
 	recovers  int
 	invokes   map[string]int // Invoke frames received per instance
+	restores  map[string]protocol.Restore
+	failRenew bool // answer Restore with an error
 
 	arrived chan string // instance ids, one per Invoke frame received
 }
@@ -192,7 +194,12 @@ func (d *fakeDriver) agent(inst *fakeInstance) {
 	if err := conn.WriteFrame(protocol.TypeInitDone, protocol.InitDone{InitDuration: 7 * time.Millisecond}); err != nil {
 		return
 	}
-	first := true
+	d.serve(inst, conn, true)
+}
+
+// serve plays an initialised agent: Invoke, Restore and Shutdown frames.
+// first reports an INIT whose duration the next Result carries.
+func (d *fakeDriver) serve(inst *fakeInstance, conn *protocol.Conn, first bool) {
 	for {
 		f, err := conn.ReadFrame()
 		if err != nil {
@@ -202,6 +209,27 @@ func (d *fakeDriver) agent(inst *fakeInstance) {
 		case protocol.TypeShutdown:
 			_ = conn.WriteFrame(protocol.TypeShutdownDone, protocol.ShutdownDone{})
 			return
+		case protocol.TypeRestore:
+			var r protocol.Restore
+			if f.Decode(&r) != nil {
+				return
+			}
+			d.mu.Lock()
+			if d.restores == nil {
+				d.restores = map[string]protocol.Restore{}
+			}
+			d.restores[inst.id] = r
+			fail := d.failRenew
+			d.mu.Unlock()
+			done := protocol.RestoreDone{}
+			if fail {
+				done.Error = &protocol.ErrorInfo{ErrorType: "Sandbox.RestoreFailed", ErrorMessage: "no entropy"}
+			}
+			if conn.WriteFrame(protocol.TypeRestoreDone, done) != nil {
+				return
+			}
+			first = false
+			continue
 		case protocol.TypeInvoke:
 		default:
 			return

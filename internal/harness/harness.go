@@ -77,6 +77,13 @@ type Config struct {
 	Network bool
 	// Region is AWS_REGION; default us-east-1.
 	Region string
+	// Account is the account in the function ARNs the harness makes itself
+	// (a snapshot's INIT); default 000000000000, the control plane's.
+	Account string
+	// SnapshotBudget caps the disk the SnapStart snapshots of this host
+	// take (bytes); default 10 GiB. Over it, the least recently used
+	// snapshots go.
+	SnapshotBudget int64
 	// Logger receives the harness's logs; default discards them.
 	Logger *slog.Logger
 	// Now is the clock for timestamps and keep-alive; default time.Now.
@@ -113,6 +120,7 @@ type Harness struct {
 	now      func() time.Time
 	code     *codeCache
 	runtimes *runtimeCache
+	snaps    *snapshots
 	metrics  *metrics
 
 	// bgCtx is the parent of all background work (cold starts, running
@@ -205,6 +213,12 @@ func New(cfg Config) (*Harness, error) {
 	if cfg.Runtime == nil {
 		cfg.Runtime = builtinRuntime
 	}
+	if cfg.Account == "" {
+		cfg.Account = "000000000000"
+	}
+	if cfg.SnapshotBudget <= 0 {
+		cfg.SnapshotBudget = defaultSnapshotBudget
+	}
 	abs, err := filepath.Abs(cfg.CacheDir)
 	if err != nil {
 		return nil, fmt.Errorf("harness: cache directory: %w", err)
@@ -221,6 +235,7 @@ func New(cfg Config) (*Harness, error) {
 		now:      cfg.Now,
 		code:     newCodeCache(filepath.Join(abs, "code"), cfg.Code, log),
 		runtimes: newRuntimeCache(filepath.Join(abs, "runtime"), cfg.RuntimeFiles),
+		snaps:    newSnapshots(filepath.Join(abs, "snapshots"), cfg.SnapshotBudget),
 		metrics:  m,
 		pools:    map[string]*pool{},
 	}
@@ -267,6 +282,9 @@ func (h *Harness) Start(ctx context.Context) error {
 	h.mu.Unlock()
 
 	if err := h.clearCache(); err != nil {
+		return err
+	}
+	if err := h.snaps.load(); err != nil {
 		return err
 	}
 	insts, err := h.cfg.Driver.Recover(ctx)

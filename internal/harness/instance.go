@@ -265,6 +265,17 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 		EphemeralMB: fn.EphemeralStorage,
 		Network:     h.cfg.Network,
 	}
+	if di := h.tryRestore(ctx, i, req, spec); di != nil {
+		i.attach(di)
+		i.logStream = logStreamName(h.now(), fn.Version)
+		h.stats.coldStarts.Add(1)
+		h.stats.driverStartNs.Add(int64(i.driverStart))
+		h.metrics.coldStart(i.driverStart, 0)
+		go h.watch(i)
+		h.log.Debug("instance restored", "function", i.function, "revision", i.revision, "instance", i.id,
+			"driver_start", i.driverStart)
+		return nil, nil
+	}
 	t0 := time.Now()
 	startCtx, cancel := context.WithTimeout(ctx, startTimeout)
 	di, err := h.cfg.Driver.Start(startCtx, spec)

@@ -379,6 +379,8 @@ func (h *Harness) retireWhere(ctx context.Context, fn string, retire func(revisi
 	p := h.pools[fn]
 	h.mu.Unlock()
 	if p == nil {
+		// No instance, but maybe a snapshot taken for a version.
+		h.removeSnapshots(h.snaps.drop(fn, retire))
 		return nil
 	}
 	var stop []*instance
@@ -410,6 +412,7 @@ func (h *Harness) retireWhere(ctx context.Context, fn string, retire func(revisi
 	for _, key := range unpin {
 		h.code.release(key)
 	}
+	h.removeSnapshots(h.snaps.drop(fn, retire))
 	h.stopAll(ctx, stop, "retired")
 	h.maybeDropPool(p)
 	return ctx.Err()

@@ -224,4 +224,7 @@ func lockDataDir(dir string) (func(), error) {
 // The control plane finds these on its hosts by type assertion; the
 // harness cannot name the control plane's interfaces (it is imported by
 // it), so the match is checked here.
-var _ controlplane.RevisionRetirer = (*harness.Harness)(nil)
+var (
+	_ controlplane.RevisionRetirer = (*harness.Harness)(nil)
+	_ controlplane.VersionPreparer = (*harness.Harness)(nil)
+)
