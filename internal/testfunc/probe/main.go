@@ -150,6 +150,9 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 		}
 		return Outcome{Error: errText(err)}, nil
 	case "random":
+		// ms, if set, holds the environment first (so that concurrent
+		// callers get environments of their own).
+		time.Sleep(time.Duration(ev.Ms) * time.Millisecond)
 		b := make([]byte, ev.N)
 		if _, err := rand.Read(b); err != nil {
 			return nil, fmt.Errorf("reading random bytes: %w", err)
