@@ -125,6 +125,25 @@ type RuntimeDetector interface {
 	DetectRuntimes(ctx context.Context) []*runtimes.Runtime
 }
 
+// Lambda gives a function one vCPU's worth of time per 1,769 MB of
+// memory and at most 6 vCPUs (at 10,240 MB).
+const (
+	mbPerVCPU = 1769
+	maxVCPUs  = 6
+)
+
+// VCPUsFor is how many vCPUs a sandbox of memoryMB gets, derived from its
+// memory as Lambda does, and capped by hostCPUs (more vCPUs than the
+// host's cores only adds contention; 0: no cap).
+func VCPUsFor(memoryMB, hostCPUs int) int {
+	n := (memoryMB + mbPerVCPU - 1) / mbPerVCPU
+	n = min(max(n, 1), maxVCPUs)
+	if hostCPUs > 0 {
+		n = min(n, hostCPUs)
+	}
+	return n
+}
+
 // Describer is implemented by drivers that can report how well they isolate
 // on this host (e.g. "cgroup memory limits unavailable: not root").
 type Describer interface {

@@ -17,6 +17,8 @@
 //     reads after a crash.
 //   - LineLog logs a child's output line by line under a byte budget and
 //     keeps its last lines for error messages.
+//   - DialUnix and SocketAddr reach a child's unix sockets however deep
+//     the directory they are in (sun_path holds 107 bytes).
 //
 // Everything here is Linux-only (it reads /proc and uses pidfds).
 package hostproc
