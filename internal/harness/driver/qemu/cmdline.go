@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 )
 
 // Files in the instance directory. The driver creates all of them (QEMU
@@ -31,22 +33,10 @@ const (
 	fdScratch
 )
 
-// Names inside the guest, shared with package vminit through the kernel
-// command line.
-const (
-	// agentPort is the virtio-serial port the agent speaks on.
-	agentPort = "invokex.agent"
-	// readyLine is what the guest writes on the port when its agent is
-	// about to serve; protocol frames follow it.
-	readyLine = "INVOKEX-AGENT-READY\n"
-)
-
-// Lambda gives a function one vCPU's worth of time per 1,769 MB and at
-// most 6 vCPUs (at 10,240 MB).
-const (
-	mbPerVCPU = 1769
-	maxVCPUs  = 6
-)
+// agentPort is the virtio-serial port the agent speaks on, named to
+// package vminit on the kernel command line; the agent writes
+// vmm.ReadyLine on it when it is about to serve.
+const agentPort = "invokex.agent"
 
 // accel is how QEMU runs guest code.
 type accel string
@@ -100,17 +90,6 @@ func guestNetParam() string {
 	return "ip=" + guestNetIP + "::" + guestNetGateway + ":" + guestNetMask + "::eth0:off:" + guestNetDNS
 }
 
-// vcpusFor derives the vCPU count from the memory size as Lambda does,
-// capped by the host's cores (more vCPUs than cores only adds contention).
-func vcpusFor(memoryMB, hostCPUs int) int {
-	n := (memoryMB + mbPerVCPU - 1) / mbPerVCPU
-	n = min(max(n, 1), maxVCPUs)
-	if hostCPUs > 0 {
-		n = min(n, hostCPUs)
-	}
-	return n
-}
-
 // kernelCmdline is the guest's kernel command line. The tuning follows
 // what was measured under TCG (docs in shared/reference/qemu-tcg.md):
 // quiet, no keyboard controller probing, the TSC trusted and its rate
@@ -138,7 +117,7 @@ func (c vmConfig) kernelCmdline() string {
 	parts = append(parts,
 		"root=/dev/vda", "rootfstype=ext4", "ro", "init=/sbin/init",
 		"invokex.code=/dev/vdb", "invokex.scratch=/dev/vdc", "invokex.port="+agentPort,
-		"invokex.hostname="+hostname(c.ID),
+		"invokex.hostname="+vmm.Hostname(c.ID),
 	)
 	if c.ClockUnixMs > 0 {
 		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
@@ -213,9 +192,6 @@ func (c vmConfig) args() []string {
 // vmName is QEMU's -name for instance id: it makes the process findable
 // (Recover, ps, the suite's leftover checks).
 func vmName(id string) string { return "invokex-" + id }
-
-// hostname is the guest's hostname (at most 64 bytes).
-func hostname(id string) string { return "sandbox-" + id }
 
 // hostTSCkHz reads the CPU frequency the host's kernel reports, which on
 // hosts with a constant TSC is the TSC's rate; 0 when unknown.

@@ -5,24 +5,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
-)
 
-func TestVCPUsFor(t *testing.T) {
-	for _, tc := range []struct{ mem, host, want int }{
-		{128, 2, 1},
-		{1769, 8, 1},
-		{1770, 8, 2},
-		{3008, 8, 2},
-		{10240, 8, 6},
-		{10240, 2, 2},
-		{10240, 0, 6},
-		{1, 1, 1},
-	} {
-		if got := vcpusFor(tc.mem, tc.host); got != tc.want {
-			t.Errorf("vcpusFor(%d MB, %d cores) = %d, want %d", tc.mem, tc.host, got, tc.want)
-		}
-	}
-}
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
+)
 
 // argValue returns the value after the first occurrence of flag whose
 // value starts with prefix.
@@ -151,7 +136,7 @@ func TestChooseAccel(t *testing.T) {
 	if _, _, err := chooseAccel(ctx, "hvf", fake); err == nil {
 		t.Errorf("an unknown accel was accepted")
 	}
-	if !kvmOpenable() {
+	if vmm.OpenKVM() != nil {
 		t.Skip("skipping the KVM probe: /dev/kvm cannot be opened here")
 	}
 	// The fake fails as QEMU does where KVM cannot run a guest.

@@ -9,7 +9,13 @@
 // driver's control channel.
 //
 // KVM is used when /dev/kvm runs a standard guest (probed once per
-// process), TCG software emulation otherwise; Describe says which.
+// process, vmm.ProbeKVM), TCG software emulation otherwise; Describe says
+// which.
+//
+// What every microVM driver shares (images and their code keys, records,
+// the console log, the start, stop and recovery sequences, Prepare and
+// DetectRuntimes) is package vmm's; this package has QEMU's own: its
+// command line, QMP, the virtio-serial agent socket and the VM users.
 //
 // # Files and privileges
 //
@@ -46,24 +52,18 @@ package qemu
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/errdefs"
-	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
-	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -126,30 +126,13 @@ type Options struct {
 	UIDBase int
 }
 
-// vmSlots is how many VMs (and so uids) one driver can have at a time.
-const vmSlots = 4096
-
-// imageMaker builds the disks of an instance (package guest in
-// production, fakes in unit tests). Implementations are safe for
-// concurrent use and cache what they can.
-type imageMaker interface {
-	// Root returns the root image of rt (shared, never written).
-	Root(ctx context.Context, rt *runtimes.Runtime) (string, error)
-	// Code returns the image of codeDir and runtimeDir, cached by key.
-	Code(ctx context.Context, codeDir, runtimeDir, key string) (string, error)
-	// Scratch creates an empty writable file system of sizeMB at path.
-	Scratch(ctx context.Context, path string, sizeMB int) error
-}
-
 // Driver is the QEMU microvm driver. See package driver for the contract.
 type Driver struct {
 	opts     Options
 	log      *slog.Logger
 	accel    accel
 	why      string // why this accel
-	images   imageMaker
-	fork     *hostproc.Forker
-	hostCPUs int
+	host     *vmm.Host[*instance]
 	tscKHz   int64
 	kernelHz int
 
@@ -157,11 +140,6 @@ type Driver struct {
 	// of /dev/kvm under KVM); asRoot says why VMs keep the driver's user.
 	vmGroups []uint32
 	asRoot   string
-
-	instances hostproc.Table[*instance]
-
-	mu    sync.Mutex   // guards slots
-	slots map[int]bool // uid slots in use
 }
 
 // New checks QEMU, the kernel and the agent binary, chooses the
@@ -173,38 +151,23 @@ func New(opts Options) (*Driver, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if opts.CacheDir == "" {
-		opts.CacheDir = defaultCacheDir()
-	}
-	if opts.KernelPath == "" {
-		k, ok := defaultKernel(opts.CacheDir)
-		if !ok {
-			return nil, fmt.Errorf("qemu driver: no guest kernel in %s: run `invokex guest kernel`: %w",
-				opts.CacheDir, errdefs.ErrUnavailable)
-		}
-		opts.KernelPath = k
-	}
-	if opts.AgentBin == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return nil, fmt.Errorf("qemu driver: finding own executable: %w", err)
-		}
-		opts.AgentBin = exe
-	}
-	if err := guest.CheckStatic(opts.AgentBin); err != nil {
-		return nil, fmt.Errorf("qemu driver: agent binary: %w", err)
-	}
-	d, err := newDriver(opts, nil)
+	g, err := vmm.ResolveGuest("qemu", vmm.GuestFiles{CacheDir: opts.CacheDir, KernelPath: opts.KernelPath, AgentBin: opts.AgentBin})
 	if err != nil {
 		return nil, err
 	}
-	d.images = newGuestImages(opts.CacheDir, opts.AgentBin, d.log)
+	opts.CacheDir, opts.KernelPath, opts.AgentBin = g.CacheDir, g.KernelPath, g.AgentBin
+	images := vmm.NewGuestImages(opts.CacheDir, opts.AgentBin, opts.Logger.With("driver", "qemu"))
+	d, err := newDriver(opts, images)
+	if err != nil {
+		images.Close()
+		return nil, err
+	}
 	return d, nil
 }
 
 // newDriver is New without the guest package: unit tests pass their own
-// imageMaker.
-func newDriver(opts Options, images imageMaker) (*Driver, error) {
+// images.
+func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 	dir, err := filepath.Abs(opts.StateDir)
 	if err != nil {
 		return nil, fmt.Errorf("qemu driver: resolving state directory: %w", err)
@@ -220,22 +183,16 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		}
 		opts.QEMUPath = p
 	}
-	if p, err := filepath.Abs(opts.QEMUPath); err == nil {
-		opts.QEMUPath = p
+	if opts.QEMUPath, err = vmm.ResolveBinary("qemu", opts.QEMUPath, "qemu"); err != nil {
+		return nil, err
 	}
-	if fi, err := os.Stat(opts.QEMUPath); err != nil || fi.IsDir() {
-		return nil, fmt.Errorf("qemu driver: %s is not a qemu binary: %w", opts.QEMUPath, errdefs.ErrUnavailable)
-	}
-	if fi, err := os.Stat(opts.KernelPath); err != nil || fi.IsDir() {
-		return nil, fmt.Errorf("qemu driver: guest kernel %s missing: run `invokex guest kernel`: %w", opts.KernelPath, errdefs.ErrUnavailable)
+	if err := vmm.CheckKernel("qemu", opts.KernelPath); err != nil {
+		return nil, err
 	}
 	if opts.StopGrace <= 0 {
 		opts.StopGrace = defaultStopGrace
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("qemu driver: creating state directory: %w", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*kvmProbeTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*vmm.KVMProbeTimeout)
 	acc, why, err := chooseAccel(ctx, opts.Accel, opts.QEMUPath)
 	cancel()
 	if err != nil {
@@ -247,17 +204,24 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 			opts.ReadyTimeout = defaultReadyTimeoutKVM
 		}
 	}
+	log := opts.Logger.With("driver", "qemu")
+	host, err := vmm.NewHost[*instance](vmm.Config{
+		Name: "qemu", StateDir: dir, CacheDir: opts.CacheDir, Images: images, Log: log,
+		StopGrace: opts.StopGrace,
+		// QEMU under TCG may take a while to print why it is exiting.
+		ExitWait: time.Second,
+	})
+	if err != nil {
+		return nil, err
+	}
 	d := &Driver{
 		opts:     opts,
-		log:      opts.Logger.With("driver", "qemu"),
+		log:      log,
 		accel:    acc,
 		why:      why,
-		images:   images,
-		fork:     hostproc.NewForker(),
-		hostCPUs: runtime.NumCPU(),
+		host:     host,
 		tscKHz:   hostTSCkHz(),
 		kernelHz: kernelHzOf(opts.KernelPath),
-		slots:    map[int]bool{},
 	}
 	d.setUsers()
 	if acc == accelTCG {
@@ -285,36 +249,10 @@ func (d *Driver) setUsers() {
 		d.vmGroups = []uint32{st.Gid}
 	}
 	if d.opts.UIDBase <= 0 {
-		sum := sha256.Sum256([]byte(d.opts.StateDir))
-		d.opts.UIDBase = 1<<30 + int(binary.BigEndian.Uint16(sum[:2])%4096)*vmSlots
+		d.opts.UIDBase = vmm.DefaultUIDBase(d.opts.StateDir)
 	}
 	if d.asRoot != "" && !d.opts.KeepUser && os.Geteuid() == 0 {
 		d.log.Warn("qemu runs as root", "reason", d.asRoot)
-	}
-}
-
-// takeUID reserves a uid for a new VM (0: the driver's own user).
-func (d *Driver) takeUID() (int, error) {
-	if d.asRoot != "" {
-		return 0, nil
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for n := range vmSlots {
-		if !d.slots[n] {
-			d.slots[n] = true
-			return d.opts.UIDBase + n, nil
-		}
-	}
-	return 0, fmt.Errorf("all %d vm users in use: %w", vmSlots, errdefs.ErrUnavailable)
-}
-
-// releaseUID frees what takeUID reserved.
-func (d *Driver) releaseUID(uid int) {
-	if uid != 0 {
-		d.mu.Lock()
-		delete(d.slots, uid-d.opts.UIDBase)
-		d.mu.Unlock()
 	}
 }
 
@@ -340,169 +278,54 @@ func (d *Driver) Describe() []string {
 // Start builds the instance's disks, boots its VM and waits until the
 // agent inside is ready.
 func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, error) {
-	if err := validate(spec); err != nil {
-		return nil, err
-	}
-	startCtx, cancel := context.WithCancel(ctx)
-	inst := &instance{
-		d:           d,
-		id:          spec.ID,
-		dir:         filepath.Join(d.opts.StateDir, spec.ID),
-		done:        make(chan struct{}),
-		started:     make(chan struct{}),
-		cancelStart: cancel,
-		log:         d.log.With("instance", spec.ID, "function", spec.Function),
-	}
-	uid, err := d.takeUID()
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
-	}
-	inst.uid = uid
-	if err := d.instances.Add(spec.ID, inst); err != nil {
-		d.releaseUID(uid)
-		cancel()
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
-	}
-	err = inst.start(startCtx, spec)
-	cancel()
-	close(inst.started)
-	if err != nil {
-		// A VM that never became ready has nothing to shut down gracefully.
-		if cerr := inst.stopWithGrace(context.WithoutCancel(ctx), 0); cerr != nil {
-			err = errors.Join(err, cerr)
-		}
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
-	}
-	return inst, nil
+	return d.host.Start(ctx, spec, d.newInstance)
 }
-
-func validate(spec driver.Spec) error {
-	if err := spec.Validate(); err != nil {
-		return err
-	}
-	if spec.MemoryMB < minMemoryMB {
-		return errdefs.Invalid("sandbox %s: a vm needs at least %d MB of memory, got %d", spec.ID, minMemoryMB, spec.MemoryMB)
-	}
-	return nil
-}
-
-// minMemoryMB is Lambda's smallest memory size, which the guest kernel
-// and agent fit in with room for a runtime.
-const minMemoryMB = 128
 
 // DetectRuntimes reports the runtimes this driver's images provide; see
 // guest.DetectRuntimes.
 func (d *Driver) DetectRuntimes(ctx context.Context) []*runtimes.Runtime {
-	return guest.DetectRuntimes(ctx, d.opts.CacheDir)
+	return d.host.DetectRuntimes(ctx)
 }
 
 // Prepare builds (or finds cached) the root image of spec's runtime and
 // the code image of its revision, the two disks Start would otherwise
 // build on a cold start; see driver.Preparer.
 func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) error {
-	if spec.Runtime.ID == "" || spec.CodeDir == "" {
-		return errdefs.Invalid("preparing %s: runtime and code directory are required", spec.Function)
-	}
-	rt := spec.Runtime
-	if _, err := d.images.Root(ctx, &rt); err != nil {
-		return fmt.Errorf("preparing the root image of %s: %w", rt.ID, err)
-	}
-	key, err := codeKey(spec)
-	if err != nil {
-		return err
-	}
-	if _, err := d.images.Code(ctx, spec.CodeDir, spec.RuntimeDir, key); err != nil {
-		return fmt.Errorf("preparing the code image of %s: %w", spec.Function, err)
-	}
-	return nil
+	return d.host.Prepare(ctx, spec)
 }
 
 // Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
 func (d *Driver) Stop(ctx context.Context, id string) error {
-	inst, ok := d.instances.Get(id)
-	if !ok {
-		return nil
-	}
-	return inst.stop(ctx)
+	return d.host.Stop(ctx, id)
 }
 
 // Recover kills every QEMU a previous driver on the same StateDir left
 // running (identified by its recorded pid and start time, or, if it
 // crashed before recording them, by QEMU's command line; in both cases
-// only a process running QEMUPath with the instance's -name, so a recycled
-// pid is never hit) and removes the instance directories. It re-adopts nothing (see the package documentation) and
-// always returns an empty slice.
+// only a process running QEMUPath with the instance's -name, so a
+// recycled pid is never hit) and removes the instance directories. It
+// re-adopts nothing (see the package documentation) and always returns
+// an empty slice.
 func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
-	ctx = context.WithoutCancel(ctx)
-	ents, err := os.ReadDir(d.opts.StateDir)
-	if err != nil {
-		return nil, fmt.Errorf("recovering: reading state directory: %w", err)
-	}
-	var errs []error
-	for _, e := range ents {
-		id := e.Name()
-		if !e.IsDir() || d.known(id) {
-			continue
-		}
-		if err := d.removeLeftover(ctx, id); err != nil {
-			errs = append(errs, fmt.Errorf("recovering vm %s: %w", id, err))
-		}
-	}
-	return []driver.Instance{}, errors.Join(errs...)
+	return d.host.Recover(ctx, d.killLeftover)
 }
 
-func (d *Driver) known(id string) bool {
-	_, ok := d.instances.Get(id)
-	return ok
-}
-
-func (d *Driver) removeLeftover(ctx context.Context, id string) error {
-	dir := filepath.Join(d.opts.StateDir, id)
-	rec, err := hostproc.ReadRecord[record](dir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		d.log.Warn("unreadable vm record; removing the directory", "instance", id, "err", err)
-	}
+// killLeftover kills the QEMU of instance id, whose directory is dir.
+func (d *Driver) killLeftover(ctx context.Context, id, dir string) error {
+	rec := vmm.ReadLeftoverRecord[record](d.log, id, dir)
 	qemuPath := d.opts.QEMUPath
-	if rec != nil && rec.QEMU != "" {
-		qemuPath = rec.QEMU
-	}
-	// The pid is recorded right after QEMU starts; a crash in between
-	// leaves a QEMU only Pdeathsig should have killed, found by its name.
-	var pids []int
-	if rec != nil && (hostproc.Proc{PID: rec.PID, StartTime: rec.StartTime}).Running() && isOurQEMU(rec.PID, qemuPath, id) {
-		pids = append(pids, rec.PID)
-	} else {
-		pids = findQEMU(qemuPath, id)
-	}
-	for _, pid := range pids {
-		p, err := hostproc.Lookup(pid)
-		if err != nil {
-			continue
-		}
-		d.log.Info("killing leftover vm", "instance", id, "pid", pid)
-		if err := p.Kill(ctx, func() bool { return isOurQEMU(pid, qemuPath, id) }); err != nil {
-			return err
+	var base *vmm.Record
+	if rec != nil {
+		base = &rec.Record
+		if rec.QEMU != "" {
+			qemuPath = rec.QEMU
 		}
 	}
-	d.log.Info("removing leftover vm", "instance", id)
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("removing state directory: %w", err)
-	}
-	return nil
+	return vmm.KillLeftover(ctx, d.log, id, base, func(pid int) bool { return isOurQEMU(pid, qemuPath, id) })
 }
 
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
-	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
-	// Every instance is gone and no Start can follow: nothing forks any
-	// more.
-	if first {
-		d.fork.Close()
-		if c, ok := d.images.(interface{ close() }); ok {
-			c.close()
-		}
-	}
-	return err
+	return d.host.Close(ctx)
 }

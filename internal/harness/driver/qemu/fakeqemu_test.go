@@ -14,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 )
 
 // fakeQEMUName is the name of the symlink to the test binary that makes it
@@ -28,18 +31,7 @@ func TestMain(m *testing.M) {
 }
 
 // fakeQEMUPath returns a symlink named like QEMU to the test binary.
-func fakeQEMUPath(t *testing.T) string {
-	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(t.TempDir(), fakeQEMUName)
-	if err := os.Symlink(exe, p); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
+func fakeQEMUPath(t *testing.T) string { return vmmtest.FakeBinary(t, fakeQEMUName) }
 
 // fakeQEMU imitates what the driver needs of QEMU: it opens the kernel and
 // the disks, serves QMP on its inherited socket, and on the agent socket
@@ -162,7 +154,7 @@ func fakeQEMU(args []string) int {
 			io.WriteString(c, "NOT-READY\n")
 			return
 		}
-		io.WriteString(c, readyLine+"HELLO")
+		io.WriteString(c, vmm.ReadyLine+"HELLO")
 		if mode == "die" {
 			quit <- struct{}{}
 			return

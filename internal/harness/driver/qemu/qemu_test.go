@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +14,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
+	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 	"github.com/invokex/invokex/internal/protocol"
 	"github.com/invokex/invokex/internal/runtimes"
 )
@@ -68,45 +67,13 @@ func TestDriver(t *testing.T) {
 	})
 }
 
-var agentBuild struct {
-	mu   sync.Mutex
-	path string
-}
-
 // agentPackage is the guest init the suite boots: the agent binary the
 // server runs in every sandbox (vminit.Main when the kernel starts it as
 // /sbin/init).
 const agentPackage = "./cmd/invokex-agent"
 
-// agentBinary builds agentPackage with CGO_ENABLED=0 into the test's
-// temporary directory, or returns the build of an earlier (still running)
-// test or of the parent process.
 func agentBinary(t testing.TB) string {
-	t.Helper()
-	agentBuild.mu.Lock()
-	defer agentBuild.mu.Unlock()
-	for _, p := range []string{agentBuild.path, os.Getenv(agentEnv)} {
-		if p == "" {
-			continue
-		}
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
-	if err != nil {
-		t.Fatalf("locating the module: %v", err)
-	}
-	bin := filepath.Join(t.TempDir(), "invokex-agent")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, agentPackage)
-	cmd.Dir = strings.TrimSpace(string(out))
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the agent: %v\n%s", err, out)
-	}
-	agentBuild.path = bin
-	os.Setenv(agentEnv, bin) // inherited by the crash-helper child
-	return bin
+	return vmmtest.AgentBinary(t, agentPackage, agentEnv, "-trimpath", "-ldflags=-s -w")
 }
 
 // BenchmarkColdStart measures what a cold invocation costs through a VM:

@@ -9,6 +9,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 // qmpClient speaks the QEMU Machine Protocol over a unix socket: JSON
@@ -49,7 +51,7 @@ type qmpMessage struct {
 // dialQMP connects to the QMP socket at path, reads the greeting and
 // leaves capabilities negotiation mode, all bounded by ctx.
 func dialQMP(ctx context.Context, path string) (*qmpClient, error) {
-	conn, err := dialUnix(ctx, path)
+	conn, err := hostproc.DialUnix(ctx, path)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to qmp: %w", err)
 	}

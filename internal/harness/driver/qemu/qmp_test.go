@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 // qmpServer serves the fake QMP on a unix socket and returns its path and
@@ -107,17 +110,23 @@ func TestQMPNoServer(t *testing.T) {
 	}
 }
 
-func TestDialUnixLongPath(t *testing.T) {
+// TestListenUnixLongPath: the sockets QEMU inherits are bound, and
+// reached, however deep the instance directory is.
+func TestListenUnixLongPath(t *testing.T) {
 	dir := t.TempDir()
-	for len(dir) < maxSunPath+10 {
+	for len(dir) < hostproc.MaxSunPath+10 {
 		dir = filepath.Join(dir, "a-rather-long-directory-name")
 	}
-	if err := mkdirAll(dir); err != nil {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	// Listen through the same trick (bind has the limit too).
 	path := filepath.Join(dir, "x.sock")
-	l, err := listenUnixRelative(dir, "x.sock")
+	f, err := listenUnix(path)
+	if err != nil {
+		t.Fatalf("listenUnix(%d-byte path): %v", len(path), err)
+	}
+	l, err := net.FileListener(f)
+	f.Close()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,9 +138,9 @@ func TestDialUnixLongPath(t *testing.T) {
 			c.Close()
 		}
 	}()
-	c, err := dialUnix(context.Background(), path)
+	c, err := hostproc.DialUnix(context.Background(), path)
 	if err != nil {
-		t.Fatalf("dialUnix(%d-byte path): %v", len(path), err)
+		t.Fatalf("DialUnix(%d-byte path): %v", len(path), err)
 	}
 	defer c.Close()
 	b := make([]byte, 1)

@@ -1,62 +1,31 @@
 package qemu
 
 import (
-	"context"
 	"fmt"
-	"net"
 	"os"
-	"path/filepath"
-	"strconv"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
-// maxSunPath is the longest path a unix socket address holds (sun_path is
-// 108 bytes including the terminating NUL).
-const maxSunPath = 107
-
-// dialUnix connects to the unix socket at path. A path too long for
-// sun_path (deep state directories) is reached through its directory's
-// descriptor: /proc/self/fd/N/<name> resolves like the directory itself.
-// QEMU binds its sockets relative to its working directory, the instance
-// directory, so it never meets the limit.
-func dialUnix(ctx context.Context, path string) (net.Conn, error) {
-	var d net.Dialer
-	if len(path) <= maxSunPath {
-		return d.DialContext(ctx, "unix", path)
-	}
-	dir, err := os.OpenFile(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("opening socket directory: %w", err)
-	}
-	defer dir.Close()
-	short := "/proc/self/fd/" + strconv.Itoa(int(dir.Fd())) + "/" + filepath.Base(path)
-	if len(short) > maxSunPath {
-		return nil, fmt.Errorf("socket name %q too long", filepath.Base(path))
-	}
-	return d.DialContext(ctx, "unix", short)
-}
-
-// listenUnix binds a listening unix socket at path (reached through its
-// directory's descriptor when path is too long) and returns it as a file
-// to hand to QEMU. Closing the file leaves the socket's name in place.
+// listenUnix binds a listening unix socket at path (through its
+// directory's descriptor when path is too long for sun_path, see
+// hostproc.SocketAddr) and returns it as a file to hand to QEMU. QEMU
+// serves the socket; the driver binds it so that it exists before QEMU
+// starts (a connection waits in the backlog) and so that QEMU needs no
+// access to the instance directory. Closing the file leaves the socket's
+// name in place.
 func listenUnix(path string) (*os.File, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("creating socket: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), path)
-	name := path
-	if len(path) > maxSunPath {
-		dir, err := os.OpenFile(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			f.Close()
-			return nil, fmt.Errorf("opening socket directory: %w", err)
-		}
-		defer dir.Close()
-		name = "/proc/self/fd/" + strconv.Itoa(int(dir.Fd())) + "/" + filepath.Base(path)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: name}); err != nil {
+	err = hostproc.SocketAddr(path, func(addr string) error {
+		return unix.Bind(fd, &unix.SockaddrUnix{Name: addr})
+	})
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("binding %s: %w", path, err)
 	}
