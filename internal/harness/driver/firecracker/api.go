@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 // apiClient speaks the few requests of Firecracker's API the driver needs
@@ -30,7 +31,7 @@ type apiClient struct {
 func newAPIClient(sockPath string) *apiClient {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return dialUnix(ctx, sockPath)
+			return hostproc.DialUnix(ctx, sockPath)
 		},
 		// One Firecracker serves one client at a time; a kept connection
 		// saves a dial per request.

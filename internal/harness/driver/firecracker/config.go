@@ -3,6 +3,8 @@ package firecracker
 import (
 	"strconv"
 	"strings"
+
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 )
 
 // Names inside the guest, shared with package vminit through the kernel
@@ -13,30 +15,9 @@ const (
 	// VM can use it.
 	guestCID = 3
 	// agentVsockPort is the AF_VSOCK port the guest's agent listens on
-	// (invokex.vsock).
+	// (invokex.vsock); it writes vmm.ReadyLine on a stream it accepts.
 	agentVsockPort = 1024
-	// readyLine is what the guest writes on the stream when its agent is
-	// about to serve; protocol frames follow it.
-	readyLine = "INVOKEX-AGENT-READY\n"
 )
-
-// Lambda gives a function one vCPU's worth of time per 1,769 MB and at
-// most 6 vCPUs (at 10,240 MB). Same rule as the qemu driver.
-const (
-	mbPerVCPU = 1769
-	maxVCPUs  = 6
-)
-
-// vcpusFor derives the vCPU count from the memory size as Lambda does,
-// capped by the host's cores (more vCPUs than cores only adds contention).
-func vcpusFor(memoryMB, hostCPUs int) int {
-	n := (memoryMB + mbPerVCPU - 1) / mbPerVCPU
-	n = min(max(n, 1), maxVCPUs)
-	if hostCPUs > 0 {
-		n = min(n, hostCPUs)
-	}
-	return n
-}
 
 // Files of a VM, relative to the directory Firecracker sees as its own:
 // the instance directory (Firecracker's working directory) or, jailed,
@@ -82,7 +63,7 @@ func (c bootConfig) kernelCmdline() string {
 		"root=/dev/vda", "rootfstype=ext4", "ro", "init=/sbin/init",
 		"invokex.code=/dev/vdb", "invokex.scratch=/dev/vdc",
 		"invokex.vsock=" + strconv.Itoa(agentVsockPort),
-		"invokex.hostname=" + hostname(c.ID),
+		"invokex.hostname=" + vmm.Hostname(c.ID),
 	}
 	if c.ClockUnixMs > 0 {
 		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
@@ -92,9 +73,6 @@ func (c bootConfig) kernelCmdline() string {
 	}
 	return strings.Join(parts, " ")
 }
-
-// hostname is the guest's hostname (at most 64 bytes).
-func hostname(id string) string { return "sandbox-" + id }
 
 // slotString replaces "{slot}" in pattern by the VM's slot number: how
 // Options.TapName and Options.GuestIP name one VM's network.

@@ -14,6 +14,12 @@
 // the vsock device, an entropy device, a network interface when asked
 // for, then InstanceStart. Firecracker runs only under KVM.
 //
+// What every microVM driver shares is package vmm's: the images (the
+// qemu driver's, cached under the same keys, built at deploy by Prepare),
+// the runtimes they provide (DetectRuntimes), records, the console log and
+// the start, stop and recovery sequences. This package has Firecracker's
+// own: its API client, the jailer and its cgroups, and the hybrid vsock.
+//
 // # Files and privileges
 //
 // StateDir/<id>/ (mode 0700, the driver's) holds instance.json (written
@@ -40,23 +46,18 @@ package firecracker
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
-	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
-	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -64,6 +65,9 @@ var (
 	_ driver.Driver    = (*Driver)(nil)
 	_ driver.Closer    = (*Driver)(nil)
 	_ driver.Describer = (*Driver)(nil)
+	_ driver.Preparer  = (*Driver)(nil)
+
+	_ driver.RuntimeDetector = (*Driver)(nil)
 )
 
 // Timeouts of the driver's own steps. They bound cleanup even when the
@@ -129,34 +133,14 @@ type Options struct {
 	GuestIP string
 }
 
-// vmSlots is how many VMs one driver can have at a time.
-const vmSlots = 4096
-
-// imageMaker builds the disks of an instance (package guest in
-// production, fakes in unit tests). Implementations are safe for
-// concurrent use and cache what they can.
-type imageMaker interface {
-	// Root returns the root image of rt (shared, never written).
-	Root(ctx context.Context, rt *runtimes.Runtime) (string, error)
-	// Code returns the image of codeDir and runtimeDir, cached by key.
-	Code(ctx context.Context, codeDir, runtimeDir, key string) (string, error)
-	// Scratch creates an empty writable file system of sizeMB at path.
-	Scratch(ctx context.Context, path string, sizeMB int) error
-}
-
 // Driver is the Firecracker driver. See package driver for the contract.
 type Driver struct {
-	opts     Options
-	log      *slog.Logger
-	images   imageMaker
-	fork     *hostproc.Forker
-	hostCPUs int
-	cgroups  cgroupSetup
+	opts    Options
+	log     *slog.Logger
+	host    *vmm.Host[*instance]
+	cgroups cgroupSetup
 
-	instances hostproc.Table[*instance]
-
-	mu          sync.Mutex   // guards slots, warnedNetwk and warnedCopy
-	slots       map[int]bool // slots in use
+	mu          sync.Mutex // guards warnedNetwk and warnedCopy
 	warnedNetwk bool
 	warnedCopy  bool
 }
@@ -168,45 +152,29 @@ func New(opts Options) (*Driver, error) {
 	if opts.StateDir == "" {
 		return nil, errdefs.Invalid("firecracker driver: state directory is required")
 	}
-	if opts.CacheDir == "" {
-		opts.CacheDir = defaultCacheDir()
+	g, err := vmm.ResolveGuest("firecracker", vmm.GuestFiles{CacheDir: opts.CacheDir, KernelPath: opts.KernelPath, AgentBin: opts.AgentBin})
+	if err != nil {
+		return nil, err
 	}
-	if opts.KernelPath == "" {
-		k, ok := defaultKernel(opts.CacheDir)
-		if !ok {
-			return nil, fmt.Errorf("firecracker driver: no guest kernel in %s: run `invokex guest kernel`: %w",
-				opts.CacheDir, errdefs.ErrUnavailable)
-		}
-		opts.KernelPath = k
-	}
-	if opts.AgentBin == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return nil, fmt.Errorf("firecracker driver: finding own executable: %w", err)
-		}
-		opts.AgentBin = exe
-	}
-	if err := guest.CheckStatic(opts.AgentBin); err != nil {
-		return nil, fmt.Errorf("firecracker driver: agent binary: %w", err)
-	}
-	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err != nil {
+	opts.CacheDir, opts.KernelPath, opts.AgentBin = g.CacheDir, g.KernelPath, g.AgentBin
+	if err := vmm.OpenKVM(); err != nil {
 		return nil, fmt.Errorf("firecracker driver: firecracker needs KVM: %w: %w", err, errdefs.ErrUnavailable)
-	} else {
-		f.Close()
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	d, err := newDriver(opts, &guestImages{cacheDir: opts.CacheDir, agentBin: opts.AgentBin, log: opts.Logger})
+	images := vmm.NewGuestImages(opts.CacheDir, opts.AgentBin, opts.Logger.With("driver", "firecracker"))
+	d, err := newDriver(opts, images)
 	if err != nil {
+		images.Close()
 		return nil, err
 	}
 	return d, nil
 }
 
 // newDriver is New without package guest and the KVM check: unit tests
-// pass their own imageMaker and run a stand-in for Firecracker.
-func newDriver(opts Options, images imageMaker) (*Driver, error) {
+// pass their own images and run a stand-in for Firecracker.
+func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 	dir, err := filepath.Abs(opts.StateDir)
 	if err != nil {
 		return nil, fmt.Errorf("firecracker driver: resolving state directory: %w", err)
@@ -222,11 +190,11 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		}
 		opts.FirecrackerPath = p
 	}
-	if opts.FirecrackerPath, err = resolveBinary(opts.FirecrackerPath, "firecracker"); err != nil {
+	if opts.FirecrackerPath, err = vmm.ResolveBinary("firecracker", opts.FirecrackerPath, "firecracker"); err != nil {
 		return nil, err
 	}
 	if opts.JailerPath != "" {
-		if opts.JailerPath, err = resolveBinary(opts.JailerPath, "jailer"); err != nil {
+		if opts.JailerPath, err = vmm.ResolveBinary("firecracker", opts.JailerPath, "jailer"); err != nil {
 			return nil, err
 		}
 		if !strings.Contains(filepath.Base(opts.FirecrackerPath), "firecracker") {
@@ -239,8 +207,8 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 	} else if opts.NetNS != "" {
 		return nil, fmt.Errorf("firecracker driver: NetNS needs the jailer: %w", errdefs.ErrInvalidParameter)
 	}
-	if fi, err := os.Stat(opts.KernelPath); err != nil || fi.IsDir() {
-		return nil, fmt.Errorf("firecracker driver: guest kernel %s missing: run `invokex guest kernel`: %w", opts.KernelPath, errdefs.ErrUnavailable)
+	if err := vmm.CheckKernel("firecracker", opts.KernelPath); err != nil {
+		return nil, err
 	}
 	if opts.StopGrace <= 0 {
 		opts.StopGrace = defaultStopGrace
@@ -252,20 +220,20 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		opts.CgroupParent = "invokex-firecracker"
 	}
 	if opts.UIDBase <= 0 {
-		sum := sha256.Sum256([]byte(opts.StateDir))
-		opts.UIDBase = 1<<30 + int(binary.BigEndian.Uint16(sum[:2])%4096)*vmSlots
+		opts.UIDBase = vmm.DefaultUIDBase(opts.StateDir)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("firecracker driver: creating state directory: %w", err)
+	log := opts.Logger.With("driver", "firecracker")
+	host, err := vmm.NewHost[*instance](vmm.Config{
+		Name: "firecracker", StateDir: dir, CacheDir: opts.CacheDir, Images: images, Log: log,
+		// Half the grace for the guest after Ctrl-Alt-Del, half for
+		// Firecracker after SIGTERM (see instance.Ask).
+		StopGrace: opts.StopGrace / 2,
+		ExitWait:  100 * time.Millisecond,
+	})
+	if err != nil {
+		return nil, err
 	}
-	d := &Driver{
-		opts:     opts,
-		log:      opts.Logger.With("driver", "firecracker"),
-		images:   images,
-		fork:     hostproc.NewForker(),
-		hostCPUs: runtime.NumCPU(),
-		slots:    map[int]bool{},
-	}
+	d := &Driver{opts: opts, log: log, host: host}
 	if opts.JailerPath != "" {
 		d.cgroups = detectCgroups("/proc/mounts")
 		if d.cgroups.Version == 0 {
@@ -275,37 +243,6 @@ func newDriver(opts Options, images imageMaker) (*Driver, error) {
 		d.log.Warn("firecracker runs as root: set a jailer for a chroot and a user per vm")
 	}
 	return d, nil
-}
-
-// resolveBinary resolves path to an absolute path of an existing file.
-func resolveBinary(path, what string) (string, error) {
-	if p, err := filepath.Abs(path); err == nil {
-		path = p
-	}
-	if fi, err := os.Stat(path); err != nil || fi.IsDir() {
-		return "", fmt.Errorf("firecracker driver: %s is not a %s binary: %w", path, what, errdefs.ErrUnavailable)
-	}
-	return path, nil
-}
-
-// takeSlot reserves a slot (and so a uid and a tap) for a new VM.
-func (d *Driver) takeSlot() (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for n := range vmSlots {
-		if !d.slots[n] {
-			d.slots[n] = true
-			return n, nil
-		}
-	}
-	return 0, fmt.Errorf("all %d vm slots in use: %w", vmSlots, errdefs.ErrUnavailable)
-}
-
-// releaseSlot frees what takeSlot reserved.
-func (d *Driver) releaseSlot(n int) {
-	d.mu.Lock()
-	delete(d.slots, n)
-	d.mu.Unlock()
 }
 
 // Name returns "firecracker".
@@ -328,45 +265,20 @@ func (d *Driver) Describe() []string {
 // Start builds the instance's disks, boots its VM and waits until the
 // agent inside is ready.
 func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, error) {
-	if err := validate(spec); err != nil {
-		return nil, err
-	}
-	startCtx, cancel := context.WithCancel(ctx)
-	inst := &instance{
-		d:           d,
-		id:          spec.ID,
-		dir:         filepath.Join(d.opts.StateDir, spec.ID),
-		done:        make(chan struct{}),
-		started:     make(chan struct{}),
-		cancelStart: cancel,
-		log:         d.log.With("instance", spec.ID, "function", spec.Function),
-	}
-	slot, err := d.takeSlot()
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
-	}
-	inst.slot = slot
-	if err := d.instances.Add(spec.ID, inst); err != nil {
-		d.releaseSlot(slot)
-		cancel()
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
-	}
-	if spec.Network && d.opts.TapName == "" {
-		d.warnOnce(&d.warnedNetwk, "sandbox network requested but no tap is configured: vms get loopback only")
-	}
+	return d.host.Start(ctx, spec, d.newInstance)
+}
 
-	err = inst.start(startCtx, spec)
-	cancel()
-	close(inst.started)
-	if err != nil {
-		// A VM that never became ready has nothing to shut down gracefully.
-		if cerr := inst.stopWithGrace(context.WithoutCancel(ctx), 0); cerr != nil {
-			err = errors.Join(err, cerr)
-		}
-		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
-	}
-	return inst, nil
+// DetectRuntimes reports the runtimes this driver's images provide (the
+// qemu driver's: the same images); see guest.DetectRuntimes.
+func (d *Driver) DetectRuntimes(ctx context.Context) []*runtimes.Runtime {
+	return d.host.DetectRuntimes(ctx)
+}
+
+// Prepare builds (or finds cached) the root image of spec's runtime and
+// the code image of its revision, the two disks Start would otherwise
+// build on a cold start; see driver.Preparer.
+func (d *Driver) Prepare(ctx context.Context, spec driver.Spec) error {
+	return d.host.Prepare(ctx, spec)
 }
 
 // warnOnce logs msg the first time *flag is seen false.
@@ -380,27 +292,9 @@ func (d *Driver) warnOnce(flag *bool, msg string, args ...any) {
 	}
 }
 
-func validate(spec driver.Spec) error {
-	if err := spec.Validate(); err != nil {
-		return err
-	}
-	if spec.MemoryMB < minMemoryMB {
-		return errdefs.Invalid("sandbox %s: a vm needs at least %d MB of memory, got %d", spec.ID, minMemoryMB, spec.MemoryMB)
-	}
-	return nil
-}
-
-// minMemoryMB is Lambda's smallest memory size, which the guest kernel
-// and agent fit in with room for a runtime.
-const minMemoryMB = 128
-
 // Stop destroys the instance; see driver.Driver. Unknown IDs are nil.
 func (d *Driver) Stop(ctx context.Context, id string) error {
-	inst, ok := d.instances.Get(id)
-	if !ok {
-		return nil
-	}
-	return inst.stop(ctx)
+	return d.host.Stop(ctx, id)
 }
 
 // Recover kills every Firecracker a previous driver on the same StateDir
@@ -410,81 +304,34 @@ func (d *Driver) Stop(ctx context.Context, id string) error {
 // cgroups and its instance directory. It re-adopts nothing and always
 // returns an empty slice.
 func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
-	ctx = context.WithoutCancel(ctx)
-	ents, err := os.ReadDir(d.opts.StateDir)
-	if err != nil {
-		return nil, fmt.Errorf("recovering: reading state directory: %w", err)
-	}
-	var errs []error
-	for _, e := range ents {
-		id := e.Name()
-		if !e.IsDir() || d.known(id) {
-			continue
-		}
-		if err := d.removeLeftover(ctx, id); err != nil {
-			errs = append(errs, fmt.Errorf("recovering vm %s: %w", id, err))
-		}
-	}
-	return []driver.Instance{}, errors.Join(errs...)
+	return d.host.Recover(ctx, d.killLeftover)
 }
 
-func (d *Driver) known(id string) bool {
-	_, ok := d.instances.Get(id)
-	return ok
-}
-
-func (d *Driver) removeLeftover(ctx context.Context, id string) error {
-	dir := filepath.Join(d.opts.StateDir, id)
-	rec, err := hostproc.ReadRecord[record](dir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		d.log.Warn("unreadable vm record; removing the directory", "instance", id, "err", err)
-	}
+// killLeftover kills the Firecracker of instance id, whose directory is
+// dir, and removes its cgroups.
+func (d *Driver) killLeftover(ctx context.Context, id, dir string) error {
+	rec := vmm.ReadLeftoverRecord[record](d.log, id, dir)
 	fcPath, jailerPath := d.opts.FirecrackerPath, d.opts.JailerPath
 	var cgroups []string
+	var base *vmm.Record
 	if rec != nil {
+		base = &rec.Record
 		if rec.Firecracker != "" {
 			fcPath, jailerPath = rec.Firecracker, rec.Jailer
 		}
 		cgroups = rec.Cgroups
 	}
-	// The pid is recorded right after the VMM starts; a crash in between
-	// leaves one only Pdeathsig should have killed (and a jailed one
-	// loses Pdeathsig when the jailer drops to its user), found by its
-	// command line.
-	var pids []int
-	if rec != nil && (hostproc.Proc{PID: rec.PID, StartTime: rec.StartTime}).Running() && isOurVMM(rec.PID, fcPath, jailerPath, id) {
-		pids = append(pids, rec.PID)
-	} else {
-		pids = findVMMs(fcPath, jailerPath, id)
-	}
-	for _, pid := range pids {
-		p, err := hostproc.Lookup(pid)
-		if err != nil {
-			continue
-		}
-		d.log.Info("killing leftover vm", "instance", id, "pid", pid)
-		if err := p.Kill(ctx, func() bool { return isOurVMM(pid, fcPath, jailerPath, id) }); err != nil {
-			return err
-		}
-	}
-	if err := removeCgroups(ctx, cgroups); err != nil {
+	// A jailed VMM loses Pdeathsig when the jailer drops to its user, so
+	// one whose pid was never recorded is found by its command line too.
+	isOurs := func(pid int) bool { return isOurVMM(pid, fcPath, jailerPath, id) }
+	if err := vmm.KillLeftover(ctx, d.log, id, base, isOurs); err != nil {
 		return err
 	}
-	d.log.Info("removing leftover vm", "instance", id)
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("removing state directory: %w", err)
-	}
-	return nil
+	return removeCgroups(ctx, cgroups)
 }
 
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
-	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
-	// Every instance is gone and no Start can follow: nothing forks any
-	// more.
-	if first {
-		d.fork.Close()
-	}
-	return err
+	return d.host.Close(ctx)
 }

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 )
 
 // Names of the symlinks to the test binary that make it behave as
@@ -57,6 +59,8 @@ type loggedRequest struct {
 //	slowlisten- closes the first three CONNECTs, then serves
 //	garbage-    sends another line instead of the ready line
 //	stubborn-   ignores Ctrl-Alt-Del, SIGTERM and the stream's end
+//	cad-        ignores the stream's end (a guest whose agent is wedged)
+//	            but reboots on Ctrl-Alt-Del
 //	nocad-      ignores Ctrl-Alt-Del and the stream's end (a guest
 //	            without an i8042 driver whose agent is wedged)
 //	die-        exits 0 right after the ready line
@@ -378,14 +382,14 @@ func (v *fakeVM) agent(c net.Conn) {
 		io.WriteString(c, "NOT-READY\n")
 		select {}
 	}
-	io.WriteString(c, readyLine+"HELLO")
+	io.WriteString(c, vmm.ReadyLine+"HELLO")
 	if v.mode == "die" {
 		v.end(0)
 		return
 	}
 	io.Copy(c, c)
 	// The host closed the stream: the agent exits and vminit ends the VM.
-	if v.mode != "nocad" {
+	if v.mode != "nocad" && v.mode != "cad" {
 		v.end(0)
 	}
 }

@@ -1,24 +1,20 @@
 package firecracker_test
 
 import (
-	"bytes"
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/firecracker"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 )
 
 // Environment of the real tests: where Firecracker (and, to test jailed
@@ -81,83 +77,21 @@ func TestDriver(t *testing.T) {
 	})
 }
 
-// kvmProbeTimeout bounds the probe VM.
-const kvmProbeTimeout = 10 * time.Second
-
 // probeKVM reports whether KVM runs a standard x86 guest: nil if so,
-// else why not. /dev/kvm opening is not enough: nested under some
-// hypervisors it creates VMs and then refuses the MSRs every guest needs.
-// Like the qemu driver's probe (qemu/accel.go), it starts a paused QEMU
-// microvm with -accel kvm and asks it to quit: QEMU resets the vCPUs
-// before serving QMP, which is where an unusable KVM fails. Without QEMU
-// only the device is checked, and Firecracker's own failure will say the
-// rest.
+// else why not (see vmm.ProbeKVM). Without QEMU only the device is
+// checked, and Firecracker's own failure will say the rest.
 func probeKVM() error {
-	fd, err := unix.Open("/dev/kvm", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("opening /dev/kvm: %w", err)
+	if err := vmm.OpenKVM(); err != nil {
+		return err
 	}
-	unix.Close(fd)
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	if err != nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), kvmProbeTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, qemu,
-		"-M", "microvm,x-option-roms=off,rtc=off,acpi=off",
-		"-accel", "kvm", "-cpu", "host", "-m", "16M",
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-S", "-qmp", "stdio")
-	cmd.Stdin = strings.NewReader(`{"execute":"qmp_capabilities"}` + "\n" + `{"execute":"quit"}` + "\n")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	cmd.WaitDelay = time.Second
-	if err := cmd.Run(); err != nil {
-		msg, _, _ := strings.Cut(strings.TrimSpace(stderr.String()), "\n")
-		if msg == "" {
-			msg = "no message"
-		}
-		return fmt.Errorf("a kvm test vm failed (%v): %s", err, msg)
-	}
-	return nil
-}
-
-var agentBuild struct {
-	mu   sync.Mutex
-	path string
+	return vmm.ProbeKVM(context.Background(), qemu)
 }
 
 // agentPackage is the guest init the suite boots.
 const agentPackage = "./internal/harness/driver/firecracker/testdata/agent"
 
-// agentBinary builds agentPackage with CGO_ENABLED=0 into the test's
-// temporary directory, or returns the build of an earlier test or of the
-// parent process.
-func agentBinary(t testing.TB) string {
-	t.Helper()
-	agentBuild.mu.Lock()
-	defer agentBuild.mu.Unlock()
-	for _, p := range []string{agentBuild.path, os.Getenv(agentEnv)} {
-		if p == "" {
-			continue
-		}
-		if _, err := os.Stat(p); err == nil {
-			return p
-		}
-	}
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
-	if err != nil {
-		t.Fatalf("locating the module: %v", err)
-	}
-	bin := filepath.Join(t.TempDir(), "invokex-agent")
-	cmd := exec.Command("go", "build", "-o", bin, agentPackage)
-	cmd.Dir = strings.TrimSpace(string(out))
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the agent: %v\n%s", err, out)
-	}
-	agentBuild.path = bin
-	os.Setenv(agentEnv, bin) // inherited by the crash-helper child
-	return bin
-}
+func agentBinary(t testing.TB) string { return vmmtest.AgentBinary(t, agentPackage, agentEnv) }

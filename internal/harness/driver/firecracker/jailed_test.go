@@ -13,6 +13,7 @@ import (
 
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
+	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 )
 
 // jailedEnv is a fakeEnv whose VMs go through the stand-in jailer, with a
@@ -22,7 +23,7 @@ func jailedEnv(t *testing.T) (*fakeEnv, string) {
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: the jailer needs root")
 	}
-	jailer := fakeBinary(t, fakeJailerName)
+	jailer := vmmtest.FakeBinary(t, fakeJailerName)
 	parent := "invokex-fctest-" + strconv.Itoa(os.Getpid())
 	e := newFakeEnv(t, func(o *Options) {
 		o.JailerPath = jailer
@@ -46,7 +47,7 @@ func TestJailedStartStop(t *testing.T) {
 	e, parent := jailedEnv(t)
 	inst := startFake(t, e, "ok-jail")
 	j := inst.jail
-	if j == nil || inst.root != filepath.Join(e.stateDir, "ok-jail", "jail", "firecracker", "ok-jail", "root") {
+	if j == nil || inst.root != filepath.Join(e.StateDir, "ok-jail", "jail", "firecracker", "ok-jail", "root") {
 		t.Fatalf("jail %+v, root %s", j, inst.root)
 	}
 	b, err := os.ReadFile(filepath.Join(inst.root, fakeJailerArgs))
@@ -60,8 +61,8 @@ func TestJailedStartStop(t *testing.T) {
 	}
 	// The images are in the chroot: hard links into the cache (one file
 	// system here), and the scratch disk belongs to the VM's user.
-	rt := e.spec("x").Runtime
-	rootSrc, _ := e.images.Root(context.Background(), &rt)
+	rt := e.Spec("x").Runtime
+	rootSrc, _ := e.Images.Root(context.Background(), &rt)
 	a, _ := os.Stat(rootSrc)
 	if c, err := os.Stat(filepath.Join(inst.root, rootImage)); err != nil || !os.SameFile(a, c) {
 		t.Errorf("root image in the jail is not a link of the cache's: %v", err)
@@ -87,7 +88,7 @@ func TestJailedStartStop(t *testing.T) {
 			t.Errorf("%s names %q, want the chroot's %q", p, paths[p], want)
 		}
 	}
-	rec, _ := hostproc.ReadRecord[record](inst.dir)
+	rec, _ := hostproc.ReadRecord[record](inst.Dir())
 	if rec == nil || rec.Jailer != e.d.opts.JailerPath || rec.UID != j.UID || len(rec.Cgroups) != len(inst.cgroups) || rec.Root != inst.root {
 		t.Errorf("record %+v does not describe the jailed vm", rec)
 	}
@@ -117,17 +118,17 @@ func TestJailedStartStop(t *testing.T) {
 func TestJailedRecover(t *testing.T) {
 	e, _ := jailedEnv(t)
 	inst := startFake(t, e, "ok-jrec")
-	rec, err := hostproc.ReadRecord[record](inst.dir)
+	rec, err := hostproc.ReadRecord[record](inst.Dir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	rec.PID, rec.StartTime = 0, 0
-	hostproc.WriteRecord(inst.dir, rec)
+	hostproc.WriteRecord(inst.Dir(), rec)
 	// A process the VM left in its cgroups (with the jailer's
 	// --new-pid-ns, Firecracker itself is one the command line misses).
 	var stray *int
 	if len(inst.cgroups) > 0 {
-		sl := startSleeper(t)
+		sl := vmmtest.StartSleeper(t)
 		for _, dir := range inst.cgroups {
 			if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(sl.Process.Pid)), 0); err != nil {
 				t.Fatal(err)
@@ -135,12 +136,8 @@ func TestJailedRecover(t *testing.T) {
 		}
 		stray = &sl.Process.Pid
 	}
-	d2, err := newDriver(Options{StateDir: e.stateDir, FirecrackerPath: e.fc, JailerPath: e.d.opts.JailerPath,
-		KernelPath: e.kernel, CgroupParent: e.d.opts.CgroupParent, Logger: hostproctest.Logger(t)}, e.images)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d2.Close(context.Background())
+	d2 := newTestDriver(t, Options{StateDir: e.StateDir, FirecrackerPath: e.fc, JailerPath: e.d.opts.JailerPath,
+		KernelPath: e.Kernel, CgroupParent: e.d.opts.CgroupParent, Logger: hostproctest.Logger(t)}, e.Images)
 	if _, err := d2.Recover(context.Background()); err != nil {
 		t.Fatalf("Recover: %v", err)
 	}
@@ -149,7 +146,7 @@ func TestJailedRecover(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Errorf("the jailed vm survived Recover")
 	}
-	if stray != nil && pidAlive(*stray) {
+	if stray != nil && vmmtest.PIDAlive(*stray) {
 		t.Errorf("a process in the vm's cgroups survived Recover")
 	}
 	assertGone(t, e, "ok-jrec", inst.PID(), inst.cgroups...)
@@ -162,7 +159,7 @@ func TestJailedRecover(t *testing.T) {
 // leaves no cgroup, process or directory behind.
 func TestJailedStartFailure(t *testing.T) {
 	e, parent := jailedEnv(t)
-	_, err := e.d.Start(context.Background(), e.spec("apifail-j"))
+	_, err := e.d.Start(context.Background(), e.Spec("apifail-j"))
 	if err == nil || !strings.Contains(err.Error(), "fake failure of code") {
 		t.Fatalf("Start = %v, want the refusal", err)
 	}

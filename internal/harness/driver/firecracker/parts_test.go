@@ -3,7 +3,6 @@ package firecracker
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -16,16 +15,6 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 )
-
-func TestVCPUsFor(t *testing.T) {
-	for _, c := range []struct{ mb, cpus, want int }{
-		{128, 8, 1}, {1769, 8, 1}, {1770, 8, 2}, {10240, 8, 6}, {10240, 2, 2}, {4000, 0, 3},
-	} {
-		if got := vcpusFor(c.mb, c.cpus); got != c.want {
-			t.Errorf("vcpusFor(%d, %d) = %d, want %d", c.mb, c.cpus, got, c.want)
-		}
-	}
-}
 
 func TestKernelCmdline(t *testing.T) {
 	got := bootConfig{ID: "a-1", ClockUnixMs: 1700000000123, IP: "10.0.0.2::10.0.0.1:255.255.255.0::eth0:off"}.kernelCmdline()
@@ -274,39 +263,5 @@ func TestAPIErrors(t *testing.T) {
 	gone := newAPIClient(filepath.Join(t.TempDir(), "absent.sock"))
 	if err := gone.putEntropy(ctx); !errors.Is(err, errdefs.ErrUnavailable) || isAPIError(err) {
 		t.Errorf("no firecracker: %v, want ErrUnavailable that is not an APIError", err)
-	}
-}
-
-// TestDialLongPath: sockets whose path exceeds sun_path are reached
-// through their directory's descriptor.
-func TestDialLongPath(t *testing.T) {
-	dir := t.TempDir()
-	deep := filepath.Join(dir, strings.Repeat("d", 60), strings.Repeat("e", 60))
-	if err := os.MkdirAll(deep, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	fd, err := os.Open(deep)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fd.Close()
-	l, err := net.Listen("unix", fmt.Sprintf("/proc/self/fd/%d/s.sock", fd.Fd()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		if c, err := l.Accept(); err == nil {
-			io.WriteString(c, "hi")
-			c.Close()
-		}
-	}()
-	c, err := dialUnix(context.Background(), filepath.Join(deep, "s.sock"))
-	if err != nil {
-		t.Fatalf("dialUnix(%d-byte path): %v", len(deep)+8, err)
-	}
-	defer c.Close()
-	if b, _ := io.ReadAll(c); string(b) != "hi" {
-		t.Errorf("read %q", b)
 	}
 }

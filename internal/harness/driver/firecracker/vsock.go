@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 // Backoff between attempts to reach the guest's agent: the guest listens
@@ -67,7 +69,7 @@ func (e *handshakeError) Error() string {
 }
 
 func connectOnce(ctx context.Context, udsPath string, port uint32) (net.Conn, error) {
-	conn, err := dialUnix(ctx, udsPath)
+	conn, err := hostproc.DialUnix(ctx, udsPath)
 	if err != nil {
 		return nil, err
 	}
