@@ -66,15 +66,7 @@ func newFakeEnv(t *testing.T, mutate ...func(*Options)) *fakeEnv {
 func newTestDriver(t *testing.T, opts Options, images *vmmtest.FakeImages) *Driver {
 	t.Helper()
 	d, err := newDriver(opts, images)
-	if err != nil {
-		t.Fatalf("newDriver: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := d.Close(context.Background()); err != nil {
-			t.Errorf("Close: %v", err)
-		}
-	})
-	return d
+	return vmmtest.Opened(t, d, err)
 }
 
 func startFake(t *testing.T, e *fakeEnv, id string) *instance {

@@ -180,7 +180,7 @@ func TestHostStartStop(t *testing.T) {
 	if err != nil || rec.PID != a.PID() || rec.StartTime == 0 {
 		t.Errorf("record %+v, %v; want pid %d", rec, err, a.PID())
 	}
-	if got, ok := h.Get("a"); !ok || got != a {
+	if got, ok := h.instances.Get("a"); !ok || got != a {
 		t.Errorf("Get(a) = %v, %v", got, ok)
 	}
 	if err := h.Stop(ctx, "a"); err != nil {
@@ -218,7 +218,7 @@ func TestHostBootFailure(t *testing.T) {
 	if v.asked.Load() != 0 {
 		t.Errorf("a failed boot was asked to exit")
 	}
-	if _, ok := h.Get("f-1"); ok {
+	if _, ok := h.instances.Get("f-1"); ok {
 		t.Errorf("a failed boot is still registered")
 	}
 	h.bootErr = nil

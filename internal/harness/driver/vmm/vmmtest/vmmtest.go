@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/runtimes"
@@ -67,6 +68,21 @@ func (f *FakeImages) Scratch(ctx context.Context, path string, sizeMB int) error
 	}
 	defer fh.Close()
 	return fh.Truncate(int64(sizeMB) << 20)
+}
+
+// Opened returns d, a driver just made (t fails at once on err), and
+// closes it when t ends, failing t if Close fails.
+func Opened[D driver.Closer](t testing.TB, d D, err error) D {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("making the driver: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := d.Close(context.Background()); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return d
 }
 
 // FakeBinary returns a symlink named name to the test binary, in a
