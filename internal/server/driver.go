@@ -15,6 +15,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/firecracker"
 	"github.com/invokex/invokex/internal/harness/driver/process"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 )
 
 // newDriver creates the sandbox driver cfg.Driver names. "auto" picks the
@@ -37,7 +38,7 @@ func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver
 	case "firecracker":
 		return newFirecrackerDriver(cfg, agent, dlog)
 	case "auto":
-		if why := firecrackerMissing(cfg, agent); why != "" {
+		if why := firecrackerMissing(ctx, cfg, agent); why != "" {
 			log.Info("driver auto: not firecracker", "reason", why)
 		} else if d, err := newFirecrackerDriver(cfg, agent, dlog); err != nil {
 			log.Warn("driver auto: firecracker unusable", "err", err)
@@ -103,8 +104,9 @@ func qemuMissing(agent string) string {
 
 // firecrackerMissing says why auto cannot use Firecracker here ("" if it
 // can try): it needs a firecracker binary, a guest kernel, a static agent
-// and /dev/kvm (firecracker.New opens it).
-func firecrackerMissing(cfg Config, agent string) string {
+// and a /dev/kvm that runs a standard guest (probed with QEMU where it is
+// installed: some nested hosts open /dev/kvm and then refuse every guest).
+func firecrackerMissing(ctx context.Context, cfg Config, agent string) string {
 	if cfg.FirecrackerPath == "" {
 		if _, err := exec.LookPath("firecracker"); err != nil {
 			return "no firecracker binary in PATH"
@@ -115,6 +117,14 @@ func firecrackerMissing(cfg Config, agent string) string {
 	}
 	if err := guest.CheckStatic(agent); err != nil {
 		return "agent binary cannot be a VM's init: " + err.Error()
+	}
+	if err := vmm.OpenKVM(); err != nil {
+		return err.Error()
+	}
+	if q, err := exec.LookPath("qemu-system-x86_64"); err == nil {
+		if err := vmm.ProbeKVM(ctx, q); err != nil {
+			return "KVM cannot run a standard guest here: " + err.Error()
+		}
 	}
 	return ""
 }
