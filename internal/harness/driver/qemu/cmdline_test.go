@@ -28,7 +28,7 @@ func TestArgsTCG(t *testing.T) {
 	}
 	a := c.args()
 	for flag, want := range map[string]string{
-		"-name": "invokex-abc-1", "-accel": "tcg", "-cpu": "max", "-m": "256M", "-smp": "1",
+		"-name": "invokex-abc-1", "-accel": "tcg,tb-size=16", "-cpu": "max", "-m": "256M", "-smp": "1",
 		"-kernel": "/proc/self/fd/5", "-mon": "chardev=qmp,mode=control",
 		"-M": "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
 	} {
@@ -45,11 +45,13 @@ func TestArgsTCG(t *testing.T) {
 	if !slices.Equal(drives, wantDrives) {
 		t.Errorf("drives = %q, want %q", drives, wantDrives)
 	}
-	// Disks in the order vda, vdb, vdc; then rng and the serial port.
+	// Disks in the order vda, vdb, vdc; then rng, the balloon (free page
+	// reporting) and the serial port.
 	devs := argValues(a, "-device")
 	wantDevs := []string{
 		"virtio-blk-device,drive=root", "virtio-blk-device,drive=code", "virtio-blk-device,drive=scratch",
-		"virtio-rng-device", "virtio-serial-device", "virtserialport,chardev=agent,name=invokex.agent",
+		"virtio-rng-device", "virtio-balloon-device,free-page-reporting=on",
+		"virtio-serial-device", "virtserialport,chardev=agent,name=invokex.agent",
 	}
 	if !slices.Equal(devs, wantDevs) {
 		t.Errorf("devices = %q, want %q", devs, wantDevs)

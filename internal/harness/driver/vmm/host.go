@@ -226,6 +226,9 @@ func (h *Host[M]) DetectRuntimes(ctx context.Context) []*runtimes.Runtime {
 	return guest.DetectRuntimes(ctx, h.cfg.CacheDir)
 }
 
+// Get returns the running machine id.
+func (h *Host[M]) Get(id string) (M, bool) { return h.instances.Get(id) }
+
 // Stop destroys machine id with the configured grace; see driver.Driver.
 // Unknown IDs are nil.
 func (h *Host[M]) Stop(ctx context.Context, id string) error {

@@ -215,6 +215,22 @@ func (i *Instance) AwaitAgent(ctx context.Context, what string, dial func(contex
 	return i.awaitReady(ctx, conn)
 }
 
+// AttachAgent connects to an agent that is already serving (a VM restored
+// from a snapshot: its agent sent its ReadyLine before the snapshot and
+// waits for a frame) and makes the connection the instance's Conn; no
+// ReadyLine is read. ctx bounds the dial.
+func (i *Instance) AttachAgent(ctx context.Context, what string, dial func(context.Context) (net.Conn, error)) error {
+	conn, err := dial(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return i.ReadyErr(ctx, what)
+		}
+		return i.WithOutput(fmt.Errorf("%s: %w", what, err))
+	}
+	i.conn = conn
+	return nil
+}
+
 // awaitReady makes conn the instance's Conn and reads the guest's
 // ReadyLine from it, byte by byte so that no byte of the protocol that
 // follows is consumed.
