@@ -28,6 +28,8 @@ type envInput struct {
 	Runtime   *runtimes.Runtime
 	Region    string
 	LogStream string
+	// InitType is AWS_LAMBDA_INITIALIZATION_TYPE; default on-demand.
+	InitType string
 }
 
 // buildEnv returns the runtime's complete environment as KEY=VALUE: Lambda's
@@ -47,6 +49,10 @@ func buildEnv(in envInput) []string {
 	if memory == 0 {
 		memory = function.DefaultMemory
 	}
+	initType := in.InitType
+	if initType == "" {
+		initType = initTypeOnDemand
+	}
 	base := [][2]string{
 		{"_HANDLER", fn.Handler},
 		{"AWS_LAMBDA_RUNTIME_API", runtimeAPIHolder},
@@ -55,7 +61,7 @@ func buildEnv(in envInput) []string {
 		{"AWS_LAMBDA_FUNCTION_NAME", fn.Name},
 		{"AWS_LAMBDA_FUNCTION_VERSION", version},
 		{"AWS_LAMBDA_FUNCTION_MEMORY_SIZE", strconv.Itoa(memory)},
-		{"AWS_LAMBDA_INITIALIZATION_TYPE", initTypeOnDemand},
+		{"AWS_LAMBDA_INITIALIZATION_TYPE", initType},
 		{"AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/" + fn.Name},
 		{"AWS_LAMBDA_LOG_STREAM_NAME", in.LogStream},
 		{"AWS_REGION", in.Region},

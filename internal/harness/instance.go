@@ -205,8 +205,9 @@ func (i *instance) shutdown() {
 	_, _ = i.exchange(ctx, protocol.TypeShutdown, protocol.Shutdown{}, nil, protocol.TypeShutdownDone, shutdownGrace)
 }
 
-// initMessage builds the Init frame for a cold start.
-func (h *Harness) initMessage(req *InvokeRequest, logStream string) protocol.Init {
+// initMessage builds the Init frame for a cold start (initType
+// on-demand) or a snapshot's INIT (snap-start).
+func (h *Harness) initMessage(req *InvokeRequest, logStream, initType string) protocol.Init {
 	fn := req.Function
 	return protocol.Init{
 		FunctionName:    fn.Name,
@@ -215,13 +216,13 @@ func (h *Harness) initMessage(req *InvokeRequest, logStream string) protocol.Ini
 		MemoryMB:        fn.MemorySize,
 		TimeoutSec:      fn.Timeout,
 		Command:         append([]string(nil), req.Runtime.Bootstrap...),
-		Env:             buildEnv(envInput{Function: fn, Runtime: req.Runtime, Region: h.cfg.Region, LogStream: logStream}),
+		Env:             buildEnv(envInput{Function: fn, Runtime: req.Runtime, Region: h.cfg.Region, LogStream: logStream, InitType: initType}),
 		Dir:             taskRoot,
 		UID:             h.cfg.SandboxUID,
 		GID:             h.cfg.SandboxGID,
 		InitTimeoutMs:   initTimeout.Milliseconds(),
 		LogLimit:        invocation.MaxLogBytes,
-		InitType:        initTypeOnDemand,
+		InitType:        initType,
 		HostUnixNano:    h.now().UnixNano(),
 	}
 }
@@ -292,7 +293,7 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 
 	i.logStream = logStreamName(h.now(), fn.Version)
 	t1 := time.Now()
-	f, err := i.exchange(ctx, protocol.TypeInit, h.initMessage(req, i.logStream), nil, protocol.TypeInitDone, initTimeout+safetyMargin)
+	f, err := i.exchange(ctx, protocol.TypeInit, h.initMessage(req, i.logStream, initTypeOnDemand), nil, protocol.TypeInitDone, initTimeout+safetyMargin)
 	i.initTook = time.Since(t1)
 	if err != nil {
 		h.destroy(i, "init failed", false)

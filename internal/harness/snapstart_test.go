@@ -129,7 +129,7 @@ func TestSnapStartRestoresInsteadOfInit(t *testing.T) {
 	for _, in := range sd.allInits() {
 		snapInit = in
 	}
-	if snapInit.InitType != initTypeSnapStart {
+	if snapInit.InitType != initTypeSnapStart || envValue(snapInit.Env, "AWS_LAMBDA_INITIALIZATION_TYPE") != initTypeSnapStart {
 		t.Fatalf("snapshot INIT type %q, want %q", snapInit.InitType, initTypeSnapStart)
 	}
 	// Idempotent: a second call takes no second snapshot.

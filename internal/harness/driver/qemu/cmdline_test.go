@@ -177,3 +177,14 @@ func TestArgsNetwork(t *testing.T) {
 		t.Errorf("kernel command line lacks %s: %s", want, c.kernelCmdline())
 	}
 }
+
+func TestArgsIncoming(t *testing.T) {
+	c := vmConfig{ID: "r", Accel: accelTCG, MemoryMB: 128, VCPUs: 1}
+	if got := argValues(c.args(), "-incoming"); len(got) != 0 {
+		t.Errorf("a fresh boot waits for a migration: %q", got)
+	}
+	c.Incoming = true
+	if got := argValues(c.args(), "-incoming"); len(got) != 1 || got[0] != "defer" {
+		t.Errorf("-incoming = %q, want [defer]", got)
+	}
+}

@@ -22,6 +22,11 @@ type instance struct {
 	d *Driver
 	// uid is the user QEMU runs as (0: the driver's own).
 	uid int
+	// from is the snapshot a restored VM boots from (nil: a fresh boot).
+	from *snapSource
+	// cfg and disks are what the VM was launched with, for Snapshot.
+	cfg      vmConfig
+	launched vmDisks
 }
 
 var _ vmm.Machine = (*instance)(nil)
@@ -39,6 +44,9 @@ func (d *Driver) newInstance(base *vmm.Instance) *instance {
 // Boot records the VM, makes its disks, starts QEMU and waits until the
 // agent inside is ready; see vmm.Machine.
 func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
+	if i.from != nil {
+		return i.bootRestored(ctx, spec)
+	}
 	d := i.d
 	rec := &record{Record: vmm.NewRecord(spec), QEMU: d.opts.QEMUPath, AgentSocket: agentSock, QMPSocket: qmpSock}
 	rec.UID = i.uid
@@ -56,7 +64,7 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 		Network: spec.Network,
 	}
 	launched := time.Now()
-	if err := i.launch(cfg, disks, &rec.Record); err != nil {
+	if err := i.launch(cfg, disks, &rec.Record, nil); err != nil {
 		return err
 	}
 	if err := i.Record(rec); err != nil {
@@ -69,9 +77,9 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	return nil
 }
 
-// vmDisks are an instance's images.
+// vmDisks are an instance's kernel and images.
 type vmDisks struct {
-	root, code, scratch string
+	kernel, root, code, scratch string
 }
 
 // disks makes the root, code and scratch images.
@@ -88,14 +96,16 @@ func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmDisks, error)
 			return vmDisks{}, fmt.Errorf("handing the scratch image to the vm user: %w", err)
 		}
 	}
-	return vmDisks{root: root, code: code, scratch: scratch}, nil
+	return vmDisks{kernel: i.d.opts.KernelPath, root: root, code: code, scratch: scratch}, nil
 }
 
 // launch binds the instance's sockets, opens its kernel and disks and
-// starts QEMU with them as inherited descriptors, as the instance's own
-// unprivileged user when the driver is root.
-func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record) error {
+// starts QEMU with them as inherited descriptors (then state, if not nil,
+// as fdState), as the instance's own unprivileged user when the driver is
+// root.
+func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record, state *os.File) error {
 	d := i.d
+	i.cfg, i.launched = cfg, disks
 	var files []*os.File
 	defer func() {
 		// QEMU has its copies; the driver's would keep a dead VM's
@@ -111,7 +121,7 @@ func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record) error {
 		}
 		files = append(files, f)
 	}
-	for _, p := range []string{d.opts.KernelPath, disks.root, disks.code} {
+	for _, p := range []string{disks.kernel, disks.root, disks.code} {
 		f, err := os.Open(p)
 		if err != nil {
 			return fmt.Errorf("opening vm image: %w", err)
@@ -123,10 +133,13 @@ func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record) error {
 		return fmt.Errorf("opening scratch image: %w", err)
 	}
 	files = append(files, f)
+	if state != nil {
+		files = append(files, state)
+	}
 
 	cfg.ClockUnixMs = time.Now().UnixMilli()
 	cmd := exec.Command(d.opts.QEMUPath, cfg.args()...)
-	cmd.ExtraFiles = files // fdAgent, fdQMP, fdKernel, fdRoot, fdCode, fdScratch
+	cmd.ExtraFiles = files // fdAgent, fdQMP, fdKernel, fdRoot, fdCode, fdScratch[, fdState]
 	// QEMU needs nothing of the harness's directory or environment.
 	cmd.Dir = "/"
 	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}

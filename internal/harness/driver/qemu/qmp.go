@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
@@ -119,6 +122,11 @@ func (c *qmpClient) roundTrip(command string, args, out any) error {
 	if _, err := c.conn.Write(append(b, '\n')); err != nil {
 		return fmt.Errorf("sending qmp %s: %w", command, err)
 	}
+	return c.readReturn(command, out)
+}
+
+// readReturn reads the answer to command, skipping events.
+func (c *qmpClient) readReturn(command string, out any) error {
 	for {
 		m, err := c.next()
 		if err != nil {
@@ -165,4 +173,53 @@ func (c *qmpClient) withDeadline(ctx context.Context, fn func() error) error {
 		return fmt.Errorf("%w (%w)", context.Cause(ctx), err)
 	}
 	return err
+}
+
+// GetFD hands f to QEMU under name (QMP getfd: the descriptor travels as
+// SCM_RIGHTS with the command), for commands that take "fd:name".
+func (c *qmpClient) GetFD(ctx context.Context, name string, f *os.File) error {
+	uc, ok := c.conn.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("qmp getfd: not a unix socket")
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.withDeadline(ctx, func() error {
+		b, err := json.Marshal(map[string]any{"execute": "getfd", "arguments": map[string]string{"fdname": name}})
+		if err != nil {
+			return err
+		}
+		if _, _, err := uc.WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(f.Fd())), nil); err != nil {
+			return fmt.Errorf("sending qmp getfd: %w", err)
+		}
+		return c.readReturn("getfd", nil)
+	})
+}
+
+// migrationStatus is query-migrate's answer (the part the driver reads).
+type migrationStatus struct {
+	Status    string `json:"status"`
+	ErrorDesc string `json:"error-desc"`
+}
+
+// AwaitMigration polls query-migrate until the migration (outgoing or
+// incoming) has completed, failed or ctx ends.
+func (c *qmpClient) AwaitMigration(ctx context.Context) error {
+	for {
+		var st migrationStatus
+		if err := c.Execute(ctx, "query-migrate", nil, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("migration still %q: %w", st.Status, context.Cause(ctx))
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }
