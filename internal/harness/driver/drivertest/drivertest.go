@@ -104,6 +104,7 @@ func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir s
 		{"StopIdempotent", s.testStopIdempotent},
 		{"StopWhileBusy", s.testStopWhileBusy},
 		{"RecoverAfterCrash", s.testRecoverAfterCrash},
+		{"Snapshot", s.testSnapshot},
 	}
 	for name := range opts.Unsupported {
 		known := false

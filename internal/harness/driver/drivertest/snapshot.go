@@ -1,0 +1,84 @@
+package drivertest
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/protocol"
+)
+
+// testSnapshot is the conformance of driver.Snapshotter (SnapStart): an
+// initialised instance is saved and two instances restored from the save
+// answer as the original would, each with randomness of its own once the
+// harness's Restore has renewed it; a missing snapshot is ErrNotFound.
+// Drivers that take no snapshots skip it.
+func (s *suite) testSnapshot(t *testing.T) {
+	e := s.env(t)
+	sn, ok := e.d.(driver.Snapshotter)
+	if !ok {
+		t.Skipf("skipping: the %s driver takes no snapshots", e.d.Name())
+	}
+	spec := e.spec()
+	orig := e.start(t, spec)
+	orig.init()
+	dir := filepath.Join(t.TempDir(), "snap")
+	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StartTimeout)
+	defer cancel()
+	if err := sn.Snapshot(ctx, spec.ID, dir); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("snapshot directory: %v", err)
+	}
+
+	seen := map[string]bool{}
+	for k := 0; k < 2; k++ {
+		rs := e.spec()
+		inst, err := sn.Restore(ctx, rs, dir)
+		if err != nil {
+			t.Fatalf("Restore %d: %v", k, err)
+		}
+		t.Cleanup(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
+			defer cancel()
+			if err := e.d.Stop(sctx, rs.ID); err != nil {
+				t.Errorf("Stop(%s): %v", rs.ID, err)
+			}
+		})
+		sb := e.sandbox(t, rs, inst)
+		seed := make([]byte, 32)
+		_, _ = rand.Read(seed)
+		if err := sb.conn.WriteFrame(protocol.TypeRestore, protocol.Restore{Seed: seed, Hostname: "sandbox-" + rs.ID}); err != nil {
+			t.Fatalf("sending Restore: %v", err)
+		}
+		var done protocol.RestoreDone
+		if err := sb.read(protocol.TypeRestoreDone).Decode(&done); err != nil || done.Error != nil {
+			t.Fatalf("RestoreDone: %+v %v", done.Error, err)
+		}
+		var o outcome
+		sb.call(map[string]any{"action": "random", "n": 16}, &o)
+		if len(o.Data) != 32 || seen[o.Data] {
+			t.Fatalf("restore %d drew %q (seen before: %v)", k, o.Data, seen[o.Data])
+		}
+		seen[o.Data] = true
+		var echo struct {
+			Facts struct {
+				Hostname string `json:"hostname"`
+			} `json:"facts"`
+		}
+		sb.call(map[string]any{"action": "echo"}, &echo)
+		if echo.Facts.Hostname != "sandbox-"+rs.ID {
+			t.Errorf("restored hostname %q, want %q", echo.Facts.Hostname, "sandbox-"+rs.ID)
+		}
+	}
+
+	if _, err := sn.Restore(ctx, e.spec(), filepath.Join(t.TempDir(), "none")); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("Restore from no snapshot: %v, want ErrNotFound", err)
+	}
+}
