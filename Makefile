@@ -22,7 +22,7 @@ bench: build
 
 # The same suite with every function in a QEMU microVM (docs/benchmarks-qemu.md).
 bench-qemu: build
-	bin/invokex bench --runs 500 --cold-starts 50 --instances 8 --driver qemu
+	bin/invokex bench --runs 500 --cold-starts 50 --instances 8 --concurrency 1,8 --driver qemu
 
 # The microVM guest kernel (cached; minutes the first time).
 kernel:

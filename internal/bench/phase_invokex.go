@@ -555,7 +555,10 @@ func (r *runner) runScaleToZero(ctx context.Context) error {
 	}
 	s := r.rep.ColdAfterScaleZero
 	r.say("InvokeX cold after scale-to-zero: to first byte p50 %s, init p50 %s", fmtMs(s.TTFB.P50), fmtMs(s.Init.P50))
-	return ctx.Err()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return r.snapStartPhase(ctx, srv)
 }
 
 func containsInt(s []int, v int) bool {

@@ -364,6 +364,9 @@ func (r *Report) targetTable() table {
 }
 
 func (r *Report) tables() []table {
+	if isVMDriver(r.Driver) {
+		return []table{r.targetTable(), r.warmTable(), r.coldTable(), r.snapStartTable(), r.memoryTable(), r.controlTable()}
+	}
 	return []table{r.targetTable(), r.warmTable(), r.coldTable(), r.memoryTable(), r.controlTable()}
 }
 

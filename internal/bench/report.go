@@ -27,6 +27,7 @@ type Report struct {
 	ColdAfterScaleZero ColdSeries
 	ColdRIE            ColdSeries
 	Memory             MemoryResult
+	SnapStart          SnapStartResult
 	Control            ControlResult
 	// Profile is taken during warm invokes, EventProfile during a burst
 	// of Event invokes; both on extra, unmeasured loads.
@@ -364,7 +365,8 @@ func (r *Report) vmTargets() []Target {
 			t.Miss = fmt.Sprintf("%s over (%s)", fmtMiB(m.PerInstance.RSS-80<<20), pctOver(float64(m.PerInstance.RSS), 80<<20))
 		}
 	}
-	return append(ts, t)
+	ts = append(ts, t)
+	return append(ts, r.snapStartTargets()...)
 }
 
 // pctOver renders how much a exceeds b as a percentage of b: "+21%".

@@ -209,8 +209,11 @@ func TestVMTargets(t *testing.T) {
 	r := sampleReport()
 	r.Driver = "qemu"
 	ts := r.Targets()
-	if len(ts) != 4 {
-		t.Fatalf("%d VM targets, want 4: %+v", len(ts), ts)
+	if len(ts) != 6 {
+		t.Fatalf("%d VM targets, want 6: %+v", len(ts), ts)
+	}
+	if g := targetByName(t, ts, "SnapStart restore to first response"); g.Measured {
+		t.Errorf("SnapStart measured without samples: %+v", g)
 	}
 	for _, name := range []string{"VM cold boot to first response, after deploy", "warm invoke through the VM", "host memory per idle 128 MB VM"} {
 		if g := targetByName(t, ts, name); !g.Measured {
@@ -223,5 +226,26 @@ func TestVMTargets(t *testing.T) {
 	}
 	if g := targetByName(t, ts, "host memory per idle 128 MB VM"); !g.Met || !strings.Contains(g.Value, "16.0 MiB") {
 		t.Errorf("memory: %+v", g)
+	}
+}
+
+func TestSnapStartTargets(t *testing.T) {
+	r := sampleReport()
+	r.Driver = "qemu"
+	r.ColdAfterScaleZero.TTFB = Summary{N: 50, P50: 1000 * time.Millisecond}
+	r.SnapStart = SnapStartResult{
+		Restore:    ColdSeries{TTFB: Summary{N: 50, P50: 50 * time.Millisecond}},
+		RestoredVM: Mem{RSS: 60 << 20, PSS: 50 << 20},
+	}
+	ts := r.Targets()
+	if g := targetByName(t, ts, "SnapStart restore to first response"); !g.Measured || !g.Met || !strings.Contains(g.Value, "0.05×") {
+		t.Errorf("restore: %+v", g)
+	}
+	if g := targetByName(t, ts, "host memory per restored 128 MB VM"); !g.Measured || g.Met || !strings.Contains(g.Miss, "4.0 MiB over") {
+		t.Errorf("restored memory: %+v", g)
+	}
+	r.SnapStart.Restore.TTFB.P50 = 200 * time.Millisecond
+	if g := targetByName(t, r.Targets(), "SnapStart restore to first response"); g.Met || !strings.Contains(g.Miss, "120.0 ms over") || !strings.Contains(g.Miss, "0.20×") {
+		t.Errorf("slow restore: %+v", g)
 	}
 }

@@ -1,0 +1,137 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/lambda"
+	"github.com/aws/aws-sdk-go-v2/service/lambda/types"
+)
+
+// SnapStartResult is SnapStart on a VM driver: a published version's
+// environments restored from its snapshot instead of booted, measured on
+// the scale-to-zero server right after its cold boots (ColdAfterScaleZero,
+// the figure it is compared with).
+type SnapStartResult struct {
+	// Restore is the first invoke of a restored environment: to its first
+	// response byte (Init is empty: there is no INIT).
+	Restore ColdSeries
+	// PublishToActive is PublishVersion until the version is Active with
+	// its snapshot taken (a boot, INIT and the save).
+	PublishToActive time.Duration
+	// RestoredVM is the host memory of a restored VM, idle, half a second
+	// after its first invoke.
+	RestoredVM Mem
+	Why        string
+}
+
+// snapStartPhase measures SnapStart on srv (a server with a short
+// keep-alive, so each invoke after the instances are gone is a restore).
+// Only VM drivers take snapshots.
+func (r *runner) snapStartPhase(ctx context.Context, srv *ixServer) error {
+	res := &r.rep.SnapStart
+	if !isVMDriver(r.opts.Driver) {
+		return nil
+	}
+	const name = "bench-snap"
+	zip, err := r.zips.zip("snap")
+	if err != nil {
+		return err
+	}
+	_, err = srv.sdk.CreateFunction(ctx, &lambda.CreateFunctionInput{
+		FunctionName: aws.String(name),
+		Runtime:      types.RuntimeProvidedal2023,
+		Handler:      aws.String("bootstrap"),
+		Role:         aws.String("arn:aws:iam::000000000000:role/bench"),
+		Code:         &types.FunctionCode{ZipFile: zip},
+		MemorySize:   aws.Int32(128),
+		Timeout:      aws.Int32(30),
+		SnapStart:    &types.SnapStart{ApplyOn: types.SnapStartApplyOnPublishedVersions},
+	})
+	if err == nil {
+		err = srv.waitActive(ctx, name)
+	}
+	if err != nil {
+		res.Why = err.Error()
+		return nil
+	}
+	start := time.Now()
+	pub, err := srv.sdk.PublishVersion(ctx, &lambda.PublishVersionInput{FunctionName: aws.String(name)})
+	if err != nil {
+		res.Why = "PublishVersion: " + err.Error()
+		return nil
+	}
+	version := aws.ToString(pub.Version)
+	if err := waitSnapshot(ctx, srv, name, version); err != nil {
+		res.Why = err.Error()
+		return nil
+	}
+	res.PublishToActive = time.Since(start)
+
+	iv := &invoker{http: srv.http, url: srv.endpoint + "/2015-03-31/functions/" + url.PathEscape(name) + "/invocations?Qualifier=" + version}
+	var samples []coldSample
+	errs, first := 0, ""
+	wait := 3*r.opts.KeepAliveShort + 20*time.Second
+	for i := 0; i < r.opts.ColdStarts && ctx.Err() == nil; i++ {
+		if err := srv.waitInstances(ctx, r.fs, 0, wait); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			res.Why = "instances were not stopped after the keep-alive: " + err.Error()
+			break
+		}
+		c := iv.invoke(ctx, r.payload, "")
+		if !c.ok(r.want) {
+			errs++
+			if first == "" {
+				first = c.describe()
+			}
+			continue
+		}
+		samples = append(samples, coldSample{ttfb: c.TTFB, total: c.Total, cold: true})
+		if i == 0 {
+			// One restored VM's memory, before the keep-alive stops it.
+			if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
+				return err
+			}
+			if m, err := r.measureInstances(srv); err == nil {
+				res.RestoredVM = m.PerInstance
+			}
+		}
+	}
+	why := res.Why
+	res.Restore = summarizeCold(samples, errs, first)
+	res.Why = why
+	r.say("InvokeX SnapStart: restored to first byte p50 %s (cold boot p50 %s), publish to Active %s",
+		fmtMs(res.Restore.TTFB.P50), fmtMs(r.rep.ColdAfterScaleZero.TTFB.P50), fmtMs(res.PublishToActive))
+	return ctx.Err()
+}
+
+// waitSnapshot polls the version until it is Active with its snapshot
+// (OptimizationStatus On).
+func waitSnapshot(ctx context.Context, srv *ixServer, name, version string) error {
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		cfg, err := srv.sdk.GetFunctionConfiguration(ctx, &lambda.GetFunctionConfigurationInput{FunctionName: aws.String(name), Qualifier: aws.String(version)})
+		if err != nil {
+			return fmt.Errorf("getting version %s: %w", version, err)
+		}
+		switch {
+		case cfg.State == types.StateFailed:
+			return fmt.Errorf("version %s failed: %s", version, aws.ToString(cfg.StateReason))
+		case cfg.State == types.StateActive && cfg.SnapStart != nil && cfg.SnapStart.OptimizationStatus == types.SnapStartOptimizationStatusOn:
+			return nil
+		case cfg.State == types.StateActive:
+			return fmt.Errorf("version %s is Active without a snapshot (the driver takes none)", version)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("version %s still %s after 5 minutes", version, cfg.State)
+		}
+		if err := sleepCtx(ctx, 10*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
