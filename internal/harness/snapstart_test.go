@@ -146,6 +146,7 @@ func TestSnapStartRestoresInsteadOfInit(t *testing.T) {
 	if res := mustInvoke(t, e.h, request(on, "x")); string(res.Payload) != "x" || !res.Cold {
 		t.Fatalf("first invoke of the version: %q cold %v", res.Payload, res.Cold)
 	}
+	e.waitArrived(t, 1) // that invoke's arrival, so the wait below counts only the next two
 	var wg sync.WaitGroup
 	for k := 0; k < 2; k++ {
 		wg.Add(1)
