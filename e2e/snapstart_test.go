@@ -19,12 +19,9 @@ import (
 // INIT), restored environments draw different random numbers, and a
 // snapshot of one revision is never used for the next.
 func TestSnapStartThroughSDK(t *testing.T) {
-	for _, d := range vmDrivers {
-		t.Run(d.name, func(t *testing.T) {
-			d.require(t)
-			snapStartThroughSDK(t, startServer(t, "", "--driver", d.name))
-		})
-	}
+	forVMDrivers(t, func(t *testing.T, driver string) {
+		snapStartThroughSDK(t, startServer(t, "", "--driver", driver))
+	})
 }
 
 func snapStartThroughSDK(t *testing.T, s *server) {

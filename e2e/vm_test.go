@@ -29,6 +29,17 @@ var vmDrivers = []struct {
 	{"firecracker", requireFirecracker},
 }
 
+// forVMDrivers runs f as a subtest per VM driver, each skipped (saying
+// why) where its VMs cannot run.
+func forVMDrivers(t *testing.T, f func(t *testing.T, driver string)) {
+	for _, d := range vmDrivers {
+		t.Run(d.name, func(t *testing.T) {
+			d.require(t)
+			f(t, d.name)
+		})
+	}
+}
+
 // requireFirecracker skips where Firecracker cannot run: it needs a
 // firecracker binary (PATH, or $INVOKEX_FIRECRACKER), a guest kernel and
 // KVM that runs a standard guest.
@@ -69,12 +80,9 @@ func requireVMs(t *testing.T) {
 // function in its own microVM: QEMU (TCG here, KVM where the host allows)
 // and Firecracker (where KVM and a firecracker binary are).
 func TestVMDriversThroughSDK(t *testing.T) {
-	for _, d := range vmDrivers {
-		t.Run(d.name, func(t *testing.T) {
-			d.require(t)
-			vmDriverThroughSDK(t, startServer(t, "", "--driver", d.name))
-		})
-	}
+	forVMDrivers(t, func(t *testing.T, driver string) {
+		vmDriverThroughSDK(t, startServer(t, "", "--driver", driver))
+	})
 }
 
 func vmDriverThroughSDK(t *testing.T, s *server) {
@@ -163,12 +171,9 @@ export const handler = async (event, context) => {
 // each in its own microVM, through the AWS SDK: cold and warm invokes,
 // the context object, logs, and a handler's exception.
 func TestVMInterpretedRuntimesThroughSDK(t *testing.T) {
-	for _, d := range vmDrivers {
-		t.Run(d.name, func(t *testing.T) {
-			d.require(t)
-			vmInterpretedThroughSDK(t, startServer(t, "", "--driver", d.name))
-		})
-	}
+	forVMDrivers(t, func(t *testing.T, driver string) {
+		vmInterpretedThroughSDK(t, startServer(t, "", "--driver", driver))
+	})
 }
 
 func vmInterpretedThroughSDK(t *testing.T, s *server) {
@@ -244,37 +249,34 @@ func childrenOf(ppid int) []int {
 // process outlives it, and the restarted server removes what the dead one
 // left and runs the function again.
 func TestVMServerCrashLeavesNoVM(t *testing.T) {
-	for _, d := range vmDrivers {
-		t.Run(d.name, func(t *testing.T) {
-			d.require(t)
-			dataDir := t.TempDir()
-			s := startServer(t, dataDir, "--driver", d.name)
-			createProbe(t, s, "survivor")
-			invoke(t, s, "survivor", map[string]any{"action": "echo"}, false)
-			vmms := childrenOf(s.cmd.Process.Pid)
-			if len(vmms) == 0 {
-				t.Fatal("no VMM process under the server while a VM is warm; the check below would prove nothing")
-			}
+	forVMDrivers(t, func(t *testing.T, driver string) {
+		dataDir := t.TempDir()
+		s := startServer(t, dataDir, "--driver", driver)
+		createProbe(t, s, "survivor")
+		invoke(t, s, "survivor", map[string]any{"action": "echo"}, false)
+		vmms := childrenOf(s.cmd.Process.Pid)
+		if len(vmms) == 0 {
+			t.Fatal("no VMM process under the server while a VM is warm; the check below would prove nothing")
+		}
 
-			s.kill() // SIGKILL: no graceful shutdown runs.
-			eventually(t, 30*time.Second, func() error {
-				for _, pid := range vmms {
-					if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
-						return fmt.Errorf("VMM %d outlives the crashed server", pid)
-					}
+		s.kill() // SIGKILL: no graceful shutdown runs.
+		eventually(t, 30*time.Second, func() error {
+			for _, pid := range vmms {
+				if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
+					return fmt.Errorf("VMM %d outlives the crashed server", pid)
 				}
-				return nil
-			})
-
-			s.start()
-			if out := invoke(t, s, "survivor", map[string]any{"action": "echo"}, false); out.FunctionError != nil {
-				t.Fatal(string(out.Payload))
 			}
-			s.stop()
-			ents, _ := os.ReadDir(filepath.Join(dataDir, map[string]string{"qemu": "vms", "firecracker": "firecracker"}[d.name]))
-			if len(ents) != 0 {
-				t.Errorf("VM state left after a graceful stop: %d entries", len(ents))
-			}
+			return nil
 		})
-	}
+
+		s.start()
+		if out := invoke(t, s, "survivor", map[string]any{"action": "echo"}, false); out.FunctionError != nil {
+			t.Fatal(string(out.Payload))
+		}
+		s.stop()
+		ents, _ := os.ReadDir(filepath.Join(dataDir, map[string]string{"qemu": "vms", "firecracker": "firecracker"}[driver]))
+		if len(ents) != 0 {
+			t.Errorf("VM state left after a graceful stop: %d entries", len(ents))
+		}
+	})
 }

@@ -88,10 +88,11 @@ func (s *ixServer) invoker(name string) *invoker {
 }
 
 // deploy creates function name from zip and waits until it is Active. It
-// returns the time from sending CreateFunction to seeing Active.
-func (s *ixServer) deploy(ctx context.Context, name string, zip []byte) (time.Duration, error) {
+// returns the time from sending CreateFunction to seeing Active. mut, if
+// given, adjusts the request (e.g. SnapStart).
+func (s *ixServer) deploy(ctx context.Context, name string, zip []byte, mut ...func(*lambda.CreateFunctionInput)) (time.Duration, error) {
 	start := time.Now()
-	out, err := s.sdk.CreateFunction(ctx, &lambda.CreateFunctionInput{
+	in := &lambda.CreateFunctionInput{
 		FunctionName: aws.String(name),
 		Runtime:      types.RuntimeProvidedal2023,
 		Handler:      aws.String("bootstrap"),
@@ -99,7 +100,11 @@ func (s *ixServer) deploy(ctx context.Context, name string, zip []byte) (time.Du
 		Code:         &types.FunctionCode{ZipFile: zip},
 		MemorySize:   aws.Int32(128),
 		Timeout:      aws.Int32(30),
-	})
+	}
+	for _, m := range mut {
+		m(in)
+	}
+	out, err := s.sdk.CreateFunction(ctx, in)
 	if err != nil {
 		return 0, fmt.Errorf("creating function %s: %w", name, err)
 	}

@@ -41,19 +41,9 @@ func (r *runner) snapStartPhase(ctx context.Context, srv *ixServer) error {
 	if err != nil {
 		return err
 	}
-	_, err = srv.sdk.CreateFunction(ctx, &lambda.CreateFunctionInput{
-		FunctionName: aws.String(name),
-		Runtime:      types.RuntimeProvidedal2023,
-		Handler:      aws.String("bootstrap"),
-		Role:         aws.String("arn:aws:iam::000000000000:role/bench"),
-		Code:         &types.FunctionCode{ZipFile: zip},
-		MemorySize:   aws.Int32(128),
-		Timeout:      aws.Int32(30),
-		SnapStart:    &types.SnapStart{ApplyOn: types.SnapStartApplyOnPublishedVersions},
+	_, err = srv.deploy(ctx, name, zip, func(in *lambda.CreateFunctionInput) {
+		in.SnapStart = &types.SnapStart{ApplyOn: types.SnapStartApplyOnPublishedVersions}
 	})
-	if err == nil {
-		err = srv.waitActive(ctx, name)
-	}
 	if err != nil {
 		res.Why = err.Error()
 		return nil
