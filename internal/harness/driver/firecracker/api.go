@@ -17,13 +17,14 @@ import (
 
 // apiClient speaks the few requests of Firecracker's API the driver needs
 // (src/firecracker/swagger/firecracker.yaml): HTTP/1.1 with JSON bodies
-// over the unix socket given to --api-sock. Every request is a PUT that
-// Firecracker answers 204 No Content; any other status carries an Error
-// body, {"fault_message": "..."}, which becomes an *APIError.
+// over the unix socket given to --api-sock. Every request is a PUT (or
+// the PATCH of /vm) that Firecracker answers 204 No Content; any other
+// status carries an Error body, {"fault_message": "..."}, which becomes
+// an *APIError.
 //
 // It is a small hand-written client rather than firecracker-go-sdk: the
-// driver needs seven PUTs, and the SDK brings a generated swagger client
-// and its dependencies along (docs/firecracker.md).
+// driver needs a dozen requests, and the SDK brings a generated swagger
+// client and its dependencies along (docs/firecracker.md).
 type apiClient struct {
 	hc *http.Client
 }
@@ -73,6 +74,28 @@ type (
 	instanceAction struct {
 		ActionType string `json:"action_type"`
 	}
+	// vmState is the body of PATCH /vm (Vm).
+	vmState struct {
+		State string `json:"state"`
+	}
+	// snapshotCreate is SnapshotCreateParams. Firecracker creates (or
+	// truncates) both files.
+	snapshotCreate struct {
+		SnapshotType string `json:"snapshot_type"`
+		SnapshotPath string `json:"snapshot_path"`
+		MemFilePath  string `json:"mem_file_path"`
+	}
+	// snapshotLoad is SnapshotLoadParams with the memory backend that
+	// replaced the deprecated mem_file_path (Firecracker 1.1 and later).
+	snapshotLoad struct {
+		SnapshotPath string        `json:"snapshot_path"`
+		MemBackend   memoryBackend `json:"mem_backend"`
+		ResumeVM     bool          `json:"resume_vm"`
+	}
+	memoryBackend struct {
+		BackendType string `json:"backend_type"`
+		BackendPath string `json:"backend_path"`
+	}
 )
 
 // Actions (InstanceActionInfo.action_type).
@@ -112,25 +135,37 @@ func (e *APIError) Unwrap() error {
 // maxErrorBody bounds how much of an error answer is read.
 const maxErrorBody = 64 << 10
 
-// put sends body as JSON to path. Transport failures (Firecracker gone,
-// socket missing) wrap errdefs.ErrUnavailable.
+// Values of the snapshot requests.
+const (
+	vmPaused     = "Paused"
+	snapshotFull = "Full"
+	backendFile  = "File"
+)
+
+// put sends body as JSON to path.
 func (c *apiClient) put(ctx context.Context, path string, body any) error {
+	return c.send(ctx, http.MethodPut, path, body)
+}
+
+// send sends body as JSON to path with method. Transport failures
+// (Firecracker gone, socket missing) wrap errdefs.ErrUnavailable.
+func (c *apiClient) send(ctx context.Context, method, path string, body any) error {
 	b, err := json.Marshal(body)
 	if err != nil {
-		return fmt.Errorf("encoding firecracker PUT %s: %w", path, err)
+		return fmt.Errorf("encoding firecracker %s %s: %w", method, path, err)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://localhost"+path, bytes.NewReader(b))
+	req, err := http.NewRequestWithContext(ctx, method, "http://localhost"+path, bytes.NewReader(b))
 	if err != nil {
-		return fmt.Errorf("firecracker PUT %s: %w", path, err)
+		return fmt.Errorf("firecracker %s %s: %w", method, path, err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/json")
 	resp, err := c.hc.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return fmt.Errorf("firecracker PUT %s: %w", path, context.Cause(ctx))
+			return fmt.Errorf("firecracker %s %s: %w", method, path, context.Cause(ctx))
 		}
-		return fmt.Errorf("firecracker PUT %s: %w: %w", path, err, errdefs.ErrUnavailable)
+		return fmt.Errorf("firecracker %s %s: %w: %w", method, path, err, errdefs.ErrUnavailable)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
@@ -138,7 +173,7 @@ func (c *apiClient) put(ctx context.Context, path string, body any) error {
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxErrorBody))
 		return nil
 	}
-	return apiErrorFrom(http.MethodPut, path, resp)
+	return apiErrorFrom(method, path, resp)
 }
 
 func apiErrorFrom(method, path string, resp *http.Response) *APIError {
@@ -181,6 +216,21 @@ func (c *apiClient) putNetworkInterface(ctx context.Context, n networkInterface)
 
 func (c *apiClient) action(ctx context.Context, action string) error {
 	return c.put(ctx, "/actions", instanceAction{ActionType: action})
+}
+
+// pause pauses the running VM's vCPUs (PATCH /vm), which a snapshot needs.
+func (c *apiClient) pause(ctx context.Context) error {
+	return c.send(ctx, http.MethodPatch, "/vm", vmState{State: vmPaused})
+}
+
+func (c *apiClient) createSnapshot(ctx context.Context, s snapshotCreate) error {
+	return c.put(ctx, "/snapshot/create", s)
+}
+
+// loadSnapshot is only accepted by a Firecracker that has not been
+// configured; when it fails, Firecracker exits.
+func (c *apiClient) loadSnapshot(ctx context.Context, s snapshotLoad) error {
+	return c.put(ctx, "/snapshot/load", s)
 }
 
 // isAPIError reports whether err is a refusal by Firecracker (as opposed

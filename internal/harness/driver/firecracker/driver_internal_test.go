@@ -76,8 +76,8 @@ func TestAPIRequests(t *testing.T) {
 		t.Errorf("machine config %v, want %v vcpus and 2048 MiB", m, wantVCPUs)
 	}
 	boot := bodies["/boot-source"]
-	if boot["kernel_image_path"] != e.Kernel {
-		t.Errorf("kernel %v, want %s", boot["kernel_image_path"], e.Kernel)
+	if boot["kernel_image_path"] != kernelFile {
+		t.Errorf("kernel %v, want %s", boot["kernel_image_path"], kernelFile)
 	}
 	args, _ := boot["boot_args"].(string)
 	for _, w := range []string{"console=ttyS0", "reboot=k", "panic=-1", "pci=off", "root=/dev/vda", " ro ", "init=/sbin/init",
@@ -92,8 +92,24 @@ func TestAPIRequests(t *testing.T) {
 			t.Errorf("drive %s = %v, want root %v read-only %v", id, b, w[0], w[1])
 		}
 	}
-	if p := bodies["/drives/scratch"]["path_on_host"]; p != filepath.Join(inst.Dir(), scratchImage) {
-		t.Errorf("scratch drive at %v", p)
+	// Every path is relative to Firecracker's working directory, the
+	// instance directory, where the images are links to the cache's: a
+	// snapshot records these paths, and a restore resolves them in its own
+	// instance directory.
+	rt := sp.Runtime
+	rootSrc, _ := e.Images.Root(context.Background(), &rt)
+	for id, w := range map[string]string{"root": rootImage, "code": codeImage, "scratch": scratchImage} {
+		if p := bodies["/drives/"+id]["path_on_host"]; p != w {
+			t.Errorf("drive %s at %v, want %s", id, p, w)
+		}
+	}
+	for name, target := range map[string]string{kernelFile: e.Kernel, rootImage: rootSrc} {
+		if got, err := os.Readlink(filepath.Join(inst.Dir(), name)); err != nil || got != target {
+			t.Errorf("%s in the instance directory links to %q (%v), want %s", name, got, err, target)
+		}
+	}
+	if fi, err := os.Lstat(filepath.Join(inst.Dir(), scratchImage)); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("scratch image is not the instance's own file: %v", err)
 	}
 	if v := bodies["/vsock"]; v["guest_cid"] != 3.0 || v["uds_path"] != vsockSock {
 		t.Errorf("vsock %v, want guest_cid 3 and %s", v, vsockSock)

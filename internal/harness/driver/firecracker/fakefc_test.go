@@ -51,7 +51,8 @@ type loggedRequest struct {
 // invokex.vsock in the boot arguments is answered "OK <n>\n", followed by
 // the guest's ready line, "HELLO" and an echo; when the host closes that
 // stream the "guest" ends and the stand-in exits 0, as a real guest's
-// vminit does. Behaviour by the --id's prefix:
+// vminit does. It also pauses, snapshots and loads snapshots (see
+// fakesnap_test.go). Behaviour by the --id's prefix:
 //
 //	exit-       prints an error and exits 1 at once
 //	apifail-    refuses PUT /drives/code with a fault_message
@@ -64,9 +65,16 @@ type loggedRequest struct {
 //	nocad-      ignores Ctrl-Alt-Del and the stream's end (a guest
 //	            without an i8042 driver whose agent is wedged)
 //	die-        exits 0 right after the ready line
+//	pausefail-  refuses PATCH /vm
+//	snapfail-   refuses PUT /snapshot/create
+//	snapnomem-  answers PUT /snapshot/create 204 but writes no memory file
+//	loadfail-   refuses PUT /snapshot/load (and exits, as Firecracker does)
 //
 // It exits 0 when the "guest" ends (stream closed, Ctrl-Alt-Del) and
-// fakeTermExit on SIGTERM, so tests can tell which ended it.
+// fakeTermExit on SIGTERM, so tests can tell which ended it. A paused
+// guest does nothing: neither the stream's end nor Ctrl-Alt-Del ends it,
+// and a Ctrl-Alt-Del sent to it makes SIGTERM exit fakePausedCADExit, so
+// tests can tell that the driver asked a frozen guest.
 //
 // Started by the stand-in jailer, it finds its chroot in $FAKEFC_ROOT and
 // resolves absolute paths under it.
@@ -115,7 +123,13 @@ func fakeFirecracker(args []string) int {
 	signal.Notify(sigs, syscall.SIGTERM)
 	go func() {
 		for range sigs {
-			vm.end(fakeTermExit)
+			vm.mu.Lock()
+			code := fakeTermExit
+			if vm.cadWhilePaused {
+				code = fakePausedCADExit
+			}
+			vm.mu.Unlock()
+			vm.end(code)
 		}
 	}()
 	go http.Serve(l, vm)
@@ -140,10 +154,26 @@ type fakeVM struct {
 	udsPath  string
 	connects int
 	served   bool
+
+	// Snapshots (fakesnap_test.go): configured is set by any pre-boot
+	// request (a load must come first), history is every request so far.
+	configured     bool
+	paused         bool
+	cadWhilePaused bool
+	restored       bool
+	from           string            // the VM a restored one is a snapshot of
+	paths          map[string]string // drive id -> path_on_host
+	memMiB         int
+	history        []loggedRequest
 }
 
-// fakeTermExit is the stand-in's exit status after SIGTERM.
-const fakeTermExit = 3
+// fakeTermExit is the stand-in's exit status after SIGTERM,
+// fakePausedCADExit after SIGTERM if it was sent Ctrl-Alt-Del while
+// paused.
+const (
+	fakeTermExit      = 3
+	fakePausedCADExit = 4
+)
 
 func (v *fakeVM) end(code int) {
 	if v.mode != "stubborn" {
@@ -199,6 +229,8 @@ func checkSchema(def string, body map[string]any) error {
 			_, okType = v.(string)
 		case "object":
 			_, okType = v.(map[string]any)
+		case "array":
+			_, okType = v.([]any)
 		}
 		if !okType {
 			return fmt.Errorf("%s.%s: want %s, got %v", def, k, typ, v)
@@ -213,33 +245,45 @@ func checkSchema(def string, body map[string]any) error {
 }
 
 func fault(w http.ResponseWriter, status int, format string, args ...any) {
+	b, _ := json.Marshal(map[string]string{"fault_message": fmt.Sprintf(format, args...)})
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(map[string]string{"fault_message": fmt.Sprintf(format, args...)})
+	w.Write(b)
 }
 
 func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	raw, _ := io.ReadAll(r.Body)
-	if f, err := os.OpenFile(v.log, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
-		body := json.RawMessage(raw)
-		if !json.Valid(raw) {
-			body, _ = json.Marshal(string(raw))
-		}
-		json.NewEncoder(f).Encode(loggedRequest{Method: r.Method, Path: r.URL.Path, ContentType: r.Header.Get("Content-Type"), Body: body})
-		f.Close()
+	logBody := json.RawMessage(raw)
+	if !json.Valid(raw) {
+		logBody, _ = json.Marshal(string(raw))
 	}
-	var body map[string]any
-	if r.Method != http.MethodPut || r.Header.Get("Content-Type") != "application/json" || json.Unmarshal(raw, &body) != nil {
-		fault(w, 400, "Invalid request method and/or path: %s %s", r.Method, r.URL.Path)
-		return
+	logged := loggedRequest{Method: r.Method, Path: r.URL.Path, ContentType: r.Header.Get("Content-Type"), Body: logBody}
+	if f, err := os.OpenFile(v.log, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
+		json.NewEncoder(f).Encode(logged)
+		f.Close()
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	v.history = append(v.history, logged)
 	path := r.URL.Path
+	var req map[string]any
+	wantMethod := http.MethodPut
+	if path == "/vm" {
+		wantMethod = http.MethodPatch
+	}
+	if r.Method != wantMethod || r.Header.Get("Content-Type") != "application/json" || json.Unmarshal(raw, &req) != nil {
+		fault(w, 400, "Invalid request method and/or path: %s %s", r.Method, r.URL.Path)
+		return
+	}
+	if v.serveSnapshot(w, path, req) {
+		return
+	}
 	if v.started && path != "/actions" {
 		fault(w, 400, "The requested operation is not supported after starting the microVM.")
 		return
 	}
+	body := req
 	var err error
 	switch {
 	case path == "/machine-config":
@@ -247,6 +291,7 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if n := body["vcpu_count"].(float64); n < 1 || n > 32 || body["mem_size_mib"].(float64) < 1 {
 				err = fmt.Errorf("invalid machine configuration")
 			}
+			v.memMiB = int(body["mem_size_mib"].(float64))
 		}
 	case path == "/boot-source":
 		if err = checkSchema("BootSource", body); err == nil {
@@ -281,6 +326,9 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fault(w, 400, "%v", err)
 		return
 	}
+	if path != "/actions" {
+		v.configured = true
+	}
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -299,7 +347,7 @@ func (v *fakeVM) putDrive(id string, body map[string]any) error {
 		return fmt.Errorf("Unable to create the block device: %v", err)
 	}
 	if v.drives == nil {
-		v.drives = map[string]bool{}
+		v.drives, v.paths = map[string]bool{}, map[string]string{}
 	}
 	root := body["is_root_device"].(bool)
 	for d, r := range v.drives {
@@ -307,7 +355,7 @@ func (v *fakeVM) putDrive(id string, body map[string]any) error {
 			return fmt.Errorf("A root block device already exists")
 		}
 	}
-	v.drives[id] = root
+	v.drives[id], v.paths[id] = root, p
 	return nil
 }
 
@@ -336,6 +384,10 @@ func (v *fakeVM) action(body map[string]any) error {
 		if !v.started {
 			return fmt.Errorf("The microVM is not running")
 		}
+		if v.paused {
+			v.cadWhilePaused = true
+			return nil
+		}
 		if v.mode != "nocad" {
 			go v.end(0)
 		}
@@ -361,7 +413,7 @@ func (v *fakeVM) serveVsock(l net.Listener) {
 		v.mu.Lock()
 		v.connects++
 		m := vsockArg.FindStringSubmatch(v.bootArgs)
-		listening := err == nil && ok && m != nil && m[2] == port && !v.served &&
+		listening := err == nil && ok && m != nil && m[2] == port && !v.served && !v.paused &&
 			v.mode != "nolisten" && (v.mode != "slowlisten" || v.connects > 3)
 		if listening {
 			v.served = true
@@ -378,6 +430,11 @@ func (v *fakeVM) serveVsock(l net.Listener) {
 func (v *fakeVM) agent(c net.Conn) {
 	defer c.Close()
 	io.WriteString(c, "OK "+strconv.Itoa(1<<30)+"\n")
+	if v.restored {
+		// The agent of a snapshot is mid-session, waiting for a frame.
+		v.echo(c)
+		return
+	}
 	if v.mode == "garbage" {
 		io.WriteString(c, "NOT-READY\n")
 		select {}
@@ -387,9 +444,17 @@ func (v *fakeVM) agent(c net.Conn) {
 		v.end(0)
 		return
 	}
+	v.echo(c)
+}
+
+// echo serves the stream until the host closes it; the agent then exits
+// and vminit ends the VM.
+func (v *fakeVM) echo(c net.Conn) {
 	io.Copy(c, c)
-	// The host closed the stream: the agent exits and vminit ends the VM.
-	if v.mode != "nocad" && v.mode != "cad" {
+	v.mu.Lock()
+	paused := v.paused
+	v.mu.Unlock()
+	if v.mode != "nocad" && v.mode != "cad" && !paused {
 		v.end(0)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -29,6 +30,18 @@ type instance struct {
 	jail    *jail
 	cgroups []string
 	api     *apiClient
+	// from is the snapshot a restored VM starts from (nil: a fresh boot).
+	from *snapSource
+	// spec is what the VM was started with, images the host files behind
+	// its kernel, root and code images, and nic whether it has a network
+	// interface: what Snapshot needs.
+	spec   driver.Spec
+	images hostImages
+	vcpus  int
+	nic    bool
+	// paused is set once the VM was paused for a snapshot: Ask then ends
+	// Firecracker at once (a paused guest cannot act on Ctrl-Alt-Del).
+	paused atomic.Bool
 }
 
 var _ vmm.Machine = (*instance)(nil)
@@ -37,17 +50,39 @@ func (d *Driver) newInstance(base *vmm.Instance) *instance {
 	return &instance{Instance: base, d: d}
 }
 
-// vmFiles are the paths of a VM's kernel and disks as Firecracker opens
-// them (inside its chroot when jailed).
+// vmFiles are the paths of a VM's files as Firecracker opens them:
+// relative to its working directory (the instance directory), or, jailed,
+// absolute in its chroot. Either way they name files in the VM's own root,
+// so a snapshot, which records the drive and vsock paths, resolves them to
+// the restored VM's own files (see snapshot.go). state and memory are set
+// for a restore only.
 type vmFiles struct {
 	kernel, root, code, scratch, vsock string
+	state, memory                      string
+}
+
+// hostImages are the host files behind a VM's kernel, root and code
+// images (never a symbolic link: Snapshot hard-links them).
+type hostImages struct {
+	kernel, root, code string
+}
+
+// inRoot is how Firecracker names the file name of its root: relative to
+// its working directory, or absolute in its chroot.
+func (i *instance) inRoot(name string) string {
+	if i.jail != nil {
+		return "/" + name
+	}
+	return name
 }
 
 // Boot records the VM, makes its disks (in its jail, if jailed), starts
-// Firecracker, configures the VM over the API and waits until the agent
-// inside is ready; see vmm.Machine.
+// Firecracker, configures the VM over the API (or loads the snapshot it
+// is restored from) and waits until the agent inside is ready (or
+// attaches to the restored one); see vmm.Machine.
 func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	d := i.d
+	i.spec = spec
 	if spec.Network && d.opts.TapName == "" {
 		d.warnOnce(&d.warnedNetwk, "sandbox network requested but no tap is configured: vms get loopback only")
 	}
@@ -68,7 +103,11 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	if err := i.Create(rec); err != nil {
 		return err
 	}
-	files, err := i.disks(ctx, spec)
+	makeDisks := i.disks
+	if i.from != nil {
+		makeDisks = i.restoredDisks
+	}
+	files, err := makeDisks(ctx, spec)
 	if err != nil {
 		return err
 	}
@@ -84,6 +123,13 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	if err := i.waitAPI(ctx); err != nil {
 		return err
 	}
+	if i.from != nil {
+		if err := i.resume(ctx, files); err != nil {
+			return err
+		}
+		i.Log().Debug("vm restored", "restore", time.Since(launched), "disks", launched.Sub(rec.Created), "snapshot", i.from.dir)
+		return nil
+	}
 	if err := i.configure(ctx, spec, files); err != nil {
 		return err
 	}
@@ -94,8 +140,8 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	return nil
 }
 
-// disks makes the root, code and scratch images and, jailed, puts them
-// and the kernel into the chroot.
+// disks makes the root, code and scratch images and puts them and the
+// kernel into the VM's root.
 func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmFiles, error) {
 	d := i.d
 	if err := os.MkdirAll(i.root, 0o700); err != nil {
@@ -106,29 +152,69 @@ func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmFiles, error)
 	if err != nil {
 		return vmFiles{}, err
 	}
-	if i.jail == nil {
-		return vmFiles{kernel: d.opts.KernelPath, root: root, code: code, scratch: scratch, vsock: vsockSock}, nil
+	if err := i.placeImages(hostImages{kernel: d.opts.KernelPath, root: root, code: code}); err != nil {
+		return vmFiles{}, err
 	}
-	for _, f := range []struct{ src, name string }{
-		{d.opts.KernelPath, kernelFile}, {root, rootImage}, {code, codeImage},
-	} {
-		copied, err := linkOrCopy(f.src, filepath.Join(i.root, f.name))
+	if err := i.ownScratch(scratch); err != nil {
+		return vmFiles{}, err
+	}
+	return i.files(), nil
+}
+
+// files are the paths Firecracker is given for the VM's root files.
+func (i *instance) files() vmFiles {
+	return vmFiles{
+		kernel: i.inRoot(kernelFile), root: i.inRoot(rootImage), code: i.inRoot(codeImage),
+		scratch: i.inRoot(scratchImage), vsock: i.inRoot(vsockSock),
+	}
+}
+
+// placeImages puts the kernel and the read-only images into the VM's
+// root under their fixed names: symbolic links (free, across file systems)
+// for a Firecracker that sees the host, hard links or copies for a jailed
+// one, which reaches nothing outside its chroot.
+func (i *instance) placeImages(src hostImages) error {
+	d := i.d
+	for _, f := range []struct {
+		src  *string
+		name string
+	}{{&src.kernel, kernelFile}, {&src.root, rootImage}, {&src.code, codeImage}} {
+		dst := filepath.Join(i.root, f.name)
+		if i.jail == nil {
+			abs, err := filepath.Abs(*f.src)
+			if err != nil {
+				return fmt.Errorf("linking %s into the vm's directory: %w", f.name, err)
+			}
+			if err := os.Symlink(abs, dst); err != nil {
+				return fmt.Errorf("linking %s into the vm's directory: %w", f.name, err)
+			}
+			*f.src = abs
+			continue
+		}
+		copied, err := linkOrCopy(*f.src, dst)
 		if err != nil {
-			return vmFiles{}, fmt.Errorf("putting %s into the jail: %w", f.name, err)
+			return fmt.Errorf("putting %s into the jail: %w", f.name, err)
 		}
 		if copied {
-			d.warnOnce(&d.warnedCopy, "images are copied into every jail: put the state and cache directories on one file system so they can be hard links",
+			d.warnOnce(&d.warnedCopy, "images are copied into every jail: put the state, cache and snapshot directories on one file system so they can be hard links",
 				"state_dir", d.opts.StateDir)
 		}
+		*f.src = dst // the jail's file is as good a source as the cache's
 	}
-	// The jailed VMM writes the scratch disk as its own user.
+	i.images = src
+	return nil
+}
+
+// ownScratch hands the scratch disk to the jailed VMM's user, which
+// writes it.
+func (i *instance) ownScratch(scratch string) error {
+	if i.jail == nil {
+		return nil
+	}
 	if err := os.Chown(scratch, i.jail.UID, i.jail.GID); err != nil {
-		return vmFiles{}, fmt.Errorf("handing the scratch image to the vm user: %w", err)
+		return fmt.Errorf("handing the scratch image to the vm user: %w", err)
 	}
-	return vmFiles{
-		kernel: "/" + kernelFile, root: "/" + rootImage, code: "/" + codeImage,
-		scratch: "/" + scratchImage, vsock: "/" + vsockSock,
-	}, nil
+	return nil
 }
 
 // launch starts Firecracker, or the jailer that becomes it.
@@ -190,13 +276,15 @@ func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles) e
 	if spec.Network && d.opts.TapName != "" {
 		nic = &networkInterface{IfaceID: "eth0", HostDevName: slotString(d.opts.TapName, i.Slot()), GuestMAC: guestMAC(i.Slot())}
 		boot.IP = slotString(d.opts.GuestIP, i.Slot())
+		i.nic = true
 	}
 	steps := []struct {
 		what string
 		do   func() error
 	}{
 		{"machine config", func() error {
-			return i.api.putMachineConfig(ctx, machineConfig{VCPUCount: d.host.VCPUs(spec.MemoryMB), MemSizeMiB: spec.MemoryMB})
+			i.vcpus = d.host.VCPUs(spec.MemoryMB)
+			return i.api.putMachineConfig(ctx, machineConfig{VCPUCount: i.vcpus, MemSizeMiB: spec.MemoryMB})
 		}},
 		{"boot source", func() error {
 			boot.ClockUnixMs = time.Now().UnixMilli()
@@ -249,6 +337,7 @@ func (i *instance) waitReady(ctx context.Context) error {
 // i8042 driver reboots, which ends Firecracker; ours has none and ends
 // itself when its stream closes, which Stop did before asking), then, if
 // Firecracker is still running after grace, SIGTERM; see vmm.Machine.
+// A VM paused for a snapshot gets SIGTERM at once: its guest runs no more.
 // The driver's stop grace is split in two (see newDriver): grace for the
 // guest after Ctrl-Alt-Del, grace for Firecracker after SIGTERM.
 func (i *instance) Ask(ctx context.Context, grace time.Duration) {
@@ -256,6 +345,10 @@ func (i *instance) Ask(ctx context.Context, grace time.Duration) {
 	case <-i.Done():
 		return
 	default:
+	}
+	if i.paused.Load() {
+		_ = i.Cmd().Process.Signal(syscall.SIGTERM)
+		return
 	}
 	actx, cancel := context.WithTimeout(ctx, min(grace, actionTimeout))
 	err := i.api.action(actx, actionSendCtrlAltDel)

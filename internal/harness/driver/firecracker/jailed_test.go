@@ -3,14 +3,17 @@ package firecracker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
@@ -164,4 +167,74 @@ func TestJailedStartFailure(t *testing.T) {
 		t.Fatalf("Start = %v, want the refusal", err)
 	}
 	assertGone(t, e, "apifail-j", 0, e.d.cgroups.dirs(parent, "apifail-j")...)
+}
+
+// TestJailedSnapshot: jailed, Firecracker writes the snapshot in its
+// chroot and the driver takes it out, the driver's and read-only; a
+// restored VM's chroot holds links to the snapshot's state, memory and
+// images and its own scratch disk (its user's), and every path the
+// snapshot recorded or the load names is the chroot's own.
+func TestJailedSnapshot(t *testing.T) {
+	e, _ := jailedEnv(t)
+	dir, st := takeSnapshot(t, e, "ok-jsnap")
+	create := lastRequests(t, st.Requests, "PATCH /vm", "PUT /snapshot/create")[1]
+	if create["snapshot_path"] != "/"+snapState || create["mem_file_path"] != "/"+snapMemory {
+		t.Errorf("jailed PUT /snapshot/create %v, want the chroot's paths", create)
+	}
+	if want := map[string]string{"root": "/" + rootImage, "code": "/" + codeImage, "scratch": "/" + scratchImage}; !reflect.DeepEqual(st.Drives, want) || st.UDSPath != "/"+vsockSock {
+		t.Errorf("the snapshot recorded drives %v and vsock %q, want the chroot's", st.Drives, st.UDSPath)
+	}
+	for _, name := range []string{snapState, snapMemory} {
+		fi, err := os.Stat(filepath.Join(dir, name))
+		if err != nil || fi.Mode().Perm() != 0o444 || fi.Sys().(*syscall.Stat_t).Uid != uint32(os.Geteuid()) {
+			t.Errorf("%s: %v, %v; want the driver's, mode 0444", name, fi, err)
+		}
+	}
+	if m := readMeta(t, dir); !m.Jailed {
+		t.Errorf("vm.json %+v does not say jailed", m)
+	}
+
+	di, err := e.d.Restore(context.Background(), e.Spec("ok-jr1"), dir)
+	if err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	inst := di.(*instance)
+	if inst.jail == nil || inst.root != filepath.Join(e.StateDir, "ok-jr1", "jail", "firecracker", "ok-jr1", "root") {
+		t.Fatalf("restored vm's root %s", inst.root)
+	}
+	echoes(t, inst)
+	load := lastRequests(t, requests(t, inst), "PUT /snapshot/load")[0]
+	want := map[string]any{
+		"snapshot_path": "/" + snapState,
+		"mem_backend":   map[string]any{"backend_type": "File", "backend_path": "/" + snapMemory},
+		"resume_vm":     true,
+	}
+	if !reflect.DeepEqual(load, want) {
+		t.Errorf("jailed PUT /snapshot/load %v, want %v", load, want)
+	}
+	for _, name := range []string{snapState, snapMemory, rootImage, codeImage, kernelFile} {
+		if !sameFile(t, filepath.Join(inst.root, name), filepath.Join(dir, name)) {
+			t.Errorf("%s in the jail is not a link of the snapshot's", name)
+		}
+	}
+	scratch := filepath.Join(inst.root, scratchImage)
+	fi, err := os.Stat(scratch)
+	if err != nil || sameFile(t, scratch, filepath.Join(dir, scratchImage)) || fi.Sys().(*syscall.Stat_t).Uid != uint32(inst.jail.UID) {
+		t.Errorf("the restored scratch disk is not the vm user's own copy: %v", err)
+	}
+	if fi, err := os.Stat(filepath.Join(inst.root, vsockSock)); err != nil || fi.Mode()&os.ModeSocket == 0 {
+		t.Errorf("no vsock socket in the restored vm's chroot: %v", err)
+	}
+	pid := inst.PID()
+	if err := e.d.Stop(context.Background(), "ok-jr1"); err != nil {
+		t.Fatal(err)
+	}
+	assertGone(t, e, "ok-jr1", pid, inst.cgroups...)
+
+	// The snapshot's paths are the chroot's: a driver without the jailer
+	// cannot restore it.
+	plain := newFakeEnv(t)
+	if _, err := plain.d.Restore(context.Background(), plain.Spec("ok-plain"), dir); !errors.Is(err, errdefs.ErrInvalidParameter) {
+		t.Errorf("Restore of a jailed snapshot without the jailer: %v, want ErrInvalidParameter", err)
+	}
 }

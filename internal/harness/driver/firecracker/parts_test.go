@@ -196,7 +196,7 @@ func TestConnectGuest(t *testing.T) {
 	}
 
 	never := unixServer(t, func(c net.Conn) { readLine(c, 64); c.Close() })
-	short, cancel2 := context.WithTimeoutCause(context.Background(), 200*time.Millisecond, errors.New("guest too slow"))
+	short, cancel2 := context.WithTimeoutCause(context.Background(), 2*time.Second, errors.New("guest too slow"))
 	defer cancel2()
 	if _, err := connectGuest(short, never, 1024); err == nil || !strings.Contains(err.Error(), "guest too slow") || !strings.Contains(err.Error(), "not listening") {
 		t.Errorf("guest never listening: %v, want the context's cause and the last attempt", err)
