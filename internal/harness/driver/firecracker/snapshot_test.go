@@ -327,7 +327,9 @@ func TestSnapshotFailures(t *testing.T) {
 // TestSnapshotNetworked: a VM with a network interface is not
 // snapshotted (its tap and address are its slot's); it is stopped.
 func TestSnapshotNetworked(t *testing.T) {
-	e := newFakeEnv(t, func(o *Options) { o.TapName, o.GuestIP = "fc{slot}", "10.0.{slot}.2::10.0.{slot}.1:255.255.255.0::eth0:off" })
+	e := newFakeEnv(t, func(o *Options) {
+		o.TapName, o.GuestIP = "fc{slot}", "10.0.{slot}.2::10.0.{slot}.1:255.255.255.0::eth0:off"
+	})
 	sp := e.Spec("ok-net")
 	sp.Network = true
 	inst := startSpec(t, e, sp)
