@@ -25,8 +25,11 @@
 // StateDir/<id>/ (mode 0700, the driver's) holds instance.json (written
 // before Firecracker starts: its pid and start time once known). Without
 // the jailer it is Firecracker's working directory and holds its API
-// socket (firecracker.sock), the vsock socket (vsock.sock) and
-// scratch.ext4; Firecracker runs as the driver's user with an empty
+// socket (firecracker.sock), the vsock socket (vsock.sock), scratch.ext4
+// and symbolic links vmlinux, root.ext4 and code.ext4 to the images;
+// Firecracker is given these paths relative to it, so the paths a
+// snapshot records resolve to a restored VM's own files (snapshot.go).
+// Firecracker runs as the driver's user with an empty
 // environment. With Options.JailerPath the jailer builds a chroot at
 // StateDir/<id>/jail/<firecracker's file name>/<id>/root holding the
 // kernel, root and code images (hard links into the image cache, copies
