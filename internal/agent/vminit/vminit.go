@@ -48,6 +48,7 @@ package vminit
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -229,7 +230,7 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 // makes when invokex.vsock is set, else the virtio-serial port. The wait
 // for the host itself has no deadline on either: a host that never
 // connects kills the VM instead.
-func openHost(cfg Config) (*os.File, error) {
+func openHost(cfg Config) (io.ReadWriteCloser, error) {
 	if cfg.VsockPort != 0 {
 		return acceptVsock(context.Background(), cfg.VsockPort)
 	}

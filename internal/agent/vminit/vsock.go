@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -60,7 +62,14 @@ func (l *vsockListener) Accept(ctx context.Context) (*os.File, error) {
 	var nfd int
 	var aerr error
 	err = rc.Read(func(fd uintptr) bool {
-		nfd, _, aerr = unix.Accept4(int(fd), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+		var sa unix.Sockaddr
+		nfd, sa, aerr = unix.Accept4(int(fd), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+		if aerr == nil && !fromHost(sa) {
+			// Only the host may speak to the agent: a guest process that
+			// reached the port over a loopback transport is turned away.
+			unix.Close(nfd)
+			aerr = unix.EAGAIN
+		}
 		// EAGAIN: nobody yet; returning false waits for readability.
 		return !errors.Is(aerr, unix.EAGAIN)
 	})
@@ -79,13 +88,111 @@ func (l *vsockListener) Accept(ctx context.Context) (*os.File, error) {
 // Close stops listening; connections already accepted stay open.
 func (l *vsockListener) Close() error { return l.f.Close() }
 
-// acceptVsock listens on port, accepts the host's one connection and stops
-// listening: nothing else in the guest may connect to the agent later.
-func acceptVsock(ctx context.Context, port uint32) (*os.File, error) {
+// fromHost reports whether a vsock peer is the host (CID 2).
+func fromHost(sa unix.Sockaddr) bool {
+	vm, ok := sa.(*unix.SockaddrVM)
+	return ok && vm.CID == unix.VMADDR_CID_HOST
+}
+
+// acceptVsock listens on port and accepts the host's connection; the
+// returned stream keeps listening (see vsockStream).
+func acceptVsock(ctx context.Context, port uint32) (*vsockStream, error) {
 	l, err := listenVsock(port)
 	if err != nil {
 		return nil, err
 	}
-	defer l.Close()
-	return l.Accept(ctx)
+	c, err := l.Accept(ctx)
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	return &vsockStream{l: l, cur: c}, nil
 }
+
+// vsockStream is the agent's stream over vsock. A VM restored from a
+// Firecracker snapshot has its vsock transport reset: every connection
+// open when the snapshot was taken fails with ECONNRESET, while listening
+// sockets survive. So the listener stays open for the VM's life, and a
+// reset makes the stream wait for the host's next connection (the
+// restoring driver's) and carry on there: the agent's session, between
+// frames when the snapshot was taken, continues as if nothing happened.
+// EOF still ends the stream: the host closed it. Only the host (CID 2) is
+// ever accepted.
+type vsockStream struct {
+	l acceptor
+
+	mu     sync.Mutex // held while replacing cur
+	cur    io.ReadWriteCloser
+	closed bool
+}
+
+// acceptor is what vsockStream needs of a listener (*vsockListener; a
+// fake in tests, which have no vsock transport).
+type acceptor interface {
+	Accept(ctx context.Context) (*os.File, error)
+	Close() error
+}
+
+func (s *vsockStream) conn() io.ReadWriteCloser {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cur
+}
+
+// Read reads from the current connection, moving to the host's next one
+// after a reset.
+func (s *vsockStream) Read(p []byte) (int, error) {
+	for {
+		c := s.conn()
+		n, err := c.Read(p)
+		if n == 0 && isReset(err) && s.reconnect(c) == nil {
+			continue
+		}
+		return n, err
+	}
+}
+
+// Write writes to the current connection; a write that a reset refused
+// entirely is repeated on the host's next connection.
+func (s *vsockStream) Write(p []byte) (int, error) {
+	for {
+		c := s.conn()
+		n, err := c.Write(p)
+		if n == 0 && isReset(err) && s.reconnect(c) == nil {
+			continue
+		}
+		return n, err
+	}
+}
+
+// reconnect replaces old, which was reset, with the host's next
+// connection; if another caller replaced it already, there is nothing to
+// do.
+func (s *vsockStream) reconnect(old io.ReadWriteCloser) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return os.ErrClosed
+	}
+	if s.cur != old {
+		return nil
+	}
+	c, err := s.l.Accept(context.Background())
+	if err != nil {
+		return err
+	}
+	old.Close()
+	s.cur = c
+	return nil
+}
+
+// Close ends the stream and the listening.
+func (s *vsockStream) Close() error {
+	s.l.Close() // ends an Accept in progress, which holds mu
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	return s.cur.Close()
+}
+
+func isReset(err error) bool { return errors.Is(err, unix.ECONNRESET) }

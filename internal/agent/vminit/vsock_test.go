@@ -3,6 +3,8 @@ package vminit
 import (
 	"context"
 	"errors"
+	"io"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -101,5 +103,90 @@ func TestParseVsockPortBounds(t *testing.T) {
 		if got, err := parseVsockPort(v); err != nil || got != want {
 			t.Errorf("parseVsockPort(%q) = %d, %v; want %d", v, got, err, want)
 		}
+	}
+}
+
+// resetOnce is a connection whose first Read fails as a vsock connection
+// does after Firecracker resets the transport of a restored VM.
+type resetOnce struct {
+	io.ReadWriteCloser
+	done bool
+}
+
+func (r *resetOnce) Read(p []byte) (int, error) {
+	if !r.done {
+		r.done = true
+		return 0, unix.ECONNRESET
+	}
+	return r.ReadWriteCloser.Read(p)
+}
+
+// pairAcceptor hands out the guest ends of socketpairs, one per Accept.
+type pairAcceptor struct {
+	next   chan *os.File
+	closed chan struct{}
+}
+
+func (a *pairAcceptor) Accept(ctx context.Context) (*os.File, error) {
+	select {
+	case f := <-a.next:
+		return f, nil
+	case <-a.closed:
+		return nil, os.ErrClosed
+	}
+}
+
+func (a *pairAcceptor) Close() error { close(a.closed); return nil }
+
+func socketPair(t *testing.T) (guest, host *os.File) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return os.NewFile(uintptr(fds[0]), "guest"), os.NewFile(uintptr(fds[1]), "host")
+}
+
+// TestVsockStreamCarriesOnAfterAReset: a reset connection (a restored
+// Firecracker VM) is replaced by the host's next one and the agent's
+// stream goes on; bytes of the old connection are not mixed in.
+func TestVsockStreamCarriesOnAfterAReset(t *testing.T) {
+	g1, h1 := socketPair(t)
+	defer h1.Close()
+	a := &pairAcceptor{next: make(chan *os.File, 1), closed: make(chan struct{})}
+	s := &vsockStream{l: a, cur: &resetOnce{ReadWriteCloser: g1}}
+	g2, h2 := socketPair(t)
+	defer h2.Close()
+	a.next <- g2
+	if _, err := h2.Write([]byte("frame")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(s, buf); err != nil || string(buf) != "frame" {
+		t.Fatalf("read after a reset: %q %v", buf, err)
+	}
+	if _, err := s.Write([]byte("answer")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 6)
+	if _, err := io.ReadFull(h2, got); err != nil || string(got) != "answer" {
+		t.Fatalf("the host's new connection got %q %v", got, err)
+	}
+	// EOF (the host closed the stream) is the end, not a reset.
+	h2.Close()
+	if _, err := s.Read(buf); err != io.EOF {
+		t.Fatalf("read after the host closed: %v, want EOF", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFromHost(t *testing.T) {
+	if !fromHost(&unix.SockaddrVM{CID: unix.VMADDR_CID_HOST, Port: 1}) {
+		t.Error("the host (CID 2) refused")
+	}
+	if fromHost(&unix.SockaddrVM{CID: 3, Port: 1}) || fromHost(&unix.SockaddrUnix{Name: "x"}) {
+		t.Error("a peer other than the host accepted")
 	}
 }

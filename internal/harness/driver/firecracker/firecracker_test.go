@@ -56,11 +56,6 @@ func TestDriver(t *testing.T) {
 	opts := drivertest.Options{
 		Unsupported: map[string]string{
 			"NetworkShared": "the test configures no tap device (Options.TapName)",
-			// Firecracker resets every established vsock connection of a
-			// restored guest (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET), and
-			// vminit stops listening once the host connected: see
-			// docs/firecracker.md, "Snapshots".
-			"Snapshot": "a restored guest's agent must accept the host again after Firecracker's vsock transport reset, which vminit does not do yet",
 		},
 		// The first Start builds the runtime's root image.
 		StartTimeout: 5 * time.Minute,
