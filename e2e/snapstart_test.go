@@ -133,3 +133,88 @@ func publishActive(t *testing.T, s *server, name string) string {
 	}
 	return v
 }
+
+// The python runtime's SnapStart hooks: after-restore hooks registered with
+// snapshot_restore_py run in every restored environment, and Python's own
+// random generator is re-seeded there (it would otherwise repeat itself in
+// every environment restored from one snapshot).
+const snapPython = `import os, random, time
+from snapshot_restore_py import register_after_restore
+
+STATE = {"restored": 0}
+
+
+@register_after_restore
+def after():
+    STATE["restored"] += 1
+
+
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"r": random.random(), "restored": STATE["restored"],
+            "initType": os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE")}
+`
+
+func TestSnapStartPythonHooksThroughSDK(t *testing.T) {
+	forVMDrivers(t, func(t *testing.T, driver string) {
+		s := startServer(t, "", "--driver", driver)
+		_, err := s.sdk().CreateFunction(ctxT(t), &lambda.CreateFunctionInput{
+			FunctionName: aws.String("snappy"), Runtime: types.Runtime("python3.11"), Handler: aws.String("app.handler"),
+			Role:      aws.String("arn:aws:iam::000000000000:role/x"),
+			Code:      &types.FunctionCode{ZipFile: makeZip(t, map[string][]byte{"app.py": []byte(snapPython)}, nil)},
+			Timeout:   aws.Int32(30),
+			SnapStart: &types.SnapStart{ApplyOn: types.SnapStartApplyOnPublishedVersions},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		v := publishActive(t, s, "snappy")
+		var wg sync.WaitGroup
+		outs := make([]*lambda.InvokeOutput, 2)
+		for k := range outs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				out, err := s.sdk().Invoke(ctxT(t), &lambda.InvokeInput{FunctionName: aws.String("snappy"), Qualifier: aws.String(v),
+					Payload: []byte(`{"sleep": 0.5}`)})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				outs[k] = out
+			}()
+		}
+		wg.Wait()
+		var rs []float64
+		for _, out := range outs {
+			if out == nil || out.FunctionError != nil {
+				t.Fatalf("restored python invoke: %+v", out)
+			}
+			var got struct {
+				R        float64
+				Restored int
+				InitType string
+			}
+			if err := json.Unmarshal(out.Payload, &got); err != nil || got.Restored != 1 || got.InitType != "snap-start" {
+				t.Fatalf("restored python environment: %s (%v)", out.Payload, err)
+			}
+			rs = append(rs, got.R)
+		}
+		if rs[0] == rs[1] {
+			t.Errorf("two restored python environments drew the same random.random() %v", rs[0])
+		}
+	})
+}
+
+func TestSnapStartRefusedForNode(t *testing.T) {
+	s := startServer(t, "")
+	_, err := s.sdk().CreateFunction(ctxT(t), &lambda.CreateFunctionInput{
+		FunctionName: aws.String("nodesnap"), Runtime: types.Runtime("nodejs20.x"), Handler: aws.String("index.handler"),
+		Role:      aws.String("arn:aws:iam::000000000000:role/x"),
+		Code:      &types.FunctionCode{ZipFile: exampleZip(t, "hello-node")},
+		SnapStart: &types.SnapStart{ApplyOn: types.SnapStartApplyOnPublishedVersions},
+	})
+	if err == nil || !strings.Contains(err.Error(), "InvalidParameterValueException") {
+		t.Fatalf("SnapStart on nodejs20.x: %v", err)
+	}
+}

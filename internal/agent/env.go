@@ -46,6 +46,11 @@ type env struct {
 	// pendingRestore is the restore duration to report with the next
 	// invocation (see protocol.Restore).
 	pendingRestore time.Duration
+	// restoreGate is closed to release a runtime parked in GET
+	// /restore/next (nil when none is); hooksDone then receives how its
+	// after-restore hooks ended. See restorehooks.go.
+	restoreGate chan struct{}
+	hooksDone   chan *failure
 }
 
 // runtimeProc is one start of the runtime, from fork to reset.
@@ -262,6 +267,12 @@ func (e *env) beginInvoke(req protocol.Invoke, event []byte) (*invocation, error
 	defer e.mu.Unlock()
 	if err := e.m.to(stateInvoking); err != nil {
 		return nil, err
+	}
+	if e.restoreGate != nil {
+		// An invocation without a Restore (the environment was not
+		// restored from a snapshot): the runtime must not wait for one.
+		close(e.restoreGate)
+		e.restoreGate = nil
 	}
 	inv := &invocation{
 		req:   req,

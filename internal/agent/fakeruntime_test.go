@@ -113,6 +113,18 @@ func fakeRuntime() {
 		os.Exit(2)
 	case "hang":
 		time.Sleep(time.Hour)
+	case "restore-hooks", "restore-hook-fails":
+		// SnapStart: park in /restore/next; after the restore, say so on
+		// stdout (the first invocation's log) and carry on, or fail.
+		resp, _ := c.get("/2018-06-01/runtime/restore/next")
+		if resp.StatusCode != http.StatusOK {
+			os.Exit(11)
+		}
+		if os.Getenv(envInitMode) == "restore-hook-fails" {
+			c.post("/2018-06-01/runtime/restore/error", "Custom.HookBroke", []byte(`{"errorMessage":"hook broke","errorType":"Custom.HookBroke"}`))
+			time.Sleep(time.Hour)
+		}
+		fmt.Println("after-restore hook ran")
 	}
 	for {
 		resp, event := c.get("/2018-06-01/runtime/invocation/next")

@@ -82,3 +82,40 @@ func TestRestoreRenewFails(t *testing.T) {
 		t.Fatalf("restore with a failing renewal: %+v", done.Error)
 	}
 }
+
+// TestRestoreHooks: a runtime parked in /restore/next ends INIT there, is
+// released by Restore, and the restore waits for its after-restore hooks
+// (until it asks for the next invocation); a failing hook fails the
+// restore.
+func TestRestoreHooks(t *testing.T) {
+	ta := startAgent(t)
+	if done, _ := ta.init(fakeInit(t, "restore-hooks")); done.Error != nil {
+		t.Fatalf("init: %+v", done.Error)
+	}
+	if done := restoreDone(t, ta, protocol.Restore{}); done.Error != nil {
+		t.Fatalf("restore: %+v", done.Error)
+	}
+	r := ta.invoke(map[string]any{"do": "echo"})
+	mustSucceed(t, r)
+	if !strings.Contains(r.log, "after-restore hook ran") {
+		t.Errorf("the hook's output is not in the first invocation's log:\n%s", r.log)
+	}
+
+	tb := startAgent(t)
+	if done, _ := tb.init(fakeInit(t, "restore-hook-fails")); done.Error != nil {
+		t.Fatalf("init: %+v", done.Error)
+	}
+	if done := restoreDone(t, tb, protocol.Restore{}); done.Error == nil || done.Error.ErrorType != "Custom.HookBroke" {
+		t.Fatalf("restore with a failing hook: %+v", done.Error)
+	}
+}
+
+// A runtime parked in /restore/next that gets an invocation without a
+// Restore (its environment was never snapshotted) is released and serves.
+func TestRestoreNextWithoutRestore(t *testing.T) {
+	ta := startAgent(t)
+	if done, _ := ta.init(fakeInit(t, "restore-hooks")); done.Error != nil {
+		t.Fatalf("init: %+v", done.Error)
+	}
+	mustSucceed(t, ta.invoke(map[string]any{"do": "echo"}))
+}

@@ -55,6 +55,8 @@ func newRuntimeAPI(e *env) *http.Server {
 	mux.HandleFunc(pathResponse, e.handleResponse)
 	mux.HandleFunc(pathError, e.handleError)
 	mux.HandleFunc(pathInitError, e.handleInitError)
+	mux.HandleFunc(pathRestoreNext, e.handleRestoreNext)
+	mux.HandleFunc(pathRestoreError, e.handleRestoreError)
 	return &http.Server{
 		Handler: mux,
 		ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
@@ -69,6 +71,9 @@ func newRuntimeAPI(e *env) *http.Server {
 // as in Lambda's RIE.
 func (e *env) handleNext(w http.ResponseWriter, r *http.Request) {
 	gen := connGen(r.Context())
+	// A runtime released from /restore/next is ready again: its
+	// after-restore hooks are done.
+	e.finishHooks(nil)
 	for {
 		e.mu.Lock()
 		rt := e.rt

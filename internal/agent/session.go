@@ -128,6 +128,11 @@ func (s *session) doRestore(f *protocol.Frame) error {
 				ErrorType: "Sandbox.RestoreFailed", ErrorMessage: err.Error()}})
 		}
 	}
+	if hooks := s.e.releaseRestore(); hooks != nil {
+		if f := s.awaitHooks(hooks); f != nil {
+			return s.write(protocol.TypeRestoreDone, protocol.RestoreDone{Error: f.info()})
+		}
+	}
 	s.e.setPendingRestore(req.RestoreDuration + time.Since(start))
 	return s.write(protocol.TypeRestoreDone, protocol.RestoreDone{})
 }

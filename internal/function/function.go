@@ -314,6 +314,12 @@ func (c *Config) Validate() error {
 	if err := ValidateSnapStart(c.SnapStart.ApplyOn); err != nil {
 		return err
 	}
+	if c.SnapStart.Enabled() && strings.HasPrefix(c.Runtime, "nodejs") {
+		// A restored Node.js process would hand every environment the same
+		// Math.random and OpenSSL generator state, which no runtime hook
+		// can reseed; Lambda offers no SnapStart for Node.js either.
+		return errdefs.Invalid("%s is not supported for SnapStart enabled functions.", c.Runtime)
+	}
 	return ValidateEnvironment(c.Environment)
 }
 

@@ -140,3 +140,16 @@ func TestQualifiedARN(t *testing.T) {
 		t.Errorf("unqualified QualifiedARN = %q", got)
 	}
 }
+
+func TestSnapStartNotForNode(t *testing.T) {
+	c := &Config{Name: "f", Runtime: "nodejs20.x", Handler: "index.handler", Role: "arn:aws:iam::000000000000:role/x",
+		SnapStart: SnapStart{ApplyOn: SnapStartPublishedVersions}}
+	c.ApplyDefaults()
+	if err := c.Validate(); !errors.Is(err, errdefs.ErrInvalidParameter) || !strings.Contains(err.Error(), "not supported for SnapStart") {
+		t.Fatalf("SnapStart on nodejs20.x: %v", err)
+	}
+	c.Runtime = "python3.11"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("SnapStart on python3.11: %v", err)
+	}
+}

@@ -75,6 +75,19 @@ class RuntimeAPI:
             {"Content-Type": "application/json", ERROR_TYPE_HEADER: error_type},
         )
 
+    def restore_next(self):
+        """SnapStart: end INIT and wait until the environment is restored."""
+        resp, body = self._request("GET", API_PREFIX + "/restore/next")
+        if resp.status != 200:
+            raise RuntimeError("GET /restore/next: HTTP %d: %s" % (resp.status, body[:200]))
+
+    def post_restore_error(self, error_doc, error_type):
+        return self._post(
+            API_PREFIX + "/restore/error",
+            json.dumps(error_doc).encode(),
+            {"Content-Type": "application/json", ERROR_TYPE_HEADER: error_type},
+        )
+
     def post_init_error(self, error_doc, error_type):
         return self._post(
             API_PREFIX + "/init/error",
@@ -386,6 +399,33 @@ def invoke(api, fn, headers, body):
     api.post_response(request_id, payload)
 
 
+def snapshot_and_restore(api):
+    """SnapStart: run the before-snapshot hooks, wait in /restore/next while
+    the environment is saved, then, in each restored environment, re-seed
+    Python's own random generator (it would otherwise draw the same numbers
+    in every environment restored from one snapshot) and run the
+    after-restore hooks. A failing hook is reported and ends the runtime.
+    """
+    import random
+
+    import snapshot_restore_py
+
+    try:
+        snapshot_restore_py.run_before_snapshot()
+    except Exception as e:
+        doc = error_doc("Runtime.BeforeSnapshotError", str(e), traceback.format_exc().splitlines())
+        api.post_init_error(doc, "Runtime.BeforeSnapshotError")
+        sys.exit(1)
+    api.restore_next()
+    random.seed()  # from os.urandom, which the restored kernel has reseeded
+    try:
+        snapshot_restore_py.run_after_restore()
+    except Exception as e:
+        doc = error_doc("Runtime.AfterRestoreError", str(e), traceback.format_exc().splitlines())
+        api.post_restore_error(doc, "Runtime.AfterRestoreError")
+        sys.exit(1)
+
+
 def main():
     # Output is line-buffered (and flushed before every post) so print()
     # lands in the log of the invocation that printed it.
@@ -408,6 +448,8 @@ def main():
     api = RuntimeAPI(address)
     setup_logging()
     fn = init(api, handler_name)
+    if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") == "snap-start":
+        snapshot_and_restore(api)
 
     while True:
         headers, body = api.next()
