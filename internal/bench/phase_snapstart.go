@@ -25,8 +25,15 @@ type SnapStartResult struct {
 	// RestoredVM is the host memory of a restored VM, idle, half a second
 	// after its first invoke.
 	RestoredVM Mem
-	Why        string
+	// PythonCold and PythonRestore are the same for a python3.11 echo
+	// function: cold boots (with its INIT) and restores of its version.
+	PythonCold, PythonRestore ColdSeries
+	Why                       string
 }
+
+// pythonEcho is the python function of the SnapStart phase: it answers
+// with the event, as the Go echo function does.
+const pythonEcho = "def handler(event, context):\n    return event\n"
 
 // snapStartPhase measures SnapStart on srv (a server with a short
 // keep-alive, so each invoke after the instances are gone is a restore).
@@ -61,20 +68,74 @@ func (r *runner) snapStartPhase(ctx context.Context, srv *ixServer) error {
 	}
 	res.PublishToActive = time.Since(start)
 
-	iv := &invoker{http: srv.http, url: srv.endpoint + "/2015-03-31/functions/" + url.PathEscape(name) + "/invocations?Qualifier=" + version}
+	res.Restore = r.coldSeries(ctx, srv, versionInvoker(srv, name, version), r.want, func() {
+		// One restored VM's memory, before the keep-alive stops it.
+		if sleepCtx(ctx, 500*time.Millisecond) == nil {
+			if m, err := r.measureInstances(srv); err == nil {
+				res.RestoredVM = m.PerInstance
+			}
+		}
+	})
+	r.say("InvokeX SnapStart: restored to first byte p50 %s (cold boot p50 %s), publish to Active %s",
+		fmtMs(res.Restore.TTFB.P50), fmtMs(r.rep.ColdAfterScaleZero.TTFB.P50), fmtMs(res.PublishToActive))
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	r.pythonSnapStart(ctx, srv)
+	return ctx.Err()
+}
+
+// pythonSnapStart measures a python function's cold boots ($LATEST, with
+// its INIT) and restores (its SnapStart version) on srv.
+func (r *runner) pythonSnapStart(ctx context.Context, srv *ixServer) {
+	res := &r.rep.SnapStart
+	const name = "bench-snap-py"
+	zip, err := zipFiles(map[string]string{"app.py": pythonEcho})
+	if err == nil {
+		_, err = srv.deploy(ctx, name, zip, func(in *lambda.CreateFunctionInput) {
+			in.Runtime, in.Handler = types.Runtime("python3.11"), aws.String("app.handler")
+			in.SnapStart = &types.SnapStart{ApplyOn: types.SnapStartApplyOnPublishedVersions}
+		})
+	}
+	if err != nil {
+		res.PythonCold.Why = "python function: " + err.Error()
+		return
+	}
+	// Python's json puts a space after the colon: look for the value only.
+	want := []byte("invokex-echo-payload")
+	res.PythonCold = r.coldSeries(ctx, srv, srv.invoker(name), want, nil)
+	pub, err := srv.sdk.PublishVersion(ctx, &lambda.PublishVersionInput{FunctionName: aws.String(name)})
+	if err == nil {
+		err = waitSnapshot(ctx, srv, name, aws.ToString(pub.Version))
+	}
+	if err != nil {
+		res.PythonRestore.Why = err.Error()
+		return
+	}
+	res.PythonRestore = r.coldSeries(ctx, srv, versionInvoker(srv, name, aws.ToString(pub.Version)), want, nil)
+	r.say("InvokeX SnapStart, python: restored to first byte p50 %s, cold boot p50 %s",
+		fmtMs(res.PythonRestore.TTFB.P50), fmtMs(res.PythonCold.TTFB.P50))
+}
+
+// versionInvoker invokes a published version of name.
+func versionInvoker(srv *ixServer, name, version string) *invoker {
+	return &invoker{http: srv.http, url: srv.endpoint + "/2015-03-31/functions/" + url.PathEscape(name) + "/invocations?Qualifier=" + version}
+}
+
+// coldSeries invokes iv ColdStarts times, each once srv has no instance
+// left (its keep-alive is short), and summarises the first responses.
+// afterFirst, if set, runs after the first sample.
+func (r *runner) coldSeries(ctx context.Context, srv *ixServer, iv *invoker, want []byte, afterFirst func()) ColdSeries {
 	var samples []coldSample
-	errs, first := 0, ""
+	errs, first, why := 0, "", ""
 	wait := 3*r.opts.KeepAliveShort + 20*time.Second
 	for i := 0; i < r.opts.ColdStarts && ctx.Err() == nil; i++ {
 		if err := srv.waitInstances(ctx, r.fs, 0, wait); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			res.Why = "instances were not stopped after the keep-alive: " + err.Error()
+			why = "instances were not stopped after the keep-alive: " + err.Error()
 			break
 		}
 		c := iv.invoke(ctx, r.payload, "")
-		if !c.ok(r.want) {
+		if !c.ok(want) {
 			errs++
 			if first == "" {
 				first = c.describe()
@@ -82,22 +143,13 @@ func (r *runner) snapStartPhase(ctx context.Context, srv *ixServer) error {
 			continue
 		}
 		samples = append(samples, coldSample{ttfb: c.TTFB, total: c.Total, cold: true})
-		if i == 0 {
-			// One restored VM's memory, before the keep-alive stops it.
-			if err := sleepCtx(ctx, 500*time.Millisecond); err != nil {
-				return err
-			}
-			if m, err := r.measureInstances(srv); err == nil {
-				res.RestoredVM = m.PerInstance
-			}
+		if i == 0 && afterFirst != nil {
+			afterFirst()
 		}
 	}
-	why := res.Why
-	res.Restore = summarizeCold(samples, errs, first)
-	res.Why = why
-	r.say("InvokeX SnapStart: restored to first byte p50 %s (cold boot p50 %s), publish to Active %s",
-		fmtMs(res.Restore.TTFB.P50), fmtMs(r.rep.ColdAfterScaleZero.TTFB.P50), fmtMs(res.PublishToActive))
-	return ctx.Err()
+	s := summarizeCold(samples, errs, first)
+	s.Why = why
+	return s
 }
 
 // waitSnapshot polls the version until it is Active with its snapshot

@@ -209,8 +209,8 @@ func TestVMTargets(t *testing.T) {
 	r := sampleReport()
 	r.Driver = "qemu"
 	ts := r.Targets()
-	if len(ts) != 6 {
-		t.Fatalf("%d VM targets, want 6: %+v", len(ts), ts)
+	if len(ts) != 7 {
+		t.Fatalf("%d VM targets, want 7: %+v", len(ts), ts)
 	}
 	if g := targetByName(t, ts, "SnapStart restore to first response"); g.Measured {
 		t.Errorf("SnapStart measured without samples: %+v", g)

@@ -77,3 +77,25 @@ func (z *zipper) zip(version string) ([]byte, error) {
 	}
 	return buf.Bytes(), nil
 }
+
+// zipFiles zips files (name → content, mode 0644), for functions the
+// benchmark writes itself (the python echo).
+func zipFiles(files map[string]string) ([]byte, error) {
+	var buf bytes.Buffer
+	w := zip.NewWriter(&buf)
+	for name, content := range files {
+		h := &zip.FileHeader{Name: name, Method: zip.Deflate}
+		h.SetMode(0o644)
+		f, err := w.CreateHeader(h)
+		if err != nil {
+			return nil, fmt.Errorf("zipping %s: %w", name, err)
+		}
+		if _, err := io.WriteString(f, content); err != nil {
+			return nil, fmt.Errorf("zipping %s: %w", name, err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		return nil, fmt.Errorf("zipping: %w", err)
+	}
+	return buf.Bytes(), nil
+}
