@@ -227,6 +227,7 @@ func (h *Harness) PrepareVersion(ctx context.Context, cfg *function.Config, rt *
 		MemoryMB:    cfg.MemorySize,
 		EphemeralMB: cfg.EphemeralStorage,
 		Network:     h.cfg.Network,
+		ForSnapshot: true,
 	}
 	t0 := time.Now()
 	if err := h.initForSnapshot(ctx, spec, cfg, rt); err != nil {

@@ -60,6 +60,11 @@ type Spec struct {
 	// Network gives the sandbox the host's network; false isolates it in an
 	// empty network namespace (loopback only).
 	Network bool
+	// ForSnapshot says the instance will be saved with Snapshotter.Snapshot
+	// after its INIT: a driver may start it so that its snapshot restores
+	// faster or shares more (the qemu driver keeps its RAM in a file).
+	// Drivers without snapshots ignore it.
+	ForSnapshot bool
 }
 
 // Instance is one running sandbox.

@@ -25,6 +25,7 @@ func (s *suite) testSnapshot(t *testing.T) {
 		t.Skipf("skipping: the %s driver takes no snapshots", e.d.Name())
 	}
 	spec := e.spec()
+	spec.ForSnapshot = true // as the harness starts what it snapshots
 	orig := e.start(t, spec)
 	orig.init()
 	dir := filepath.Join(t.TempDir(), "snap")

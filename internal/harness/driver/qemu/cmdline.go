@@ -21,6 +21,8 @@ const (
 	qmpSock   = "qmp.sock"
 	// scratchImage is the instance's writable /tmp.
 	scratchImage = "scratch.img"
+	// ramImage holds the RAM of a VM that will be snapshotted.
+	ramImage = "ram.img"
 )
 
 // Descriptors QEMU inherits (cmd.ExtraFiles starts at 3), in this order.
@@ -72,6 +74,14 @@ type vmConfig struct {
 	// restore) instead of running the guest: "-incoming defer", then QMP
 	// migrate-incoming from fdState.
 	Incoming bool `json:"-"`
+	// RAMFile keeps guest RAM in a file (descriptor RAMFD): shared with
+	// the file in a VM that will be snapshotted (the snapshot then needs
+	// no copy of RAM), mapped privately in a VM restored from such a
+	// snapshot (its pages are read from the file as the guest touches
+	// them and shared, in the page cache, by every restore of it).
+	RAMFile bool
+	RAMFD   int  `json:"-"`
+	RAMCopy bool `json:"-"` // private (restore) rather than shared
 }
 
 // fdState is the descriptor of a snapshot's state file a restoring QEMU
@@ -158,10 +168,14 @@ func (c vmConfig) args() []string {
 	if c.Accel == accelKVM {
 		cpu = "host"
 	}
+	machine := "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off"
+	if c.RAMFile {
+		machine += ",memory-backend=ram"
+	}
 	a := []string{
 		// The ID makes the process findable (ps, leftover checks).
 		"-name", vmName(c.ID),
-		"-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
+		"-M", machine,
 		"-accel", c.accelArg(),
 		"-cpu", cpu,
 		"-m", strconv.Itoa(c.MemoryMB) + "M",
@@ -204,6 +218,13 @@ func (c vmConfig) args() []string {
 		"-chardev", "stdio,id=console,signal=off",
 		"-serial", "chardev:console",
 	)
+	if c.RAMFile {
+		share := "on"
+		if c.RAMCopy {
+			share = "off"
+		}
+		a = append(a, "-object", "memory-backend-file,id=ram,size="+strconv.Itoa(c.MemoryMB)+"M,mem-path="+fdPath(c.RAMFD)+",share="+share)
+	}
 	if c.Incoming {
 		a = append(a, "-incoming", "defer")
 	}

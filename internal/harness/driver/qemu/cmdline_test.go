@@ -188,3 +188,22 @@ func TestArgsIncoming(t *testing.T) {
 		t.Errorf("-incoming = %q, want [defer]", got)
 	}
 }
+
+func TestArgsRAMFile(t *testing.T) {
+	c := vmConfig{ID: "s", Accel: accelTCG, MemoryMB: 128, VCPUs: 1, RAMFile: true, RAMFD: 9}
+	a := c.args()
+	if got := argValues(a, "-M"); len(got) != 1 || !strings.HasSuffix(got[0], ",memory-backend=ram") {
+		t.Errorf("-M = %q", got)
+	}
+	if got := argValues(a, "-object"); len(got) != 1 || got[0] != "memory-backend-file,id=ram,size=128M,mem-path=/proc/self/fd/9,share=on" {
+		t.Errorf("a VM to snapshot: -object = %q", got)
+	}
+	c.RAMCopy, c.RAMFD = true, 10
+	if got := argValues(c.args(), "-object"); len(got) != 1 || got[0] != "memory-backend-file,id=ram,size=128M,mem-path=/proc/self/fd/10,share=off" {
+		t.Errorf("a restored VM: -object = %q", got)
+	}
+	c = vmConfig{ID: "n", Accel: accelTCG, MemoryMB: 128, VCPUs: 1}
+	if got := argValues(c.args(), "-object"); len(got) != 0 {
+		t.Errorf("an ordinary VM keeps its RAM in a file: %q", got)
+	}
+}

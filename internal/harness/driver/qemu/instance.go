@@ -64,7 +64,16 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 		Network: spec.Network,
 	}
 	launched := time.Now()
-	if err := i.launch(cfg, disks, &rec.Record, nil); err != nil {
+	var ram *os.File
+	if spec.ForSnapshot {
+		f, err := i.ramFile(spec.MemoryMB)
+		if err != nil {
+			return err
+		}
+		defer f.Close() // QEMU has its own copy
+		ram, cfg.RAMFile = f, true
+	}
+	if err := i.launch(cfg, disks, &rec.Record, nil, ram); err != nil {
 		return err
 	}
 	if err := i.Record(rec); err != nil {
@@ -75,6 +84,27 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	}
 	i.Log().Debug("vm ready", "boot", time.Since(launched), "disks", launched.Sub(rec.Created), "config", cfg.String())
 	return nil
+}
+
+// ramFile creates the file a VM to be snapshotted keeps its RAM in (sparse,
+// the VM's user's) and opens it.
+func (i *instance) ramFile(memoryMB int) (*os.File, error) {
+	path := filepath.Join(i.Dir(), ramImage)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("creating the ram file: %w", err)
+	}
+	if err := f.Truncate(int64(memoryMB) << 20); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sizing the ram file: %w", err)
+	}
+	if i.uid != 0 {
+		if err := f.Chown(i.uid, i.uid); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("handing the ram file to the vm user: %w", err)
+		}
+	}
+	return f, nil
 }
 
 // vmDisks are an instance's kernel and images.
@@ -103,7 +133,7 @@ func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmDisks, error)
 // starts QEMU with them as inherited descriptors (then state, if not nil,
 // as fdState), as the instance's own unprivileged user when the driver is
 // root.
-func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record, state *os.File) error {
+func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record, state, ram *os.File) error {
 	d := i.d
 	i.cfg, i.launched = cfg, disks
 	var files []*os.File
@@ -135,6 +165,10 @@ func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record, state *o
 	files = append(files, f)
 	if state != nil {
 		files = append(files, state)
+	}
+	if ram != nil {
+		cfg.RAMFD = 3 + len(files)
+		files = append(files, ram)
 	}
 
 	cfg.ClockUnixMs = time.Now().UnixMilli()

@@ -35,6 +35,7 @@ const (
 	snapRoot     = "root.ext4"
 	snapCode     = "code.ext4"
 	snapMetaFile = "vm.json"
+	snapRAM      = "ram.img"
 )
 
 // snapSource is a snapshot a VM is restored from.
@@ -94,6 +95,13 @@ func (i *instance) snapshot(ctx context.Context, dir string) error {
 	if err := q.Execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": int64(1) << 40}, nil); err != nil {
 		return err
 	}
+	if i.cfg.RAMFile {
+		// RAM is in its file already: the stream carries device state only.
+		if err := q.Execute(ctx, "migrate-set-capabilities", map[string]any{
+			"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}, nil); err != nil {
+			return err
+		}
+	}
 	f, err := os.OpenFile(filepath.Join(dir, snapState), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
 		return err
@@ -113,7 +121,26 @@ func (i *instance) snapshot(ctx context.Context, dir string) error {
 	if err := copySparse(ctx, i.launched.scratch, filepath.Join(dir, snapScratch)); err != nil {
 		return fmt.Errorf("saving the scratch disk: %w", err)
 	}
-	for _, l := range [][2]string{{i.launched.kernel, snapKernel}, {i.launched.root, snapRoot}, {i.launched.code, snapCode}} {
+	links := [][2]string{{i.launched.kernel, snapKernel}, {i.launched.root, snapRoot}, {i.launched.code, snapCode}}
+	if i.cfg.RAMFile {
+		// Restores map it privately (copy on write: the file is never
+		// written again). QEMU 7.2 opens a private mapping's file for
+		// writing (its readonly=on makes the guest's RAM read-only), so
+		// the VMs' users need write permission on it: it is reachable
+		// only through the descriptor the driver hands each restoring
+		// QEMU (the directories above are the driver's, 0700), and a
+		// guest that escaped into its QEMU could at worst spoil later
+		// restores of its own version.
+		ram := filepath.Join(i.Dir(), ramImage)
+		if err := os.Chown(ram, 0, 0); err != nil && os.Geteuid() == 0 {
+			return fmt.Errorf("taking the ram file back: %w", err)
+		}
+		if err := os.Chmod(ram, 0o666); err != nil {
+			return err
+		}
+		links = append(links, [2]string{ram, snapRAM})
+	}
+	for _, l := range links {
 		if err := linkOrCopy(ctx, l[0], filepath.Join(dir, l[1])); err != nil {
 			return fmt.Errorf("keeping %s: %w", l[0], err)
 		}
@@ -178,8 +205,17 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	defer state.Close() // QEMU has its own copy
 	cfg := src.meta.Config
 	cfg.ID, cfg.Incoming = spec.ID, true
+	var ram *os.File
+	if cfg.RAMFile {
+		ram, err = os.Open(filepath.Join(src.dir, snapRAM))
+		if err != nil {
+			return fmt.Errorf("opening the snapshot's ram: %w", err)
+		}
+		defer ram.Close()
+		cfg.RAMCopy = true
+	}
 	launched := time.Now()
-	if err := i.launch(cfg, disks, &rec.Record, state); err != nil {
+	if err := i.launch(cfg, disks, &rec.Record, state, ram); err != nil {
 		return err
 	}
 	if err := i.Record(rec); err != nil {
@@ -197,6 +233,12 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 		return i.restoreErr(rctx, err)
 	}
 	defer q.Close()
+	if cfg.RAMFile {
+		if err := q.Execute(rctx, "migrate-set-capabilities", map[string]any{
+			"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}, nil); err != nil {
+			return i.restoreErr(rctx, err)
+		}
+	}
 	if err := q.Execute(rctx, "migrate-incoming", map[string]string{"uri": "fd:" + strconv.Itoa(fdState)}, nil); err != nil {
 		return i.restoreErr(rctx, err)
 	}
