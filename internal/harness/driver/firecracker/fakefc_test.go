@@ -441,6 +441,9 @@ func (v *fakeVM) agent(c net.Conn) {
 	}
 	io.WriteString(c, vmm.ReadyLine+"HELLO")
 	if v.mode == "die" {
+		// Give the driver time to read the ready line: a VMM that exits
+		// while its ready line is unread fails the start by design.
+		time.Sleep(300 * time.Millisecond)
 		v.end(0)
 		return
 	}

@@ -156,6 +156,9 @@ func fakeQEMU(args []string) int {
 		}
 		io.WriteString(c, vmm.ReadyLine+"HELLO")
 		if mode == "die" {
+			// Give the driver time to read the ready line: a VMM that
+			// exits while its ready line is unread fails the start.
+			time.Sleep(300 * time.Millisecond)
 			quit <- struct{}{}
 			return
 		}
