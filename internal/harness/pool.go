@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/function"
 )
 
 // pool holds one function's instances, across its revisions.
@@ -24,9 +25,24 @@ type pool struct {
 	revisions map[string]*revision
 	instances map[string]*instance // every instance not gone
 	counts    [StateGone + 1]int   // instances by state
-	// latest is the revision most recently invoked; the reaper keeps it
-	// (and its unpacked code) even when it has no instances.
+	// latest is the $LATEST revision most recently invoked or prepared;
+	// the reaper keeps it (and its unpacked code) even when it has no
+	// instances. Published versions never take its place.
 	latest string
+}
+
+// revisionLocked returns cfg's revision of the pool, registering it if
+// new, and makes it the latest when cfg is $LATEST. p.mu is held.
+func (p *pool) revisionLocked(cfg *function.Config) *revision {
+	rev := p.revisions[cfg.RevisionID]
+	if rev == nil {
+		rev = &revision{id: cfg.RevisionID}
+		p.revisions[cfg.RevisionID] = rev
+	}
+	if cfg.Version == "" || cfg.Version == function.LatestVersion {
+		p.latest = cfg.RevisionID
+	}
+	return rev
 }
 
 // revision is one code+configuration revision the pool serves.
@@ -139,12 +155,7 @@ func (h *Harness) acquire(req *InvokeRequest) (i *instance, cold bool, err error
 			p.mu.Unlock()
 			continue
 		}
-		rev := p.revisions[fn.RevisionID]
-		if rev == nil {
-			rev = &revision{id: fn.RevisionID}
-			p.revisions[fn.RevisionID] = rev
-		}
-		p.latest = fn.RevisionID
+		rev := p.revisionLocked(fn)
 		if n := len(rev.idle); n > 0 {
 			i = rev.idle[n-1]
 			err = p.move(i, StateBusy)

@@ -74,8 +74,9 @@ func (h *Harness) prepareDriver(ctx context.Context, cfg *function.Config, codeD
 	})
 }
 
-// preparedRevision registers cfg's revision as its pool's latest and
-// returns the pool, or nil when the revision already pins its code.
+// preparedRevision registers cfg's revision (as its pool's latest, for
+// $LATEST) and returns the pool, or nil when the revision already pins its
+// code.
 func (h *Harness) preparedRevision(cfg *function.Config) *pool {
 	for {
 		p := h.poolFor(cfg.Name)
@@ -84,12 +85,7 @@ func (h *Harness) preparedRevision(cfg *function.Config) *pool {
 			p.mu.Unlock()
 			continue
 		}
-		rev := p.revisions[cfg.RevisionID]
-		if rev == nil {
-			rev = &revision{id: cfg.RevisionID}
-			p.revisions[cfg.RevisionID] = rev
-		}
-		p.latest = cfg.RevisionID
+		rev := p.revisionLocked(cfg)
 		pinned := rev.codeKey != ""
 		p.mu.Unlock()
 		if pinned {

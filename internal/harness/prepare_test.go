@@ -84,6 +84,26 @@ func TestPreparedCodeOutlivesItsInstances(t *testing.T) {
 	}
 }
 
+// Invoking a published version (a revision of its own, with other code)
+// does not make $LATEST's prepared revision reapable.
+func TestVersionInvokeKeepsLatestPrepared(t *testing.T) {
+	e := newTestEnv(t, func(c *Config) { c.KeepAlive = 10 * time.Millisecond })
+	e.openGate()
+	latest := e.fn("f", "r-latest")
+	if err := e.h.Prepare(context.Background(), latest); err != nil {
+		t.Fatal(err)
+	}
+	v1 := e.fn("f", "r-v1")
+	v1.Version = "1"
+	v1.CodeSha256 = e.src.add(t, "v1-code")
+	mustInvoke(t, e.h, request(v1, "x"))
+	waitFor(t, "the version's instance reaped", func() bool { return e.h.Stats().Instances == 0 })
+	e.h.reap()
+	if !exists(t, e.codeDir(t, latest.CodeSha256)) {
+		t.Fatal("$LATEST's prepared code was removed after an invoke of a published version")
+	}
+}
+
 // Prepare, then a new revision: the old one's code goes when it is retired;
 // a configuration-only revision keeps the same directory without fetching
 // it again; retiring everything leaves nothing.
