@@ -92,6 +92,11 @@ func (e *env) releaseRestore() <-chan *failure {
 func (e *env) finishHooks(f *failure) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	return e.finishHooksLocked(f)
+}
+
+// finishHooksLocked is finishHooks with e.mu held.
+func (e *env) finishHooksLocked(f *failure) bool {
 	if e.hooksDone == nil {
 		return false
 	}

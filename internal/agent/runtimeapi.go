@@ -71,9 +71,6 @@ func newRuntimeAPI(e *env) *http.Server {
 // as in Lambda's RIE.
 func (e *env) handleNext(w http.ResponseWriter, r *http.Request) {
 	gen := connGen(r.Context())
-	// A runtime released from /restore/next is ready again: its
-	// after-restore hooks are done.
-	e.finishHooks(nil)
 	for {
 		e.mu.Lock()
 		rt := e.rt
@@ -82,6 +79,9 @@ func (e *env) handleNext(w http.ResponseWriter, r *http.Request) {
 			writeStatusError(w, errStaleRuntime)
 			return
 		}
+		// A runtime released from /restore/next is ready again: its
+		// after-restore hooks are done.
+		e.finishHooksLocked(nil)
 		switch {
 		case e.m.is(stateInitializing):
 			e.endInitLocked(rt, nil)
