@@ -5,7 +5,7 @@
 //
 // Actions:
 //
-//	echo          the event plus facts: pid, uid, gid, hostname, cwd, env, /var/task listing
+//	echo          the event plus facts: pid, uid, gid, hostname, cwd, env, /var/task listing, CPUs
 //	sleep         {ms}: sleep (ignoring the deadline), then answer with the event
 //	exit          {code}: os.Exit(code) in the middle of the invocation
 //	panic         panic in the handler
@@ -76,6 +76,9 @@ type Facts struct {
 	Env      map[string]string `json:"env"`
 	Task     []string          `json:"task"`
 	TaskErr  string            `json:"taskErr,omitempty"`
+	// CPUs is how many CPUs the runtime may run on (its affinity mask;
+	// in a VM, its vCPUs).
+	CPUs int `json:"cpus"`
 }
 
 // Outcome is the answer of the actions that can fail inside the sandbox: the
@@ -179,6 +182,7 @@ func facts() Facts {
 		GID:  os.Getgid(),
 		Env:  map[string]string{},
 		Task: []string{},
+		CPUs: runtime.NumCPU(),
 	}
 	f.Hostname, _ = os.Hostname()
 	f.Cwd, _ = os.Getwd()

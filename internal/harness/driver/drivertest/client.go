@@ -289,6 +289,7 @@ type facts struct {
 	Cwd      string            `json:"cwd"`
 	Env      map[string]string `json:"env"`
 	Task     []string          `json:"task"`
+	CPUs     int               `json:"cpus"`
 }
 
 type echoAnswer struct {

@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -88,6 +89,7 @@ func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir s
 		{"StartCancelled", s.testStartCancelled},
 		{"Close", s.testClose},
 		{"Concurrent", s.testConcurrent},
+		{"CPUsFollowMemory", s.testCPUsFollowMemory},
 		{"FunctionErrors", s.testFunctionErrors},
 		{"Timeout", s.testTimeout},
 		{"RuntimeCrash", s.testRuntimeCrash},
@@ -263,6 +265,25 @@ func (s *suite) testConcurrent(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// testCPUsFollowMemory: a sandbox's runtime runs on as many CPUs as its
+// memory buys (driver.VCPUsFor, Lambda's rule), whatever the driver: vCPUs
+// in a VM, the affinity mask in a process sandbox.
+func (s *suite) testCPUsFollowMemory(t *testing.T) {
+	host := runtime.NumCPU()
+	e := s.env(t)
+	for _, mb := range []int{128, 3600} {
+		spec := e.spec()
+		spec.MemoryMB = mb
+		sb := e.start(t, spec)
+		sb.init()
+		var a echoAnswer
+		sb.call(map[string]any{"action": "echo"}, &a)
+		if want := driver.VCPUsFor(mb, host); a.Facts.CPUs != want {
+			t.Errorf("%d MB sandbox: runtime sees %d CPUs, want %d (host has %d)", mb, a.Facts.CPUs, want, host)
+		}
 	}
 }
 

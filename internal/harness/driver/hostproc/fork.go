@@ -1,8 +1,11 @@
 package hostproc
 
 import (
+	"fmt"
 	"os/exec"
 	"runtime"
+
+	"golang.org/x/sys/unix"
 )
 
 // Forker starts every child of a driver from one OS thread that lives as
@@ -20,8 +23,9 @@ type Forker struct {
 }
 
 type forkReq struct {
-	cmd *exec.Cmd
-	err chan error
+	cmd  *exec.Cmd
+	cpus []int
+	err  chan error
 }
 
 // NewForker starts the Forker's thread.
@@ -34,7 +38,7 @@ func NewForker() *Forker {
 func (f *Forker) loop() {
 	runtime.LockOSThread()
 	for r := range f.reqs {
-		r.err <- r.cmd.Start()
+		r.err <- startOn(r.cmd, r.cpus)
 	}
 	// Every child is gone (see Close): hand the thread back to the
 	// runtime instead of ending it.
@@ -43,9 +47,42 @@ func (f *Forker) loop() {
 
 // Start runs cmd.Start on the Forker's thread and returns its error.
 func (f *Forker) Start(cmd *exec.Cmd) error {
+	return f.StartOn(cmd, nil)
+}
+
+// StartOn is Start with the child's CPU affinity set to cpus (nil: the
+// Forker's own, i.e. the process's). The child inherits the mask from the
+// forking thread at clone, before it runs any code, so all of its threads
+// and children have it; setting it from outside afterwards would race with
+// the threads the child's runtime starts.
+func (f *Forker) StartOn(cmd *exec.Cmd, cpus []int) error {
 	ch := make(chan error, 1)
-	f.reqs <- forkReq{cmd: cmd, err: ch}
+	f.reqs <- forkReq{cmd: cmd, cpus: cpus, err: ch}
 	return <-ch
+}
+
+// startOn runs on the Forker's locked thread: it narrows the thread's
+// affinity to cpus for the fork and restores it afterwards.
+func startOn(cmd *exec.Cmd, cpus []int) error {
+	if len(cpus) == 0 {
+		return cmd.Start()
+	}
+	var saved, set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &saved); err != nil {
+		return fmt.Errorf("reading the forking thread's CPU affinity: %w", err)
+	}
+	for _, c := range cpus {
+		set.Set(c)
+	}
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return fmt.Errorf("setting CPU affinity %v for the child: %w", cpus, err)
+	}
+	err := cmd.Start()
+	// Restoring the mask just read fails only if its CPUs went offline;
+	// the child is started either way, and a thread left narrowed costs
+	// later children placement, not correctness.
+	_ = unix.SchedSetaffinity(0, &saved)
+	return err
 }
 
 // Close ends the Forker; Start must not be called afterwards. Calling

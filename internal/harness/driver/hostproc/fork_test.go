@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -109,5 +110,45 @@ func TestForkerStartError(t *testing.T) {
 	}
 	if err := ok.Wait(); err != nil {
 		t.Errorf("true: %v", err)
+	}
+}
+
+// cpusAllowed runs a child through start and returns its Cpus_allowed_list.
+func cpusAllowed(t *testing.T, start func(*exec.Cmd) error) string {
+	t.Helper()
+	cmd := exec.Command("grep", "Cpus_allowed_list", "/proc/self/status")
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := start(cmd); err != nil {
+		t.Fatalf("starting grep: %v", err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("grep: %v", err)
+	}
+	_, v, _ := strings.Cut(out.String(), ":")
+	return strings.TrimSpace(v)
+}
+
+func TestForkerStartOn(t *testing.T) {
+	var mine unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &mine); err != nil || mine.Count() < 2 {
+		t.Skipf("skipping: needs a process allowed on 2 CPUs (have %d, err %v)", mine.Count(), err)
+	}
+	last := -1
+	for c := 0; c < len(mine)*64; c++ {
+		if mine.IsSet(c) {
+			last = c
+		}
+	}
+	f := NewForker()
+	defer f.Close()
+	want := strconv.Itoa(last)
+	if got := cpusAllowed(t, func(c *exec.Cmd) error { return f.StartOn(c, []int{last}) }); got != want {
+		t.Errorf("child started on CPU %d is allowed on %q, want %q", last, got, want)
+	}
+	// The Forker's thread got its own mask back: a plain Start is not narrowed.
+	direct := cpusAllowed(t, func(c *exec.Cmd) error { return c.Start() })
+	if got := cpusAllowed(t, f.Start); got != direct {
+		t.Errorf("child started after StartOn is allowed on %q, want the process's %q", got, direct)
 	}
 }

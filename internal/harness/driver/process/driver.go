@@ -78,6 +78,7 @@ type Driver struct {
 	opts         Options
 	log          *slog.Logger
 	cg           *cgroupManager
+	cpus         *cpuPlacer
 	fork         *hostproc.Forker
 	rootless     bool
 	degradations []string
@@ -125,6 +126,7 @@ func New(opts Options) (*Driver, error) {
 		log:      opts.Logger.With("driver", "process"),
 		rootless: os.Geteuid() != 0,
 		fork:     hostproc.NewForker(),
+		cpus:     newCPUPlacer(),
 	}
 	if d.rootless {
 		d.degradations = append(d.degradations,
@@ -301,6 +303,7 @@ type instance struct {
 	log *slog.Logger
 
 	cgroups []string
+	cpus    []int // from d.cpus, given back at destroy
 	cmd     *exec.Cmd
 	conn    net.Conn
 	stderr  *hostproc.LineLog
@@ -357,6 +360,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 		sandboxEnd.Close()
 		return fmt.Errorf("wrapping socketpair: %w", err)
 	}
+	i.cpus = d.cpus.acquire(spec.MemoryMB)
 	err = i.startInit(spec, root, sandboxEnd)
 	sandboxEnd.Close() // the child has its copy
 	if err != nil {
@@ -432,7 +436,7 @@ func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File)
 		attr.GidMappingsEnableSetgroups = false
 	}
 	cmd.SysProcAttr = attr
-	if err := d.fork.Start(cmd); err != nil {
+	if err := d.fork.StartOn(cmd, i.cpus); err != nil {
 		return fmt.Errorf("starting sandbox init: %w", err)
 	}
 	i.cmd = cmd
@@ -511,6 +515,7 @@ func (i *instance) destroy(ctx context.Context, grace time.Duration) error {
 	if err := removeStateDir(i.dir); err != nil {
 		errs = append(errs, err)
 	}
+	i.d.cpus.release(i.cpus)
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("stopping sandbox %s: %w", i.id, err)
 	}
