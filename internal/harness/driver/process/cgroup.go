@@ -229,6 +229,43 @@ func (m *cgroupManager) create(id string, memoryMB int) error {
 	return nil
 }
 
+// setMemory changes the memory limit of an instance's cgroups (paths) from
+// fromMB to toMB (both without agentHeadroomMB). On v1 memsw (memory+swap)
+// may never be below the memory limit, so the order of the two writes
+// depends on the direction.
+func (m *cgroupManager) setMemory(paths []string, fromMB, toMB int) error {
+	if m.memDir == "" {
+		return nil
+	}
+	var dir string
+	for _, p := range paths {
+		if filepath.Dir(p) == m.memDir {
+			dir = p
+		}
+	}
+	if dir == "" {
+		return fmt.Errorf("setting memory limit: no memory cgroup among %v", paths)
+	}
+	memBytes := []byte(strconv.FormatInt(int64(toMB+agentHeadroomMB)<<20, 10))
+	var files []string
+	switch {
+	case m.version == 2:
+		files = []string{"memory.max"}
+	case !m.memsw:
+		files = []string{"memory.limit_in_bytes"}
+	case toMB > fromMB:
+		files = []string{"memory.memsw.limit_in_bytes", "memory.limit_in_bytes"}
+	default:
+		files = []string{"memory.limit_in_bytes", "memory.memsw.limit_in_bytes"}
+	}
+	for _, f := range files {
+		if err := os.WriteFile(filepath.Join(dir, f), memBytes, 0); err != nil {
+			return fmt.Errorf("setting %s: %w", filepath.Join(dir, f), err)
+		}
+	}
+	return nil
+}
+
 // joinCgroups moves pid (all its threads) into every cgroup of paths.
 func joinCgroups(paths []string, pid int) error {
 	for _, p := range paths {

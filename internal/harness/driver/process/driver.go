@@ -22,16 +22,11 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
@@ -71,7 +66,16 @@ type Options struct {
 	CgroupParent string
 	// StopGrace bounds the graceful part of Stop; default 2 s.
 	StopGrace time.Duration
+	// WarmSandboxes is how many sandboxes the driver keeps started ahead
+	// of need, once the first Start has run (see warmPool); 0 means
+	// DefaultWarmSandboxes, negative none.
+	WarmSandboxes int
 }
+
+// DefaultWarmSandboxes is Options.WarmSandboxes's default: enough for
+// cold starts one after another, and a little for bursts; each costs an
+// idle init (about 3 MiB).
+const DefaultWarmSandboxes = 2
 
 // Driver is the process sandbox driver. See package driver for the contract.
 type Driver struct {
@@ -79,6 +83,7 @@ type Driver struct {
 	log          *slog.Logger
 	cg           *cgroupManager
 	cpus         *cpuPlacer
+	warm         *warmPool
 	fork         *hostproc.Forker
 	rootless     bool
 	degradations []string
@@ -136,6 +141,10 @@ func New(opts Options) (*Driver, error) {
 		d.degradations = append(d.degradations,
 			"no CAP_SYS_RESOURCE: the agent cannot be protected from the OOM killer (oom_score_adj)")
 	}
+	if opts.WarmSandboxes == 0 {
+		opts.WarmSandboxes = DefaultWarmSandboxes
+	}
+	d.warm = newWarmPool(d, opts.WarmSandboxes)
 	d.cg = newCgroupManager(opts.CgroupRoot, opts.CgroupParent, !d.rootless)
 	d.degradations = append(d.degradations, d.cg.degradations...)
 	for _, s := range d.degradations {
@@ -162,7 +171,6 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 	inst := &instance{
 		d:           d,
 		id:          spec.ID,
-		dir:         filepath.Join(d.opts.StateDir, spec.ID),
 		done:        make(chan struct{}),
 		started:     make(chan struct{}),
 		cancelStart: cancel,
@@ -236,7 +244,7 @@ func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
 
 func (d *Driver) known(id string) bool {
 	_, ok := d.instances.Get(id)
-	return ok
+	return ok || d.warm.owns(id)
 }
 
 func (d *Driver) removeLeftover(ctx context.Context, id string) error {
@@ -284,7 +292,9 @@ func dedupe(ss []string) []string {
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
+	werr := d.warm.close(ctx)
 	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
+	err = errors.Join(werr, err)
 	// Every instance is gone and no Start can follow: nothing forks or
 	// creates cgroups any more.
 	if first {
@@ -294,20 +304,16 @@ func (d *Driver) Close(ctx context.Context) error {
 	return err
 }
 
-// instance is one sandbox. Its fields are set by start and read-only once
-// started is closed.
+// instance is what Start returns: a sandbox assigned to one harness
+// instance ID. sb is set by start and read-only once started is closed.
 type instance struct {
 	d   *Driver
 	id  string
-	dir string
 	log *slog.Logger
 
-	cgroups []string
-	cpus    []int // from d.cpus, given back at destroy
-	cmd     *exec.Cmd
-	conn    net.Conn
-	stderr  *hostproc.LineLog
-	// done is closed when the init has exited (the only cmd.Wait).
+	sb *sandbox
+	// done is closed when the init has exited; before start has a
+	// sandbox, never.
 	done chan struct{}
 	// started is closed when Start has returned; cancelStart aborts it.
 	started     chan struct{}
@@ -320,161 +326,33 @@ type instance struct {
 var _ driver.Instance = (*instance)(nil)
 
 func (i *instance) ID() string               { return i.id }
-func (i *instance) Conn() io.ReadWriteCloser { return i.conn }
+func (i *instance) Conn() io.ReadWriteCloser { return i.sb.conn }
 func (i *instance) Done() <-chan struct{}    { return i.done }
 
 // PID is the sandbox init's pid in the host's namespace.
-func (i *instance) PID() int { return i.cmd.Process.Pid }
+func (i *instance) PID() int { return i.sb.cmd.Process.Pid }
 
+// start takes a warm sandbox if one fits, else starts one, and turns it
+// into this instance.
 func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	d := i.d
-	rec := &record{ID: spec.ID, Function: spec.Function, RevisionID: spec.RevisionID,
-		Cgroups: d.cg.paths(spec.ID), Created: time.Now().UTC()}
-	// Record first, then create: Recover must know of every cgroup.
-	if err := os.Mkdir(i.dir, 0o700); err != nil {
-		return fmt.Errorf("creating state directory: %w", err)
-	}
-	root := filepath.Join(i.dir, rootDirName)
-	if err := os.Mkdir(root, 0o755); err != nil {
-		return fmt.Errorf("creating root directory: %w", err)
-	}
-	if err := hostproc.WriteRecord(i.dir, rec); err != nil {
-		return err
-	}
-	i.cgroups = rec.Cgroups
-	if err := d.cg.create(spec.ID, spec.MemoryMB); err != nil {
-		return err
-	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("creating socketpair: %w", err)
-	}
-	hostEnd := os.NewFile(uintptr(fds[0]), "sandbox-"+spec.ID)
-	sandboxEnd := os.NewFile(uintptr(fds[1]), "harness")
-	i.conn, err = net.FileConn(hostEnd)
-	hostEnd.Close()
-	if err != nil {
-		sandboxEnd.Close()
-		return fmt.Errorf("wrapping socketpair: %w", err)
-	}
-	i.cpus = d.cpus.acquire(spec.MemoryMB)
-	err = i.startInit(spec, root, sandboxEnd)
-	sandboxEnd.Close() // the child has its copy
-	if err != nil {
-		return err
-	}
-	p, err := hostproc.Lookup(i.cmd.Process.Pid)
-	if err != nil {
-		return i.withStderr(fmt.Errorf("reading init start time: %w", err))
-	}
-	rec.PID, rec.StartTime = p.PID, p.StartTime
-	if err := hostproc.WriteRecord(i.dir, rec); err != nil {
-		return err
-	}
-	// The init waits for syncGo before it allocates anything of note, so
-	// joining here puts the whole sandbox under the limits.
-	if err := joinCgroups(i.cgroups, rec.PID); err != nil {
-		return i.withStderr(err)
-	}
-	if _, err := i.conn.Write([]byte{syncGo}); err != nil {
-		return i.withStderr(fmt.Errorf("releasing init: %w", err))
-	}
-	return i.waitReady(ctx)
-}
-
-// withStderr adds what the init wrote to an error caused by its early
-// death, waiting a moment for the last lines to arrive.
-func (i *instance) withStderr(err error) error {
-	select {
-	case <-i.done:
-	case <-time.After(time.Second):
-	}
-	if tail := i.stderr.LastLines(); tail != "" {
-		return fmt.Errorf("%w (sandbox said: %s)", err, tail)
-	}
-	return err
-}
-
-func (i *instance) startInit(spec driver.Spec, root string, sandboxEnd *os.File) error {
-	d := i.d
-	cfg := sandboxConfig{
-		ID: spec.ID, Hostname: hostname(spec.ID), Root: root,
-		CodeDir: spec.CodeDir, RuntimeDir: spec.RuntimeDir,
-		MemoryMB: spec.MemoryMB, EphemeralMB: spec.EphemeralMB,
-		OwnNetwork: !spec.Network,
-	}
-	cfgJSON, err := jsonString(cfg)
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(d.opts.InitCommand[0], d.opts.InitCommand[1:]...)
-	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", configEnv + "=" + cfgJSON}
-	cmd.Dir = "/"
-	cmd.ExtraFiles = []*os.File{sandboxEnd} // fd 3 = harnessFD
-	i.stderr = newStderrLog(i.log.With("source", "sandbox"))
-	cmd.Stdout = i.stderr
-	cmd.Stderr = i.stderr
-	// Bounds cmd.Wait if something in the sandbox kept the stderr pipe
-	// open after the init died (cannot happen with a pid namespace, but
-	// the waiter must never hang).
-	cmd.WaitDelay = time.Second
-	flags := uintptr(unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS)
-	if !spec.Network {
-		flags |= unix.CLONE_NEWNET
-	}
-	// Setsid: a sandbox is its own session, so a terminal's Ctrl-C (sent to
-	// the server's foreground process group) reaches only the server, which
-	// then stops sandboxes in order, instead of killing them under it.
-	attr := &syscall.SysProcAttr{Cloneflags: flags, Pdeathsig: syscall.SIGKILL, Setsid: true}
-	if d.rootless {
-		attr.Cloneflags |= unix.CLONE_NEWUSER
-		attr.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}}
-		attr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}}
-		attr.GidMappingsEnableSetgroups = false
-	}
-	cmd.SysProcAttr = attr
-	if err := d.fork.StartOn(cmd, i.cpus); err != nil {
-		return fmt.Errorf("starting sandbox init: %w", err)
-	}
-	i.cmd = cmd
-	hostproc.Supervise(cmd, i.done, func(err error) {
-		i.stderr.Flush()
+	sb := d.warm.take(spec.Network)
+	if sb == nil {
+		var err error
+		// Forked with its CPUs, so no thread of it ever runs elsewhere.
+		sb, err = d.spawn(ctx, spec.ID, spec.Network, spec.MemoryMB, d.cpus.acquire(spec.MemoryMB))
 		if err != nil {
-			i.log.Info("sandbox exited", "err", err)
+			return err
 		}
-	})
-	return nil
-}
-
-// newStderrLog is the log of a sandbox's stdout and stderr: its init and
-// agent write diagnostics there, as slog JSON records.
-func newStderrLog(log *slog.Logger) *hostproc.LineLog {
-	return hostproc.NewLineLog(log, hostproc.LineLogOptions{Msg: "sandbox output"})
-}
-
-// waitReady waits for syncReady from the agent. The init exiting first
-// ends the read with EOF, since the sandbox's end of the stream closes.
-func (i *instance) waitReady(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
-	defer cancel()
-	stop := context.AfterFunc(ctx, func() { _ = i.conn.SetReadDeadline(time.Now()) })
-	defer stop()
-	var b [1]byte
-	_, err := io.ReadFull(i.conn, b[:])
-	if !stop() {
-		// The deadline was forced: the read (if it failed) failed for that.
-		return fmt.Errorf("waiting for the sandbox agent: %w", context.Cause(ctx))
+	} else {
+		i.log.Debug("using warm sandbox", "sandbox", sb.name)
 	}
-	if err != nil {
-		return i.withStderr(fmt.Errorf("sandbox failed before its agent was ready: %w", err))
-	}
-	if b[0] != syncReady {
-		return fmt.Errorf("sandbox agent sent %q instead of ready", b[0])
-	}
-	return nil
+	i.sb = sb
+	i.done = sb.done
+	return sb.assign(ctx, spec)
 }
 
 // stop runs the teardown exactly once; concurrent callers wait for it.
@@ -486,40 +364,14 @@ func (i *instance) stopWithGrace(ctx context.Context, grace time.Duration) error
 	i.cancelStart()
 	<-i.started
 	i.stopOnce.Do(func() {
-		i.stopErr = i.destroy(ctx, grace)
+		if i.sb != nil {
+			if err := i.sb.destroy(ctx, grace); err != nil {
+				i.stopErr = fmt.Errorf("stopping sandbox %s: %w", i.id, err)
+			}
+		}
 		i.d.instances.Remove(i.id)
 	})
 	return i.stopErr
-}
-
-// destroy closes the stream, asks the sandbox to exit (SIGTERM to the init,
-// which the agent gets), kills it after the grace period (killing a pid
-// namespace's init kills the namespace), then removes the cgroups and the
-// state directory. It runs to completion even when ctx is cancelled; ctx
-// only shortens the grace period.
-func (i *instance) destroy(ctx context.Context, grace time.Duration) error {
-	var errs []error
-	if i.conn != nil {
-		i.conn.Close()
-	}
-	if i.cmd != nil {
-		// The closed stream already makes the agent exit; SIGTERM (Stop's
-		// default request) covers an agent that is not reading it.
-		if err := hostproc.Stop(ctx, i.cmd.Process, i.done, grace, nil); err != nil {
-			errs = append(errs, fmt.Errorf("sandbox init: %w", err))
-		}
-	}
-	if err := destroyCgroups(context.WithoutCancel(ctx), i.cgroups, killTimeout); err != nil {
-		errs = append(errs, err)
-	}
-	if err := removeStateDir(i.dir); err != nil {
-		errs = append(errs, err)
-	}
-	i.d.cpus.release(i.cpus)
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("stopping sandbox %s: %w", i.id, err)
-	}
-	return nil
 }
 
 // hostname is the sandbox's hostname (at most 64 bytes).

@@ -14,6 +14,7 @@ import (
 
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 )
 
@@ -247,6 +248,9 @@ func TestStartFailureCleansUp(t *testing.T) {
 	d := newTestDriver(t, Options{
 		StateDir:    stateDir,
 		InitCommand: []string{"/bin/sh", "-c", "echo init-broke-here >&2; exit 7"},
+		// The start path without warm sandboxes (TestWarmSandboxes has
+		// the other).
+		WarmSandboxes: -1,
 	})
 	spec := testSpec(t)
 	_, err := d.Start(context.Background(), spec)
@@ -263,5 +267,85 @@ func TestStartFailureCleansUp(t *testing.T) {
 	}
 	if d.known(spec.ID) {
 		t.Errorf("failed instance still registered")
+	}
+}
+
+// waitWarm waits until the pool holds n idle sandboxes and returns them.
+func waitWarm(t *testing.T, d *Driver, n int) []*sandbox {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		d.warm.mu.Lock()
+		idle := append([]*sandbox(nil), d.warm.idle...)
+		d.warm.mu.Unlock()
+		if len(idle) >= n {
+			return idle
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pool holds %d warm sandboxes after 20 s, want %d", len(idle), n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestWarmSandboxes: after the first Start the driver keeps a sandbox
+// ready; the next Start becomes it (renamed after the instance, with the
+// instance's memory limit); Recover leaves it alone and Close removes it.
+func TestWarmSandboxes(t *testing.T) {
+	requireRoot(t)
+	stateDir := t.TempDir()
+	d := newTestDriver(t, Options{StateDir: stateDir, WarmSandboxes: 1})
+	if d.cg.memDir == "" {
+		t.Skipf("skipping: memory controller unavailable: %v", d.Describe())
+	}
+	startInstance(t, d, testSpec(t))
+	warm := waitWarm(t, d, 1)[0]
+	warmPID, warmName := warm.rec.PID, warm.name
+
+	if _, err := d.Recover(context.Background()); err != nil {
+		t.Fatalf("Recover: %v", err)
+	}
+	if !(hostproc.Proc{PID: warmPID, StartTime: warm.rec.StartTime}).Running() {
+		t.Fatalf("Recover killed the driver's own warm sandbox %s", warmName)
+	}
+
+	spec := testSpec(t)
+	spec.MemoryMB = 300
+	inst := startInstance(t, d, spec)
+	if inst.PID() != warmPID {
+		t.Fatalf("second instance runs in pid %d, want the warm sandbox's %d", inst.PID(), warmPID)
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, warmName)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("warm sandbox's state directory still there after it became %s: %v", spec.ID, err)
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, spec.ID, hostproc.RecordFile)); err != nil {
+		t.Errorf("instance's record: %v", err)
+	}
+	if d.cg.version == 1 {
+		mem := filepath.Join(d.opts.CgroupRoot, "memory", cgroupOf(t, inst.PID(), "memory"))
+		if filepath.Base(mem) != spec.ID {
+			t.Errorf("instance is in memory cgroup %s, want one named %s", mem, spec.ID)
+		}
+		want := strconv.Itoa((spec.MemoryMB + agentHeadroomMB) << 20)
+		if got := readTrim(t, filepath.Join(mem, "memory.limit_in_bytes")); got != want {
+			t.Errorf("memory.limit_in_bytes = %s, want %s", got, want)
+		}
+	}
+
+	refill := waitWarm(t, d, 1)[0]
+	if err := d.Close(context.Background()); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if (hostproc.Proc{PID: refill.rec.PID, StartTime: refill.rec.StartTime}).Running() {
+		t.Errorf("warm sandbox pid %d alive after Close", refill.rec.PID)
+	}
+	ents, _ := os.ReadDir(stateDir)
+	for _, e := range ents {
+		t.Errorf("state directory holds %s after Close", e.Name())
+	}
+	for _, p := range refill.cgroups {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("warm sandbox's cgroup %s left after Close: %v", p, err)
+		}
 	}
 }

@@ -2,8 +2,10 @@ package process
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -19,19 +21,21 @@ import (
 const InitArg = "sandbox-init"
 
 const (
-	// configEnv carries the sandboxConfig JSON from the driver to the init.
-	configEnv = "INVOKEX_SANDBOX_CONFIG"
 	// harnessFD is the sandbox's end of the socketpair.
 	harnessFD = 3
 	// sandboxNoFile is Lambda's limit of 1,024 file descriptors.
 	sandboxNoFile = 1024
+	// maxConfigSize bounds the config frame the init accepts.
+	maxConfigSize = 64 << 10
 )
 
-// The start handshake on the socketpair, one byte each way, before the
-// stream carries protocol frames.
+// The start handshake on the socketpair, before the stream carries
+// protocol frames: the driver sends the sandbox's config as one frame (a
+// 4-byte big-endian length, then JSON) once the init is in its cgroups;
+// the init answers syncReady when the sandbox is built. The init may wait
+// for its config for a long time: a warm sandbox (see warmPool) is started
+// before anyone knows which function it will run.
 const (
-	// syncGo (driver -> init): the init is in its cgroups, go ahead.
-	syncGo = 'G'
 	// syncReady (init -> driver): the sandbox is built and the agent is
 	// about to serve the stream.
 	syncReady = 'R'
@@ -53,8 +57,8 @@ type sandboxConfig struct {
 // InitMain is the entry point inside a new sandbox; the binary that
 // InitCommand names calls it when run with InitArg and exits with its
 // result. It runs as pid 1 of the sandbox's pid namespace and becomes the
-// agent: it waits until the driver has put it into the sandbox's cgroups,
-// builds the root file system, brings up loopback, sets the hostname and
+// agent: it waits for its config, which the driver sends once it has put
+// it into the sandbox's cgroups, builds the root file system, brings up loopback, sets the hostname and
 // the rlimits, forbids privilege gain, protects itself from the OOM killer,
 // tells the driver it is ready and serves the harness with agent.Run on
 // the socketpair until Shutdown, until the stream closes or until SIGTERM.
@@ -64,21 +68,13 @@ type sandboxConfig struct {
 // clean exit.
 func InitMain() int {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-	var cfg sandboxConfig
-	if err := json.Unmarshal([]byte(os.Getenv(configEnv)), &cfg); err != nil {
-		log.Error("decoding sandbox config", "err", err)
-		return 2
-	}
-	// The config must not leak into the runtime's environment (the agent
-	// builds the runtime's from Init, but be sure).
-	os.Unsetenv(configEnv)
-	var b [1]byte
-	if n, err := unix.Read(harnessFD, b[:]); n != 1 || b[0] != syncGo {
+	cfg, err := readConfig(harnessFD)
+	if err != nil {
 		// The driver went away or gave up before the sandbox was ready.
-		log.Error("waiting for the driver", "err", err, "read", n)
+		log.Error("waiting for the sandbox config", "err", err)
 		return 3
 	}
-	if err := setupSandbox(&cfg); err != nil {
+	if err := setupSandbox(cfg); err != nil {
 		log.Error("building sandbox", "err", err)
 		return 3
 	}
@@ -110,6 +106,58 @@ func InitMain() int {
 		return 1
 	}
 	return 0
+}
+
+// readConfig reads the config frame from fd (blocking: the init has
+// nothing else to do until it arrives).
+func readConfig(fd int) (*sandboxConfig, error) {
+	var hdr [4]byte
+	if err := readFull(fd, hdr[:]); err != nil {
+		return nil, fmt.Errorf("reading config length: %w", err)
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n == 0 || n > maxConfigSize {
+		return nil, fmt.Errorf("config of %d bytes (at most %d)", n, maxConfigSize)
+	}
+	b := make([]byte, n)
+	if err := readFull(fd, b); err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	var cfg sandboxConfig
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return nil, fmt.Errorf("decoding config: %w", err)
+	}
+	return &cfg, nil
+}
+
+func readFull(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Read(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return io.ErrUnexpectedEOF
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+// encodeConfig is readConfig's frame of cfg.
+func encodeConfig(cfg *sandboxConfig) ([]byte, error) {
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("encoding sandbox config: %w", err)
+	}
+	if len(b) > maxConfigSize {
+		return nil, fmt.Errorf("sandbox config of %d bytes (at most %d)", len(b), maxConfigSize)
+	}
+	out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(b)), uint32(len(b)))
+	return append(out, b...), nil
 }
 
 // setupSandbox prepares the namespaces the init was cloned into.

@@ -1,7 +1,6 @@
 package process
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -27,14 +26,6 @@ type record struct {
 	StartTime uint64    `json:"start_time,omitempty"`
 	Cgroups   []string  `json:"cgroups,omitempty"`
 	Created   time.Time `json:"created"`
-}
-
-func jsonString(v any) (string, error) {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return "", fmt.Errorf("encoding sandbox config: %w", err)
-	}
-	return string(b), nil
 }
 
 // removeStateDir removes StateDir/<id>. The sandbox's root directory in it
