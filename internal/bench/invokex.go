@@ -17,6 +17,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/lambda/types"
 
 	"github.com/invokex/invokex/internal/client"
+	"github.com/invokex/invokex/internal/harness/driver/process"
+	"github.com/invokex/invokex/internal/server"
 )
 
 // ixServer is an `invokex server` the benchmark started on its own data
@@ -190,13 +192,39 @@ func (s *ixServer) record(ctx context.Context, requestID string, timeout time.Du
 }
 
 // instances returns the server's sandbox instances: each direct child of
-// the server is an instance's init, with the agent and the function below.
+// the server is an instance's init, with the agent and the function below,
+// except the process driver's warm sandboxes (see warm).
 func (s *ixServer) instances(fs procFS) (map[int][]Proc, error) {
-	procs, err := fs.Procs()
+	all, warm, err := s.sandboxes(fs)
 	if err != nil {
 		return nil, err
 	}
-	return Subtrees(procs, s.pid()), nil
+	for pid := range warm {
+		delete(all, pid)
+	}
+	return all, nil
+}
+
+// sandboxes returns every sandbox subtree of the server, and those of
+// them that are warm sandboxes of the process driver: started ahead of
+// need, no instance yet.
+func (s *ixServer) sandboxes(fs procFS) (all, warm map[int][]Proc, err error) {
+	procs, err := fs.Procs()
+	if err != nil {
+		return nil, nil, err
+	}
+	all = Subtrees(procs, s.pid())
+	warm = map[int][]Proc{}
+	pids, err := process.WarmSandboxPIDs(server.ProcessStateDir(s.dataDir))
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, pid := range pids {
+		if g, ok := all[pid]; ok {
+			warm[pid] = g
+		}
+	}
+	return all, warm, nil
 }
 
 // waitInstances waits until the server has exactly n instances.

@@ -158,6 +158,7 @@ func (r *runner) memoryPhase(ctx context.Context, srv *ixServer) error {
 	}
 	m.Instances, m.Processes, m.Cgroup = idle.Instances, idle.Processes, idle.Cgroup
 	m.PerInstance, m.Sandbox, m.Function = idle.PerInstance, idle.Sandbox, idle.Function
+	m.Warm, m.WarmEach = idle.Warm, idle.WarmEach
 	if sm, err := r.fs.Mem(srv.pid()); err == nil {
 		m.ServerWithInstances = sm
 	}
@@ -177,15 +178,33 @@ type instMem struct {
 	PerInstance, Sandbox, Function Mem
 	Processes                      string
 	Cgroup                         int64 // -1 when unavailable
+	// Warm is how many warm sandboxes (no instance yet) the driver kept
+	// beside them; WarmEach their mean memory.
+	Warm     int
+	WarmEach Mem
 }
 
 // measureInstances measures every instance of srv by its processes' smaps.
 func (r *runner) measureInstances(srv *ixServer) (instMem, error) {
-	groups, err := srv.instances(r.fs)
+	groups, warm, err := srv.sandboxes(r.fs)
 	if err != nil {
 		return instMem{}, err
 	}
 	var out instMem
+	for root, g := range warm {
+		delete(groups, root)
+		var w Mem
+		for _, p := range g {
+			if pm, err := r.fs.Mem(p.PID); err == nil {
+				w = w.Add(pm)
+			}
+		}
+		out.Warm++
+		out.WarmEach = out.WarmEach.Add(w)
+	}
+	if k := int64(out.Warm); k > 0 {
+		out.WarmEach = Mem{RSS: out.WarmEach.RSS / k, PSS: out.WarmEach.PSS / k, Private: out.WarmEach.Private / k}
+	}
 	var all, sandbox, fn Mem
 	var cg int64
 	cgN := 0

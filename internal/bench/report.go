@@ -113,6 +113,11 @@ type MemoryResult struct {
 	SandboxFresh Mem
 	// Processes names one instance's processes, e.g. "invokex, invokex, bootstrap".
 	Processes string
+	// Warm is how many warm sandboxes the process driver kept beside the
+	// instances (started ahead of need, no function yet; not in the
+	// figures above); WarmEach is one's memory.
+	Warm     int `json:",omitempty"`
+	WarmEach Mem
 	// Cgroup is the instance cgroup's memory (memory.current: includes
 	// kernel memory and page cache), or -1 when unavailable.
 	Cgroup int64

@@ -143,9 +143,13 @@ func newFirecrackerDriver(cfg Config, agent string, log *slog.Logger) (driver.Dr
 	return d, nil
 }
 
+// ProcessStateDir is the process driver's state directory in a server's
+// data directory.
+func ProcessStateDir(dataDir string) string { return filepath.Join(dataDir, "sandboxes") }
+
 func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := process.New(process.Options{
-		StateDir:    filepath.Join(cfg.DataDir, "sandboxes"),
+		StateDir:    ProcessStateDir(cfg.DataDir),
 		InitCommand: []string{agent, process.InitArg},
 		Logger:      log,
 	})

@@ -5,8 +5,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
 
 // warmMemoryMB is the memory limit a warm sandbox waits under (its init
@@ -203,10 +206,35 @@ func (p *warmPool) close(ctx context.Context) error {
 	return first
 }
 
-// warmName names a warm sandbox until it is assigned: "warm-" and 16 hex
-// digits, a valid instance ID that no harness ID ("ix-...") collides with.
+// warmPrefix begins the name of a warm sandbox until it is assigned.
+const warmPrefix = "warm-"
+
+// warmName names a warm sandbox: warmPrefix and 16 hex digits, a valid
+// instance ID that no harness ID ("ix-...") collides with.
 func warmName() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
-	return "warm-" + hex.EncodeToString(b[:])
+	return warmPrefix + hex.EncodeToString(b[:])
+}
+
+// WarmSandboxPIDs returns the host pids of the warm sandboxes recorded in
+// a driver's StateDir: a tool that looks at the driver's processes from
+// outside (the benchmark) tells them from instances by it. A sandbox in
+// the middle of being spawned may be missing.
+func WarmSandboxPIDs(stateDir string) ([]int, error) {
+	dirs, err := filepath.Glob(filepath.Join(stateDir, warmPrefix+"*"))
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, dir := range dirs {
+		rec, err := hostproc.ReadRecord[record](dir)
+		if err != nil {
+			continue // renamed, removed or not written yet
+		}
+		if rec.PID > 0 {
+			pids = append(pids, rec.PID)
+		}
+	}
+	return pids, nil
 }
