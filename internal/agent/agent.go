@@ -51,6 +51,14 @@ type Options struct {
 	// kernel's clean caches, whose pages the VMM can take back. Anywhere
 	// else either would act on the host.
 	OwnsKernel bool
+	// SplitCPUs is set by a VM's PID 1 whose VMM gave it one vCPU more
+	// than the function's share: the agent then runs on the first CPU it
+	// may use and the runtime (and all it starts) on the others. Neither
+	// waits for the other to be scheduled out, and under software
+	// emulation (QEMU's TCG) no switch between their address spaces
+	// flushes the emulated TLB and the translated-code jump cache, which
+	// dominated a warm invocation there. Ignored with fewer than 2 CPUs.
+	SplitCPUs bool
 }
 
 // DefaultRuntimeAPIAddr is Lambda's Runtime API address.
@@ -100,6 +108,9 @@ func Run(ctx context.Context, conn io.ReadWriteCloser, opts Options) error {
 	defer out.close()
 	sup := newSupervisor(os.Getpid() == 1, log)
 	defer sup.close()
+	if opts.SplitCPUs {
+		sup.runtimeCPUs = splitCPUs(log)
+	}
 
 	e := newEnv(log, sup, out, pre, ln.Addr().String())
 	srv := newRuntimeAPI(e)

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/cpuset"
 )
 
 // Limits applied to every runtime, as in Lambda.
@@ -74,6 +76,9 @@ func (p *process) exited() bool {
 type supervisor struct {
 	pid1 bool
 	log  *slog.Logger
+	// runtimeCPUs, if set, is the affinity runtimes start with (see
+	// Options.SplitCPUs); set before the first start.
+	runtimeCPUs []int
 
 	mu    sync.Mutex
 	procs map[int]*process // pid1 only: runtimes awaiting their exit status
@@ -145,7 +150,11 @@ func (s *supervisor) start(spec procSpec) (*process, error) {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 	}
-	pid, err := syscall.ForkExec(path, spec.argv, attr)
+	var pid int
+	err = cpuset.OnThread(s.runtimeCPUs, func() (err error) {
+		pid, err = syscall.ForkExec(path, spec.argv, attr)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("fork/exec %s: %w", path, err)
 	}

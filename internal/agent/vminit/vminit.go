@@ -28,6 +28,8 @@
 //	invokex.vsock=PORT         serve the host on this AF_VSOCK port instead
 //	invokex.hostname=NAME      hostname (default: the kernel's, "invokex")
 //	invokex.clock=UNIX_MS      host wall clock when the VM was launched
+//	invokex.agentcpu=1         the VM has a vCPU for the agent: the agent runs on
+//	                           the first, the runtime on the others (agent.Options.SplitCPUs)
 //	invokex.debug=1            log progress to the console
 //
 // # Host handshake
@@ -104,7 +106,9 @@ type Config struct {
 	Hostname  string
 	// ClockUnixMs is the host's wall clock at launch (0: keep the RTC's).
 	ClockUnixMs int64
-	Debug       bool
+	// AgentCPU: the VMM added a vCPU for the agent (invokex.agentcpu=1).
+	AgentCPU bool
+	Debug    bool
 }
 
 // ParseCmdline reads the invokex.* parameters of a kernel command line.
@@ -137,6 +141,8 @@ func ParseCmdline(cmdline string) (Config, error) {
 				return c, fmt.Errorf("invokex.clock=%q: not a unix time in ms", v)
 			}
 			c.ClockUnixMs = ms
+		case "agentcpu":
+			c.AgentCPU = v == "1" || v == "true"
 		case "debug":
 			c.Debug = v == "1" || v == "true"
 		}
@@ -218,7 +224,9 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	// Run owns and closes the port. No signal reaches PID 1 unless
 	// handled, and nothing in the guest should stop the agent: the host
 	// ends it by Shutdown or by closing the stream.
-	err = agent.Run(context.Background(), port, agent.Options{RuntimeAPIAddr: agent.DefaultRuntimeAPIAddr, Logger: log, OwnsKernel: true})
+	err = agent.Run(context.Background(), port, agent.Options{
+		RuntimeAPIAddr: agent.DefaultRuntimeAPIAddr, Logger: log, OwnsKernel: true, SplitCPUs: cfg.AgentCPU,
+	})
 	if err != nil {
 		return fmt.Errorf("agent: %w", err)
 	}

@@ -48,6 +48,8 @@ type bootConfig struct {
 	// IP, if set, is the value of the kernel's ip= parameter (the guest's
 	// address on its network interface).
 	IP string
+	// AgentCPU: the VM has a vCPU for the agent (vmm.Host.AgentCPU).
+	AgentCPU bool
 }
 
 // kernelCmdline is the guest's command line. console=ttyS0 puts the
@@ -70,6 +72,9 @@ func (c bootConfig) kernelCmdline() string {
 	}
 	if c.IP != "" {
 		parts = append(parts, "ip="+c.IP)
+	}
+	if c.AgentCPU {
+		parts = append(parts, "invokex.agentcpu=1")
 	}
 	return strings.Join(parts, " ")
 }

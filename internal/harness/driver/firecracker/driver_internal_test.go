@@ -86,6 +86,9 @@ func TestAPIRequests(t *testing.T) {
 			t.Errorf("boot args %q lack %q", args, w)
 		}
 	}
+	if got, want := strings.Contains(args, "invokex.agentcpu=1"), e.d.host.AgentCPU(); got != want {
+		t.Errorf("boot args %q: invokex.agentcpu=1 present %v, want %v (a vCPU for the agent)", args, got, want)
+	}
 	for id, w := range map[string][2]bool{"root": {true, true}, "code": {false, true}, "scratch": {false, false}} {
 		b := bodies["/drives/"+id]
 		if b["drive_id"] != id || b["is_root_device"] != w[0] || b["is_read_only"] != w[1] {

@@ -271,7 +271,7 @@ func (i *instance) waitAPI(ctx context.Context) error {
 // code /dev/vdb and scratch /dev/vdc.
 func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles) error {
 	d := i.d
-	boot := bootConfig{ID: spec.ID}
+	boot := bootConfig{ID: spec.ID, AgentCPU: d.host.AgentCPU()}
 	var nic *networkInterface
 	if spec.Network && d.opts.TapName != "" {
 		nic = &networkInterface{IfaceID: "eth0", HostDevName: slotString(d.opts.TapName, i.Slot()), GuestMAC: guestMAC(i.Slot())}

@@ -195,7 +195,7 @@ func TestSnapshot(t *testing.T) {
 	if !reflect.DeepEqual(names, wantNames) {
 		t.Errorf("snapshot directory holds %v, want %v", names, wantNames)
 	}
-	if m := readMeta(t, dir); m.Format != snapFormat || m.Jailed || m.MemoryMB != 128 || m.EphemeralMB != 16 || m.VCPUs != 1 || m.Firecracker != e.fc {
+	if m := readMeta(t, dir); m.Format != snapFormat || m.Jailed || m.MemoryMB != 128 || m.EphemeralMB != 16 || m.VCPUs != e.d.host.VCPUs(128) || m.Firecracker != e.fc {
 		t.Errorf("vm.json %+v", m)
 	}
 	for _, name := range []string{snapState, snapMemory} {

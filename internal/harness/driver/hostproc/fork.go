@@ -1,11 +1,10 @@
 package hostproc
 
 import (
-	"fmt"
 	"os/exec"
 	"runtime"
 
-	"golang.org/x/sys/unix"
+	"github.com/invokex/invokex/internal/cpuset"
 )
 
 // Forker starts every child of a driver from one OS thread that lives as
@@ -62,27 +61,9 @@ func (f *Forker) StartOn(cmd *exec.Cmd, cpus []int) error {
 }
 
 // startOn runs on the Forker's locked thread: it narrows the thread's
-// affinity to cpus for the fork and restores it afterwards.
+// affinity to cpus for the fork.
 func startOn(cmd *exec.Cmd, cpus []int) error {
-	if len(cpus) == 0 {
-		return cmd.Start()
-	}
-	var saved, set unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &saved); err != nil {
-		return fmt.Errorf("reading the forking thread's CPU affinity: %w", err)
-	}
-	for _, c := range cpus {
-		set.Set(c)
-	}
-	if err := unix.SchedSetaffinity(0, &set); err != nil {
-		return fmt.Errorf("setting CPU affinity %v for the child: %w", cpus, err)
-	}
-	err := cmd.Start()
-	// Restoring the mask just read fails only if its CPUs went offline;
-	// the child is started either way, and a thread left narrowed costs
-	// later children placement, not correctness.
-	_ = unix.SchedSetaffinity(0, &saved)
-	return err
+	return cpuset.OnThread(cpus, cmd.Start)
 }
 
 // Close ends the Forker; Start must not be called afterwards. Calling

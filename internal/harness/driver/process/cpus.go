@@ -4,8 +4,7 @@ import (
 	"slices"
 	"sync"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/invokex/invokex/internal/cpuset"
 	"github.com/invokex/invokex/internal/harness/driver"
 )
 
@@ -34,16 +33,9 @@ type cpuPlacer struct {
 
 // newCPUPlacer places on the CPUs the calling process may use.
 func newCPUPlacer() *cpuPlacer {
-	var set unix.CPUSet
 	p := &cpuPlacer{load: map[int]int{}}
-	if err := unix.SchedGetaffinity(0, &set); err != nil {
-		return p // no placement: acquire returns nil
-	}
-	for c := 0; c < len(set)*64; c++ {
-		if set.IsSet(c) {
-			p.cpus = append(p.cpus, c)
-		}
-	}
+	// On an error no placement: acquire returns nil.
+	p.cpus, _ = cpuset.Allowed()
 	return p
 }
 

@@ -10,12 +10,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/invokex/invokex/internal/cpuset"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
@@ -190,7 +190,7 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 		sb.pinned = true
 		if len(sb.cpus) > 0 {
 			// Placement only helps speed: a failure is logged.
-			if err := pinThreads(sb.rec.PID, sb.cpus); err != nil {
+			if err := cpuset.PinProcess(sb.rec.PID, sb.cpus); err != nil {
 				sb.log.Warn("placing sandbox on its CPUs", "cpus", sb.cpus, "err", err)
 			}
 		}
@@ -306,41 +306,6 @@ func (sb *sandbox) destroy(ctx context.Context, grace time.Duration) error {
 	sb.d.cpus.release(sb.cpus)
 	sb.cpus = nil
 	return errors.Join(errs...)
-}
-
-// pinThreads sets the CPU affinity of every thread of pid (in this pid
-// namespace). Threads a thread starts inherit its mask, so it walks the
-// threads until a pass finds none it has not pinned.
-func pinThreads(pid int, cpus []int) error {
-	var set unix.CPUSet
-	for _, c := range cpus {
-		set.Set(c)
-	}
-	dir := filepath.Join("/proc", strconv.Itoa(pid), "task")
-	pinned := map[int]bool{}
-	for range 10 {
-		ents, err := os.ReadDir(dir)
-		if err != nil {
-			return fmt.Errorf("listing the threads of %d: %w", pid, err)
-		}
-		fresh := 0
-		for _, e := range ents {
-			tid, err := strconv.Atoi(e.Name())
-			if err != nil || pinned[tid] {
-				continue
-			}
-			// A thread that exited in between is not an error.
-			if err := unix.SchedSetaffinity(tid, &set); err != nil && !errors.Is(err, unix.ESRCH) {
-				return fmt.Errorf("pinning thread %d: %w", tid, err)
-			}
-			pinned[tid] = true
-			fresh++
-		}
-		if fresh == 0 {
-			return nil
-		}
-	}
-	return nil
 }
 
 // newStderrLog is the log of a sandbox's stdout and stderr: its init and

@@ -56,6 +56,8 @@ type vmConfig struct {
 	Accel    accel
 	MemoryMB int
 	VCPUs    int
+	// AgentCPU: one of VCPUs is the agent's (vmm.Host.AgentCPU).
+	AgentCPU bool
 	// TSCkHz is the host's TSC frequency, 0 if unknown. Under TCG the
 	// guest's TSC runs at the host's rate; telling the guest skips the
 	// calibration against the PIT, which is slow and, under emulation,
@@ -149,6 +151,9 @@ func (c vmConfig) kernelCmdline() string {
 	}
 	if c.Network {
 		parts = append(parts, guestNetParam())
+	}
+	if c.AgentCPU {
+		parts = append(parts, "invokex.agentcpu=1")
 	}
 	return strings.Join(parts, " ")
 }

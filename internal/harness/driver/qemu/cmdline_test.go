@@ -207,3 +207,17 @@ func TestArgsRAMFile(t *testing.T) {
 		t.Errorf("an ordinary VM keeps its RAM in a file: %q", got)
 	}
 }
+
+func TestArgsAgentCPU(t *testing.T) {
+	c := vmConfig{ID: "a", Accel: accelTCG, MemoryMB: 128, VCPUs: 2, AgentCPU: true}
+	if got := argValues(c.args(), "-smp"); len(got) != 1 || got[0] != "2" {
+		t.Errorf("-smp = %q, want 2", got)
+	}
+	if !slices.Contains(strings.Fields(c.kernelCmdline()), "invokex.agentcpu=1") {
+		t.Errorf("kernel command line lacks invokex.agentcpu=1: %s", c.kernelCmdline())
+	}
+	c.AgentCPU, c.VCPUs = false, 1
+	if strings.Contains(c.kernelCmdline(), "agentcpu") {
+		t.Errorf("without AgentCPU: %s", c.kernelCmdline())
+	}
+}

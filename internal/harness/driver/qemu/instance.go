@@ -59,7 +59,7 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	}
 	cfg := vmConfig{
 		ID: spec.ID, Accel: d.accel,
-		MemoryMB: spec.MemoryMB, VCPUs: d.host.VCPUs(spec.MemoryMB),
+		MemoryMB: spec.MemoryMB, VCPUs: d.host.VCPUs(spec.MemoryMB), AgentCPU: d.host.AgentCPU(),
 		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
 		Network: spec.Network,
 	}

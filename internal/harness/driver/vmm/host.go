@@ -98,9 +98,25 @@ func NewHost[M Machine](cfg Config) (*Host[M], error) {
 func (h *Host[M]) config() *Config          { return &h.cfg }
 func (h *Host[M]) forker() *hostproc.Forker { return h.fork }
 
-// VCPUs is how many vCPUs a VM of memoryMB gets on this host; see
-// driver.VCPUsFor.
-func (h *Host[M]) VCPUs(memoryMB int) int { return driver.VCPUsFor(memoryMB, h.hostCPUs) }
+// VCPUs is how many vCPUs a VM of memoryMB gets on this host: the
+// function's share (driver.VCPUsFor) plus, if AgentCPU, one for the agent.
+func (h *Host[M]) VCPUs(memoryMB int) int {
+	n := driver.VCPUsFor(memoryMB, h.hostCPUs)
+	if h.AgentCPU() {
+		n++
+	}
+	return n
+}
+
+// AgentCPU reports whether VMs get a vCPU for the agent beside the
+// function's (the kernel command line then carries invokex.agentcpu=1, and
+// the guest's agent runs on its own vCPU; see agent.Options.SplitCPUs):
+// on hosts with 2 CPUs or more. The agent and the runtime then never wait
+// for each other to be scheduled out, and under TCG no switch between
+// their address spaces flushes the emulated TLB (a warm invocation took
+// half the time). The function still sees only its share: the runtime's
+// affinity mask excludes the agent's vCPU.
+func (h *Host[M]) AgentCPU() bool { return h.hostCPUs >= 2 }
 
 // Start validates spec (see Validate), makes an Instance with a free slot
 // for it, has newMachine wrap it in the driver's machine, registers the
