@@ -51,7 +51,7 @@ func TestArgsTCG(t *testing.T) {
 	wantDevs := []string{
 		"virtio-blk-device,drive=root", "virtio-blk-device,drive=code", "virtio-blk-device,drive=scratch",
 		"virtio-rng-device", "virtio-balloon-device,free-page-reporting=on",
-		"virtio-serial-device", "virtserialport,chardev=agent,name=invokex.agent",
+		"virtio-serial-device,max_ports=2", "virtserialport,chardev=agent,name=invokex.agent",
 	}
 	if !slices.Equal(devs, wantDevs) {
 		t.Errorf("devices = %q, want %q", devs, wantDevs)
