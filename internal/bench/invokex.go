@@ -193,7 +193,7 @@ func (s *ixServer) record(ctx context.Context, requestID string, timeout time.Du
 
 // instances returns the server's sandbox instances: each direct child of
 // the server is an instance's init, with the agent and the function below,
-// except the process driver's warm sandboxes (see warm).
+// except the process driver's warm sandboxes (see sandboxes).
 func (s *ixServer) instances(fs procFS) (map[int][]Proc, error) {
 	all, warm, err := s.sandboxes(fs)
 	if err != nil {

@@ -202,9 +202,7 @@ func (r *runner) measureInstances(srv *ixServer) (instMem, error) {
 		out.Warm++
 		out.WarmEach = out.WarmEach.Add(w)
 	}
-	if k := int64(out.Warm); k > 0 {
-		out.WarmEach = Mem{RSS: out.WarmEach.RSS / k, PSS: out.WarmEach.PSS / k, Private: out.WarmEach.Private / k}
-	}
+	out.WarmEach = out.WarmEach.Mean(out.Warm)
 	var all, sandbox, fn Mem
 	var cg int64
 	cgN := 0
@@ -249,12 +247,8 @@ func (r *runner) measureInstances(srv *ixServer) (instMem, error) {
 	if measured == 0 {
 		return instMem{}, fmt.Errorf("no instance could be measured (%d found)", len(groups))
 	}
-	div := func(x Mem) Mem {
-		k := int64(measured)
-		return Mem{RSS: x.RSS / k, PSS: x.PSS / k, Private: x.Private / k}
-	}
 	out.Instances = measured
-	out.PerInstance, out.Sandbox, out.Function = div(all), div(sandbox), div(fn)
+	out.PerInstance, out.Sandbox, out.Function = all.Mean(measured), sandbox.Mean(measured), fn.Mean(measured)
 	out.Cgroup = -1
 	if cgN > 0 {
 		out.Cgroup = cg / int64(cgN)

@@ -43,6 +43,15 @@ func (m Mem) Add(o Mem) Mem {
 	return Mem{RSS: m.RSS + o.RSS, PSS: m.PSS + o.PSS, Private: m.Private + o.Private}
 }
 
+// Mean is m, a sum over n measurements, divided by n (m itself for n < 1).
+func (m Mem) Mean(n int) Mem {
+	if n < 1 {
+		return m
+	}
+	k := int64(n)
+	return Mem{RSS: m.RSS / k, PSS: m.PSS / k, Private: m.Private / k}
+}
+
 // procFS reads a /proc file system rooted at Root ("/proc" on a real
 // system; tests use a fake tree).
 type procFS struct{ Root string }

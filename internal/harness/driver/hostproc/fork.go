@@ -37,7 +37,8 @@ func NewForker() *Forker {
 func (f *Forker) loop() {
 	runtime.LockOSThread()
 	for r := range f.reqs {
-		r.err <- startOn(r.cmd, r.cpus)
+		// The child inherits the thread's narrowed mask at clone.
+		r.err <- cpuset.OnThread(r.cpus, r.cmd.Start)
 	}
 	// Every child is gone (see Close): hand the thread back to the
 	// runtime instead of ending it.
@@ -58,12 +59,6 @@ func (f *Forker) StartOn(cmd *exec.Cmd, cpus []int) error {
 	ch := make(chan error, 1)
 	f.reqs <- forkReq{cmd: cmd, cpus: cpus, err: ch}
 	return <-ch
-}
-
-// startOn runs on the Forker's locked thread: it narrows the thread's
-// affinity to cpus for the fork.
-func startOn(cmd *exec.Cmd, cpus []int) error {
-	return cpuset.OnThread(cpus, cmd.Start)
 }
 
 // Close ends the Forker; Start must not be called afterwards. Calling

@@ -171,7 +171,6 @@ func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, 
 	inst := &instance{
 		d:           d,
 		id:          spec.ID,
-		done:        make(chan struct{}),
 		started:     make(chan struct{}),
 		cancelStart: cancel,
 		log:         d.log.With("instance", spec.ID, "function", spec.Function),
@@ -312,9 +311,6 @@ type instance struct {
 	log *slog.Logger
 
 	sb *sandbox
-	// done is closed when the init has exited; before start has a
-	// sandbox, never.
-	done chan struct{}
 	// started is closed when Start has returned; cancelStart aborts it.
 	started     chan struct{}
 	cancelStart context.CancelFunc
@@ -327,7 +323,7 @@ var _ driver.Instance = (*instance)(nil)
 
 func (i *instance) ID() string               { return i.id }
 func (i *instance) Conn() io.ReadWriteCloser { return i.sb.conn }
-func (i *instance) Done() <-chan struct{}    { return i.done }
+func (i *instance) Done() <-chan struct{}    { return i.sb.done }
 
 // PID is the sandbox init's pid in the host's namespace.
 func (i *instance) PID() int { return i.sb.cmd.Process.Pid }
@@ -351,7 +347,6 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 		i.log.Debug("using warm sandbox", "sandbox", sb.name)
 	}
 	i.sb = sb
-	i.done = sb.done
 	return sb.assign(ctx, spec)
 }
 

@@ -1,7 +1,9 @@
 package process
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"os/exec"
@@ -347,5 +349,27 @@ func TestWarmSandboxes(t *testing.T) {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("warm sandbox's cgroup %s left after Close: %v", p, err)
 		}
+	}
+}
+
+// TestConfigFrame: the config the driver sends is the config the init
+// reads; a frame that claims too much or ends early is refused.
+func TestConfigFrame(t *testing.T) {
+	in := sandboxConfig{ID: "ix-1", Hostname: "sandbox-ix-1", Root: "/s/ix-1/root", CodeDir: "/c",
+		MemoryMB: 256, EphemeralMB: 512, OwnNetwork: true}
+	b, err := encodeConfig(&in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := readConfig(bytes.NewReader(b))
+	if err != nil || *out != in {
+		t.Fatalf("readConfig = %+v, %v; want %+v", out, err, in)
+	}
+	if _, err := readConfig(bytes.NewReader(b[:len(b)-1])); err == nil {
+		t.Error("a truncated frame was accepted")
+	}
+	huge := binary.BigEndian.AppendUint32(nil, maxConfigSize+1)
+	if _, err := readConfig(bytes.NewReader(huge)); err == nil {
+		t.Error("a frame over maxConfigSize was accepted")
 	}
 }

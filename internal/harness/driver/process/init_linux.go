@@ -68,7 +68,8 @@ type sandboxConfig struct {
 // clean exit.
 func InitMain() int {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-	cfg, err := readConfig(harnessFD)
+	f := os.NewFile(harnessFD, "harness")
+	cfg, err := readConfig(f)
 	if err != nil {
 		// The driver went away or gave up before the sandbox was ready.
 		log.Error("waiting for the sandbox config", "err", err)
@@ -78,7 +79,6 @@ func InitMain() int {
 		log.Error("building sandbox", "err", err)
 		return 3
 	}
-	f := os.NewFile(harnessFD, "harness")
 	// A net.Conn, unlike a blocking *os.File, lets the agent's Close
 	// unblock its own pending read.
 	conn, err := net.FileConn(f)
@@ -108,11 +108,11 @@ func InitMain() int {
 	return 0
 }
 
-// readConfig reads the config frame from fd (blocking: the init has
+// readConfig reads the config frame from r (blocking: the init has
 // nothing else to do until it arrives).
-func readConfig(fd int) (*sandboxConfig, error) {
+func readConfig(r io.Reader) (*sandboxConfig, error) {
 	var hdr [4]byte
-	if err := readFull(fd, hdr[:]); err != nil {
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return nil, fmt.Errorf("reading config length: %w", err)
 	}
 	n := binary.BigEndian.Uint32(hdr[:])
@@ -120,7 +120,7 @@ func readConfig(fd int) (*sandboxConfig, error) {
 		return nil, fmt.Errorf("config of %d bytes (at most %d)", n, maxConfigSize)
 	}
 	b := make([]byte, n)
-	if err := readFull(fd, b); err != nil {
+	if _, err := io.ReadFull(r, b); err != nil {
 		return nil, fmt.Errorf("reading config: %w", err)
 	}
 	var cfg sandboxConfig
@@ -128,23 +128,6 @@ func readConfig(fd int) (*sandboxConfig, error) {
 		return nil, fmt.Errorf("decoding config: %w", err)
 	}
 	return &cfg, nil
-}
-
-func readFull(fd int, b []byte) error {
-	for len(b) > 0 {
-		n, err := unix.Read(fd, b)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			return io.ErrUnexpectedEOF
-		}
-		b = b[n:]
-	}
-	return nil
 }
 
 // encodeConfig is readConfig's frame of cfg.

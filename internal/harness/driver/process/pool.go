@@ -43,18 +43,22 @@ type warmPool struct {
 	running  bool   // fill loop started
 	closed   bool
 
-	kick   chan struct{} // buffered(1): wake the fill loop
-	stop   chan struct{} // closed by close
-	done   chan struct{} // closed when the fill loop has returned
-	cancel context.CancelFunc
+	kick chan struct{} // buffered(1): wake the fill loop
+	done chan struct{} // closed when the fill loop has returned
+	// ctx is cancelled by close: it stops the fill loop and a spawn in
+	// flight.
 	ctx    context.Context
+	cancel context.CancelFunc
+	// discards are the destroys take hands to goroutines (it holds mu);
+	// close waits for them.
+	discards sync.WaitGroup
 }
 
 func newWarmPool(d *Driver, size int) *warmPool {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &warmPool{
 		d: d, size: size, log: d.log,
-		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
+		kick: make(chan struct{}, 1), done: make(chan struct{}),
 		ctx: ctx, cancel: cancel,
 	}
 }
@@ -82,17 +86,25 @@ func (p *warmPool) take(network bool) *sandbox {
 		select {
 		case <-sb.done:
 			// Died while waiting (killed from outside): not usable.
-			go p.discard(sb, "warm sandbox exited")
+			p.discardLater(sb, "warm sandbox exited")
 			continue
 		default:
 		}
 		if sb.network != network {
-			go p.discard(sb, "warm sandbox of another network mode")
+			p.discardLater(sb, "warm sandbox of another network mode")
 			continue
 		}
 		return sb
 	}
 	return nil
+}
+
+func (p *warmPool) discardLater(sb *sandbox, why string) {
+	p.discards.Add(1)
+	go func() {
+		defer p.discards.Done()
+		p.discard(sb, why)
+	}()
 }
 
 func (p *warmPool) wake() {
@@ -107,7 +119,7 @@ func (p *warmPool) fill() {
 	defer close(p.done)
 	for {
 		select {
-		case <-p.stop:
+		case <-p.ctx.Done():
 			return
 		case <-p.kick:
 		}
@@ -142,7 +154,7 @@ func (p *warmPool) fill() {
 			}
 			p.log.Warn("starting a warm sandbox", "err", err)
 			select {
-			case <-p.stop:
+			case <-p.ctx.Done():
 				return
 			case <-time.After(warmRetry):
 			}
@@ -192,11 +204,11 @@ func (p *warmPool) close(ctx context.Context) error {
 	p.idle = nil
 	running := p.running
 	p.mu.Unlock()
-	close(p.stop)
-	p.cancel() // aborts a spawn in flight
+	p.cancel() // stops the fill loop and aborts a spawn in flight
 	if running {
 		<-p.done
 	}
+	p.discards.Wait()
 	var first error
 	for _, sb := range idle {
 		if err := sb.destroy(ctx, 0); err != nil && first == nil {
