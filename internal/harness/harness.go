@@ -122,6 +122,9 @@ type Harness struct {
 	runtimes *runtimeCache
 	snaps    *snapshots
 	metrics  *metrics
+	// initTimeout is INIT's limit: Lambda's, stretched when the driver's
+	// guests are emulated (see emulatedInitFactor).
+	initTimeout time.Duration
 
 	// bgCtx is the parent of all background work (cold starts, running
 	// invocations); Close cancels it once in-flight work had its chance.
@@ -230,14 +233,20 @@ func New(cfg Config) (*Harness, error) {
 	}
 	log := cfg.Logger.With("driver", cfg.Driver.Name())
 	h := &Harness{
-		cfg:      cfg,
-		log:      log,
-		now:      cfg.Now,
-		code:     newCodeCache(filepath.Join(abs, "code"), cfg.Code, log),
-		runtimes: newRuntimeCache(filepath.Join(abs, "runtime"), cfg.RuntimeFiles),
-		snaps:    newSnapshots(filepath.Join(abs, "snapshots"), cfg.SnapshotBudget),
-		metrics:  m,
-		pools:    map[string]*pool{},
+		cfg:         cfg,
+		log:         log,
+		now:         cfg.Now,
+		code:        newCodeCache(filepath.Join(abs, "code"), cfg.Code, log),
+		runtimes:    newRuntimeCache(filepath.Join(abs, "runtime"), cfg.RuntimeFiles),
+		snaps:       newSnapshots(filepath.Join(abs, "snapshots"), cfg.SnapshotBudget),
+		metrics:     m,
+		pools:       map[string]*pool{},
+		initTimeout: initTimeout,
+	}
+	if em, ok := cfg.Driver.(driver.Emulator); ok && em.Emulated() {
+		h.initTimeout = initTimeout * emulatedInitFactor
+		log.Warn("guests run under software emulation: INIT may take up to "+h.initTimeout.String()+" instead of Lambda's "+initTimeout.String(),
+			"init_timeout", h.initTimeout)
 	}
 	h.bgCtx, h.cancelBg = context.WithCancel(context.Background())
 	if m != nil {

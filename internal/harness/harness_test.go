@@ -750,3 +750,28 @@ func TestRetireRevisionsKeepsTheOthers(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// emulatedDriver is the fake driver reporting software emulation.
+type emulatedDriver struct{ *fakeDriver }
+
+func (emulatedDriver) Emulated() bool { return true }
+
+// TestEmulatedInitLimit: INIT gets Lambda's 10 s, stretched for a driver
+// whose guests are emulated (driver.Emulator).
+func TestEmulatedInitLimit(t *testing.T) {
+	for _, emulated := range []bool{false, true} {
+		e := newTestEnv(t, func(c *Config) {
+			if emulated {
+				c.Driver = emulatedDriver{c.Driver.(*fakeDriver)}
+			}
+		})
+		res := mustInvoke(t, e.h, request(e.fn("echo", "r1"), `{}`))
+		want := int64(10_000)
+		if emulated {
+			want *= emulatedInitFactor
+		}
+		if got := e.drv.initOf(res.Instance).InitTimeoutMs; got != want {
+			t.Errorf("emulated %v: Init.InitTimeoutMs = %d, want %d", emulated, got, want)
+		}
+	}
+}

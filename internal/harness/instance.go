@@ -24,6 +24,10 @@ const (
 	safetyMargin = 5 * time.Second
 	// initTimeout is Lambda's INIT phase limit.
 	initTimeout = 10 * time.Second
+	// emulatedInitFactor stretches initTimeout for a driver whose guests
+	// run under software emulation (driver.Emulator), where guest code is
+	// 5-10x slower: a node runtime's INIT alone takes 9-14 s there.
+	emulatedInitFactor = 6
 	// startTimeout bounds Driver.Start (booting a sandbox or VM).
 	startTimeout = 60 * time.Second
 	// stopTimeout bounds Driver.Stop; the driver kills forcibly after it.
@@ -220,7 +224,7 @@ func (h *Harness) initMessage(req *InvokeRequest, logStream, initType string) pr
 		Dir:             taskRoot,
 		UID:             h.cfg.SandboxUID,
 		GID:             h.cfg.SandboxGID,
-		InitTimeoutMs:   initTimeout.Milliseconds(),
+		InitTimeoutMs:   h.initTimeout.Milliseconds(),
 		LogLimit:        invocation.MaxLogBytes,
 		InitType:        initType,
 		HostUnixNano:    h.now().UnixNano(),
@@ -293,7 +297,7 @@ func (h *Harness) coldStart(i *instance, req *InvokeRequest, start time.Time) (*
 
 	i.logStream = logStreamName(h.now(), fn.Version)
 	t1 := time.Now()
-	f, err := i.exchange(ctx, protocol.TypeInit, h.initMessage(req, i.logStream, initTypeOnDemand), nil, protocol.TypeInitDone, initTimeout+safetyMargin)
+	f, err := i.exchange(ctx, protocol.TypeInit, h.initMessage(req, i.logStream, initTypeOnDemand), nil, protocol.TypeInitDone, h.initTimeout+safetyMargin)
 	i.initTook = time.Since(t1)
 	if err != nil {
 		h.destroy(i, "init failed", false)

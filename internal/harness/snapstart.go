@@ -285,7 +285,7 @@ func (h *Harness) initForSnapshot(ctx context.Context, spec driver.Spec, cfg *fu
 	}()
 	req := &InvokeRequest{Function: cfg, Runtime: rt, ARN: function.QualifiedARN(h.cfg.Region, h.cfg.Account, cfg.Name, cfg.Version)}
 	msg := h.initMessage(req, logStreamName(h.now(), cfg.Version), initTypeSnapStart)
-	f, err := roundTrip(ctx, di, protocol.TypeInit, msg, protocol.TypeInitDone, initTimeout+safetyMargin)
+	f, err := roundTrip(ctx, di, protocol.TypeInit, msg, protocol.TypeInitDone, h.initTimeout+safetyMargin)
 	if err != nil {
 		return fmt.Errorf("snapshot of %s: INIT: %w", cfg.Name, err)
 	}

@@ -149,6 +149,16 @@ func VCPUsFor(memoryMB, hostCPUs int) int {
 	return n
 }
 
+// Emulator is implemented by drivers whose guests may run under software
+// emulation (QEMU's TCG where KVM cannot run a standard guest). Emulated
+// reports whether they do on this host: guest code then runs several
+// times slower than on the host, which the harness allows for in the
+// limits that Lambda fixes rather than the function's configuration
+// (INIT's 10 s). It must not change after the driver is created.
+type Emulator interface {
+	Emulated() bool
+}
+
 // Describer is implemented by drivers that can report how well they isolate
 // on this host (e.g. "cgroup memory limits unavailable: not root").
 type Describer interface {

@@ -259,6 +259,11 @@ func (d *Driver) setUsers() {
 // Name returns "qemu".
 func (d *Driver) Name() string { return "qemu" }
 
+var _ driver.Emulator = (*Driver)(nil)
+
+// Emulated reports whether VMs run under TCG; see driver.Emulator.
+func (d *Driver) Emulated() bool { return d.accel == accelTCG }
+
 // Describe lists how the VMs on this host are weaker or slower than
 // intended.
 func (d *Driver) Describe() []string {
