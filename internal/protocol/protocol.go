@@ -49,7 +49,7 @@ import (
 // server asks it for its Version and refuses one that differs, so a stale
 // agent next to a new server is caught at start-up, not as garbled frames.
 // Change it whenever frames or their meaning change.
-const Version = "invokex-protocol/3"
+const Version = "invokex-protocol/4"
 
 // Type identifies a frame.
 type Type uint8

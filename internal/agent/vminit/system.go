@@ -54,15 +54,12 @@ func mountBase() error {
 	return mount("run", "/run", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755,size=1m")
 }
 
-// setupSystem mounts the code and scratch disks, sets the hostname, brings
-// up loopback, seeds the entropy pool if needed and hardens PID 1.
+// setupSystem mounts the code (unless the VM is a spare, see
+// awaitAssignment) and scratch disks, sets the hostname, brings up
+// loopback, seeds the entropy pool if needed and hardens PID 1.
 func setupSystem(cfg Config, log *slog.Logger) error {
-	const ro = unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV
-	if err := mount(cfg.CodeDevice, "/mnt/code", "ext4", ro, ""); err != nil {
-		return err
-	}
-	for _, b := range [][2]string{{"/mnt/code/task", "/var/task"}, {"/mnt/code/runtime", "/var/runtime"}} {
-		if err := bindRO(b[0], b[1]); err != nil {
+	if !cfg.Spare {
+		if err := mountCode(cfg.CodeDevice); err != nil {
 			return err
 		}
 	}
@@ -98,6 +95,41 @@ func setupSystem(cfg Config, log *slog.Logger) error {
 		log.Warn("protecting the agent from the OOM killer", "err", err)
 	}
 	return limitTasks(procThreadsMax)
+}
+
+// mountCode mounts the code disk dev on /mnt/code and binds its task and
+// runtime directories on /var/task and /var/runtime, all read-only. The
+// block device's buffers are dropped first: on a spare VM the host
+// swapped the disk behind it (see awaitAssignment), and what the kernel
+// read of the placeholder when it probed the device must not be mistaken
+// for the code disk's.
+func mountCode(dev string) error {
+	if err := flushBuffers(dev); err != nil {
+		return err
+	}
+	const ro = unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV
+	if err := mount(dev, "/mnt/code", "ext4", ro, ""); err != nil {
+		return err
+	}
+	for _, b := range [][2]string{{"/mnt/code/task", "/var/task"}, {"/mnt/code/runtime", "/var/runtime"}} {
+		if err := bindRO(b[0], b[1]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// flushBuffers drops the cached blocks of block device dev (BLKFLSBUF).
+func flushBuffers(dev string) error {
+	f, err := os.Open(dev)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", dev, err)
+	}
+	defer f.Close()
+	if err := unix.IoctlSetInt(int(f.Fd()), unix.BLKFLSBUF, 0); err != nil {
+		return fmt.Errorf("flushing the buffers of %s: %w", dev, err)
+	}
+	return nil
 }
 
 // pageReportingOrder is the smallest block of free guest memory the
@@ -206,7 +238,8 @@ func mountScratch(dev string) error {
 }
 
 // writeHosts makes the hostname resolvable: a hosts file in /run bound
-// over the read-only root's /etc/hosts.
+// over the read-only root's /etc/hosts. Called again (a spare VM's new
+// hostname), it rewrites the file in place, which the bind shows.
 func writeHosts() error {
 	name, err := os.Hostname()
 	if err != nil {
@@ -217,8 +250,12 @@ func writeHosts() error {
 	}
 	content := fmt.Sprintf("127.0.0.1\tlocalhost %s\n::1\tlocalhost ip6-localhost ip6-loopback\n", name)
 	p := "/run/invokex/hosts"
+	_, statErr := os.Stat(p)
 	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 		return err
+	}
+	if statErr == nil {
+		return nil // bound already
 	}
 	if _, err := os.Stat("/etc/hosts"); err != nil {
 		return err

@@ -30,6 +30,7 @@
 //	invokex.clock=UNIX_MS      host wall clock when the VM was launched
 //	invokex.agentcpu=1         the VM has a vCPU for the agent: the agent runs on
 //	                           the first, the runtime on the others (agent.Options.SplitCPUs)
+//	invokex.spare=1            a spare VM: the code disk is mounted on assignment
 //	invokex.debug=1            log progress to the console
 //
 // # Host handshake
@@ -38,6 +39,13 @@
 // to it. The write blocks until the host has connected to its end, and
 // the host must not send anything before it has read that line: data sent
 // before the guest opened the port is lost.
+//
+// A spare VM (invokex.spare=1) is booted before any function needs it.
+// Its code disk is a placeholder, so Main mounts everything but the code,
+// writes Spare instead of Ready and waits for one protocol.Assignment line
+// from the host, which has put the instance's code disk in the
+// placeholder's place by then. Main sets the hostname it names, mounts the
+// code, and goes on as any VM: Ready, then the agent.
 //
 // With invokex.vsock=PORT there is no virtio-serial port: Main listens on
 // AF_VSOCK PORT (any CID), accepts the host's one connection (under
@@ -61,10 +69,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/agent"
+	"github.com/invokex/invokex/internal/protocol"
 )
 
 // Ready is the line the agent writes on its port once it serves.
 const Ready = "INVOKEX-AGENT-READY\n"
+
+// Spare is the line the init of a spare VM writes on its port once it
+// waits for its assignment.
+const Spare = "INVOKEX-AGENT-SPARE\n"
 
 // Defaults of the kernel command line parameters.
 const (
@@ -108,7 +121,10 @@ type Config struct {
 	ClockUnixMs int64
 	// AgentCPU: the VMM added a vCPU for the agent (invokex.agentcpu=1).
 	AgentCPU bool
-	Debug    bool
+	// Spare: the VM waits for an assignment before it mounts its code
+	// (invokex.spare=1).
+	Spare bool
+	Debug bool
 }
 
 // ParseCmdline reads the invokex.* parameters of a kernel command line.
@@ -143,6 +159,8 @@ func ParseCmdline(cmdline string) (Config, error) {
 			c.ClockUnixMs = ms
 		case "agentcpu":
 			c.AgentCPU = v == "1" || v == "true"
+		case "spare":
+			c.Spare = v == "1" || v == "true"
 		case "debug":
 			c.Debug = v == "1" || v == "true"
 		}
@@ -215,6 +233,13 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 		return err
 	}
 	log.Debug("agent port open", "since_init", time.Since(start), "uptime", uptime(), "vsock", cfg.VsockPort)
+	if cfg.Spare {
+		if err := awaitAssignment(port, cfg, log); err != nil {
+			port.Close()
+			return err
+		}
+		log.Debug("assigned", "uptime", uptime())
+	}
 	// Blocks until the host has connected to its end of the port (a vsock
 	// connection is the host's already).
 	if _, err := port.Write([]byte(Ready)); err != nil {
@@ -232,6 +257,27 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 	}
 	log.Debug("agent done")
 	return nil
+}
+
+// awaitAssignment makes a spare VM an instance's: it writes Spare on the
+// port (blocking until the host has connected), reads the host's
+// protocol.Assignment, sets the hostname and mounts the code disk the host
+// has attached by then.
+func awaitAssignment(port io.ReadWriter, cfg Config, log *slog.Logger) error {
+	if _, err := io.WriteString(port, Spare); err != nil {
+		return fmt.Errorf("writing the spare line: %w", err)
+	}
+	a, err := protocol.ReadAssignment(port)
+	if err != nil {
+		return err
+	}
+	if err := unix.Sethostname([]byte(a.Hostname)); err != nil {
+		return fmt.Errorf("setting hostname: %w", err)
+	}
+	if err := writeHosts(); err != nil {
+		log.Warn("writing /etc/hosts", "err", err)
+	}
+	return mountCode(cfg.CodeDevice)
 }
 
 // openHost opens the stream to the host: the vsock connection the host

@@ -16,14 +16,14 @@ func TestParseCmdline(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.CodeDevice != DefaultCodeDevice || c.ScratchDevice != DefaultScratchDevice || c.PortName != DefaultPortName ||
-		c.Hostname != "" || c.ClockUnixMs != 0 || c.Debug || c.AgentCPU {
+		c.Hostname != "" || c.ClockUnixMs != 0 || c.Debug || c.AgentCPU || c.Spare {
 		t.Errorf("defaults = %+v", c)
 	}
-	c, err = ParseCmdline("invokex.code=/dev/vdc invokex.scratch=tmpfs invokex.port=p1 invokex.hostname=sandbox-a invokex.clock=1700000000123 invokex.agentcpu=1 invokex.debug=1 other.x=y")
+	c, err = ParseCmdline("invokex.code=/dev/vdc invokex.scratch=tmpfs invokex.port=p1 invokex.hostname=sandbox-a invokex.clock=1700000000123 invokex.agentcpu=1 invokex.spare=1 invokex.debug=1 other.x=y")
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Config{CodeDevice: "/dev/vdc", ScratchDevice: "tmpfs", PortName: "p1", Hostname: "sandbox-a", ClockUnixMs: 1700000000123, AgentCPU: true, Debug: true}
+	want := Config{CodeDevice: "/dev/vdc", ScratchDevice: "tmpfs", PortName: "p1", Hostname: "sandbox-a", ClockUnixMs: 1700000000123, AgentCPU: true, Spare: true, Debug: true}
 	if c != want {
 		t.Errorf("parsed %+v, want %+v", c, want)
 	}

@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -52,6 +53,13 @@ type Options struct {
 	// under software emulation, raise them. They are liveness bounds: a
 	// driver is never failed for being slower than another.
 	StartTimeout, FrameTimeout, StopTimeout time.Duration
+	// WarmReady, for a driver that starts sandboxes ahead of need (a
+	// pool of spares), reports whether one is ready in the driver's state
+	// directory; FromWarm whether an instance came from one. With both,
+	// StartsInSuccession waits for the pool before each start and checks
+	// that the start took from it.
+	WarmReady func(stateDir string) bool
+	FromWarm  func(inst driver.Instance) bool
 }
 
 func (o Options) withDefaults() Options {
@@ -85,6 +93,7 @@ func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir s
 		fn   func(*testing.T)
 	}{
 		{"Echo", s.testEcho},
+		{"StartsInSuccession", s.testStartsInSuccession},
 		{"InvalidSpec", s.testInvalidSpec},
 		{"StartCancelled", s.testStartCancelled},
 		{"Close", s.testClose},
@@ -174,6 +183,70 @@ func (s *suite) testEcho(t *testing.T) {
 	sb.call(map[string]any{"action": "echo"}, &b)
 	if b.Facts.PID != f.PID {
 		t.Errorf("second invocation ran in pid %d, first in %d: runtime not reused", b.Facts.PID, f.PID)
+	}
+}
+
+// testStartsInSuccession starts instances of different code one after the
+// other, as cold starts of new revisions do: each must run its own code
+// under its own hostname, whatever the driver reuses between them (a pool
+// of sandboxes or VMs started ahead of need).
+func (s *suite) testStartsInSuccession(t *testing.T) {
+	e := s.env(t)
+	seen := map[string]string{}
+	for n := range 3 {
+		code := t.TempDir()
+		for _, f := range []string{"bootstrap", fmt.Sprintf("marker-%d", n)} {
+			src := filepath.Join(e.probe, f)
+			if f != "bootstrap" {
+				src = "/dev/null"
+			}
+			b, err := os.ReadFile(src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(code, f), b, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Chmod(code, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		warm := n > 0 && e.opts.WarmReady != nil && e.opts.FromWarm != nil
+		if warm {
+			e.awaitWarm(t)
+		}
+		spec := e.spec()
+		spec.CodeDir = code
+		spec.RevisionID = fmt.Sprintf("rev-%d", n)
+		sb := e.start(t, spec)
+		if warm && !e.opts.FromWarm(sb.inst) {
+			t.Errorf("start %d: a sandbox started ahead of need was ready, but Start did not take it", n)
+		}
+		sb.init()
+		var a echoAnswer
+		sb.call(map[string]any{"action": "echo"}, &a)
+		for m := range 3 {
+			if has := contains(a.Facts.Task, fmt.Sprintf("marker-%d", m)); has != (m == n) {
+				t.Errorf("start %d: /var/task holds %v: want marker-%d only", n, a.Facts.Task, n)
+			}
+		}
+		if other, ok := seen[a.Facts.Hostname]; ok || a.Facts.Hostname == "" {
+			t.Errorf("start %d: hostname %q (also %s's)", n, a.Facts.Hostname, other)
+		}
+		seen[a.Facts.Hostname] = spec.ID
+		stopAndCheck(t, e, sb)
+	}
+}
+
+// awaitWarm waits until the driver has a sandbox ready ahead of need.
+func (e *env) awaitWarm(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(e.opts.StartTimeout)
+	for !e.opts.WarmReady(e.stateDir) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no sandbox ready ahead of need within %s", e.opts.StartTimeout)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

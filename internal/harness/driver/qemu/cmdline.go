@@ -72,6 +72,9 @@ type vmConfig struct {
 	// Network gives the guest a NIC on QEMU's user-mode network (see
 	// guestNet); without it the guest has loopback only.
 	Network bool
+	// Spare boots a spare VM (vmm.SpareMachine): its code disk is a
+	// placeholder of vmm.SpareCodeBytes (no descriptor) until assignment.
+	Spare bool `json:",omitempty"`
 	// Incoming starts QEMU waiting for a migration stream (a snapshot to
 	// restore) instead of running the guest: "-incoming defer", then QMP
 	// migrate-incoming from fdState.
@@ -158,6 +161,9 @@ func (c vmConfig) kernelCmdline() string {
 	if c.AgentCPU {
 		parts = append(parts, "invokex.agentcpu=1")
 	}
+	if c.Spare {
+		parts = append(parts, "invokex.spare=1")
+	}
 	return strings.Join(parts, " ")
 }
 
@@ -197,8 +203,11 @@ func (c vmConfig) args() []string {
 		// The order of the virtio-mmio devices is the order of vda, vdb, vdc.
 		"-drive", "id=root,file=" + fdPath(fdRoot) + ",format=raw,if=none,readonly=on",
 		"-device", "virtio-blk-device,drive=root",
-		"-drive", "id=code,file=" + fdPath(fdCode) + ",format=raw,if=none,readonly=on",
-		"-device", "virtio-blk-device,drive=code",
+		// The code disk is a raw node over a file node, so a spare's
+		// placeholder can be swapped for the code image (attachCode).
+		"-blockdev", c.codeFile(),
+		"-blockdev", "driver=raw,node-name=" + codeNode + ",file=" + codeFileNode + ",read-only=on",
+		"-device", "virtio-blk-device,drive=" + codeNode,
 		// The scratch disk dies with the instance: never flush it.
 		"-drive", "id=scratch,file=" + fdPath(fdScratch) + ",format=raw,if=none,cache=unsafe",
 		"-device", "virtio-blk-device,drive=scratch",
@@ -240,6 +249,21 @@ func (c vmConfig) args() []string {
 		a = append(a, "-incoming", "defer")
 	}
 	return a
+}
+
+// Block nodes of the code disk: the device's raw node over a file node.
+const (
+	codeNode     = "code"
+	codeFileNode = "code-file"
+)
+
+// codeFile is the -blockdev of the code disk's file node: the code image,
+// or for a spare a placeholder that reads as zeros.
+func (c vmConfig) codeFile() string {
+	if c.Spare {
+		return "driver=null-co,node-name=" + codeFileNode + ",size=" + strconv.Itoa(vmm.SpareCodeBytes) + ",read-zeroes=on,read-only=on"
+	}
+	return "driver=file,node-name=" + codeFileNode + ",filename=" + fdPath(fdCode) + ",read-only=on"
 }
 
 // accelArg is -accel's value.

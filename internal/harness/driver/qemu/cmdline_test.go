@@ -39,12 +39,33 @@ func TestArgsTCG(t *testing.T) {
 	drives := argValues(a, "-drive")
 	wantDrives := []string{
 		"id=root,file=/proc/self/fd/6,format=raw,if=none,readonly=on",
-		"id=code,file=/proc/self/fd/7,format=raw,if=none,readonly=on",
 		"id=scratch,file=/proc/self/fd/8,format=raw,if=none,cache=unsafe",
 	}
 	if !slices.Equal(drives, wantDrives) {
 		t.Errorf("drives = %q, want %q", drives, wantDrives)
 	}
+	wantBlockdevs := []string{
+		"driver=file,node-name=code-file,filename=/proc/self/fd/7,read-only=on",
+		"driver=raw,node-name=code,file=code-file,read-only=on",
+	}
+	if bd := argValues(a, "-blockdev"); !slices.Equal(bd, wantBlockdevs) {
+		t.Errorf("blockdevs = %q, want %q", bd, wantBlockdevs)
+	}
+	if strings.Contains(argValues(a, "-append")[0], "invokex.spare") {
+		t.Errorf("a VM that is no spare has invokex.spare")
+	}
+	// A spare's code disk is a placeholder that reads as zeros, as large
+	// as the largest code image it can take.
+	c.Spare = true
+	a = c.args()
+	if bd := argValues(a, "-blockdev"); len(bd) != 2 || bd[0] != "driver=null-co,node-name=code-file,size=1073741824,read-zeroes=on,read-only=on" || bd[1] != wantBlockdevs[1] {
+		t.Errorf("spare blockdevs = %q", bd)
+	}
+	if !strings.Contains(argValues(a, "-append")[0], " invokex.spare=1") {
+		t.Errorf("a spare's kernel command line lacks invokex.spare=1")
+	}
+	c.Spare = false
+	a = c.args()
 	// Disks in the order vda, vdb, vdc; then rng, the balloon (free page
 	// reporting) and the serial port.
 	devs := argValues(a, "-device")

@@ -124,7 +124,16 @@ type Options struct {
 	// multiple of 4096 derived from StateDir (drivers with different state
 	// directories use different uids). A driver runs at most 4096 VMs.
 	UIDBase int
+	// SpareVMs is how many VMs the driver keeps booted ahead of need, for
+	// the shapes (runtime, memory, /tmp size, network) cold starts asked
+	// for last: a cold start that finds one swaps in its code and skips
+	// the boot (see vmm.SpareMachine). 0: DefaultSpareVMs; negative: none.
+	SpareVMs int
 }
+
+// DefaultSpareVMs is Options.SpareVMs's default: one spare, of the shape
+// asked for last. Each costs what an idle VM costs the host.
+const DefaultSpareVMs = 1
 
 // Driver is the QEMU microvm driver. See package driver for the contract.
 type Driver struct {
@@ -192,6 +201,9 @@ func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 	if opts.StopGrace <= 0 {
 		opts.StopGrace = defaultStopGrace
 	}
+	if opts.SpareVMs == 0 {
+		opts.SpareVMs = DefaultSpareVMs
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*vmm.KVMProbeTimeout)
 	acc, why, err := chooseAccel(ctx, opts.Accel, opts.QEMUPath)
 	cancel()
@@ -210,6 +222,7 @@ func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 		StopGrace: opts.StopGrace,
 		// QEMU under TCG may take a while to print why it is exiting.
 		ExitWait: time.Second,
+		Spares:   opts.SpareVMs,
 	})
 	if err != nil {
 		return nil, err
@@ -320,13 +333,15 @@ func (d *Driver) killLeftover(ctx context.Context, id, dir string) error {
 	rec := vmm.ReadLeftoverRecord[record](d.log, id, dir)
 	qemuPath := d.opts.QEMUPath
 	var base *vmm.Record
+	name := id // the name QEMU was launched with
 	if rec != nil {
 		base = &rec.Record
 		if rec.QEMU != "" {
 			qemuPath = rec.QEMU
 		}
+		name = rec.MachineName()
 	}
-	return vmm.KillLeftover(ctx, d.log, id, base, func(pid int) bool { return isOurQEMU(pid, qemuPath, id) })
+	return vmm.KillLeftover(ctx, d.log, id, base, func(pid int) bool { return isOurQEMU(pid, qemuPath, name) })
 }
 
 // Close stops every instance; Start fails with ErrUnavailable afterwards.

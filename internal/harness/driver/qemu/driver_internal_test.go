@@ -34,6 +34,8 @@ func newFakeEnv(t *testing.T, mutate ...func(*Options)) *fakeEnv {
 		// The stand-in is the test binary, which other users may not be
 		// allowed to run; TestVMUsers covers the users.
 		KeepUser: true,
+		// The stand-in cannot be a spare (TestSpare* boot real ones).
+		SpareVMs: -1,
 	}
 	for _, m := range mutate {
 		m(&opts)

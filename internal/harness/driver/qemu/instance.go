@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -27,7 +28,11 @@ type instance struct {
 	// cfg and disks are what the VM was launched with, for Snapshot.
 	cfg      vmConfig
 	launched vmDisks
+	// rec is the VM's record, which Assign rewrites.
+	rec *record
 }
+
+var _ vmm.SpareMachine = (*instance)(nil)
 
 var _ vmm.Machine = (*instance)(nil)
 
@@ -47,13 +52,24 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	if i.from != nil {
 		return i.bootRestored(ctx, spec)
 	}
+	return i.boot(ctx, spec, false)
+}
+
+// BootSpare boots a spare VM; see vmm.SpareMachine.
+func (i *instance) BootSpare(ctx context.Context, spec driver.Spec) error {
+	return i.boot(ctx, spec, true)
+}
+
+// boot is Boot, or BootSpare if spare.
+func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error {
 	d := i.d
-	rec := &record{Record: vmm.NewRecord(spec), QEMU: d.opts.QEMUPath, AgentSocket: agentSock, QMPSocket: qmpSock}
+	i.rec = &record{Record: vmm.NewRecord(spec), QEMU: d.opts.QEMUPath, AgentSocket: agentSock, QMPSocket: qmpSock}
+	rec := i.rec
 	rec.UID = i.uid
 	if err := i.Create(rec); err != nil {
 		return err
 	}
-	disks, err := i.disks(ctx, spec)
+	disks, err := i.disks(ctx, spec, spare)
 	if err != nil {
 		return err
 	}
@@ -61,7 +77,7 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 		ID: spec.ID, Accel: d.accel,
 		MemoryMB: spec.MemoryMB, VCPUs: d.host.VCPUs(spec.MemoryMB), AgentCPU: d.host.AgentCPU(),
 		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
-		Network: spec.Network,
+		Network: spec.Network, Spare: spare,
 	}
 	launched := time.Now()
 	var ram *os.File
@@ -79,10 +95,80 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	if err := i.Record(rec); err != nil {
 		return err
 	}
-	if err := i.waitReady(ctx); err != nil {
+	if !spare {
+		err = i.waitReady(ctx)
+	} else if err = i.waitSpare(ctx); err == nil {
+		rec.SpareReady = true
+		err = i.Record(rec)
+	}
+	if err != nil {
 		return err
 	}
-	i.Log().Debug("vm ready", "boot", time.Since(launched), "disks", launched.Sub(rec.Created), "config", cfg.String())
+	i.Log().Debug("vm ready", "boot", time.Since(launched), "disks", launched.Sub(rec.Created), "config", cfg.String(), "spare", spare)
+	return nil
+}
+
+// Assign makes a spare the instance of spec; see vmm.SpareMachine.
+func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) error {
+	began := time.Now()
+	i.rec.ID, i.rec.Function, i.rec.RevisionID, i.rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
+	i.rec.SpareReady = false
+	if err := i.Record(i.rec); err != nil {
+		return err
+	}
+	if err := i.Rename(); err != nil {
+		return err
+	}
+	renamed := time.Now()
+	if err := i.attachCode(ctx, code); err != nil {
+		return err
+	}
+	attached := time.Now()
+	i.launched.code = code
+	if err := i.SendAssignment(ctx, i.d.opts.ReadyTimeout); err != nil {
+		return err
+	}
+	i.Log().Debug("spare vm assigned", "spare", i.Name(), "took", time.Since(began),
+		"record", renamed.Sub(began), "attach", attached.Sub(renamed), "guest", time.Since(attached))
+	return nil
+}
+
+// attachCode puts the code image at path in the place of a spare's
+// placeholder: QEMU gets the image as a descriptor set, opens it as a new
+// file node, and the code disk's raw node is reopened over it (QMP
+// blockdev-reopen); the guest, which has not read the disk, then reads
+// the image.
+func (i *instance) attachCode(ctx context.Context, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("opening the code image: %w", err)
+	}
+	defer f.Close() // QEMU has its own copy
+	q, err := dialQMP(ctx, filepath.Join(i.Dir(), qmpSock))
+	if err != nil {
+		return err
+	}
+	defer q.Close()
+	set, err := q.AddFD(ctx, f)
+	if err != nil {
+		return err
+	}
+	const imageNode = "code-image"
+	steps := []struct {
+		cmd  string
+		args any
+	}{
+		{"blockdev-add", map[string]any{"driver": "file", "node-name": imageNode, "filename": "/dev/fdset/" + strconv.Itoa(set.ID), "read-only": true}},
+		{"blockdev-reopen", map[string]any{"options": []map[string]any{{"driver": "raw", "node-name": codeNode, "file": imageNode, "read-only": true}}}},
+		{"blockdev-del", map[string]any{"node-name": codeFileNode}},
+		// The file node holds its own copy of the descriptor.
+		{"remove-fd", map[string]any{"fdset-id": set.ID}},
+	}
+	for _, s := range steps {
+		if err := q.Execute(ctx, s.cmd, s.args, nil); err != nil {
+			return fmt.Errorf("attaching the code image: %w", err)
+		}
+	}
 	return nil
 }
 
@@ -112,10 +198,18 @@ type vmDisks struct {
 	kernel, root, code, scratch string
 }
 
-// disks makes the root, code and scratch images.
-func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmDisks, error) {
+// disks makes the root, code and scratch images; a spare has no code
+// image (its descriptor is /dev/null, which QEMU never opens).
+func (i *instance) disks(ctx context.Context, spec driver.Spec, spare bool) (vmDisks, error) {
 	scratch := filepath.Join(i.Dir(), scratchImage)
-	root, code, err := i.d.host.Disks(ctx, spec, scratch)
+	var root, code string
+	var err error
+	if spare {
+		code = os.DevNull
+		root, err = i.d.host.SpareDisks(ctx, spec, scratch)
+	} else {
+		root, code, err = i.d.host.Disks(ctx, spec, scratch)
+	}
 	if err != nil {
 		return vmDisks{}, err
 	}
@@ -196,6 +290,16 @@ func (i *instance) waitReady(ctx context.Context) error {
 	ctx, cancel := i.ReadyContext(ctx, i.d.opts.ReadyTimeout)
 	defer cancel()
 	return i.AwaitAgent(ctx, "connecting to the agent socket", func(ctx context.Context) (net.Conn, error) {
+		return hostproc.DialUnix(ctx, filepath.Join(i.Dir(), agentSock))
+	})
+}
+
+// waitSpare connects to the agent socket like waitReady and waits for a
+// spare's line.
+func (i *instance) waitSpare(ctx context.Context) error {
+	ctx, cancel := i.ReadyContext(ctx, i.d.opts.ReadyTimeout)
+	defer cancel()
+	return i.AwaitSpare(ctx, "connecting to the agent socket", func(ctx context.Context) (net.Conn, error) {
 		return hostproc.DialUnix(ctx, filepath.Join(i.Dir(), agentSock))
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 	"github.com/invokex/invokex/internal/protocol"
 	"github.com/invokex/invokex/internal/runtimes"
@@ -50,6 +52,13 @@ func TestDriver(t *testing.T) {
 		// cores, and the first Start builds the runtime's root image.
 		StartTimeout: 5 * time.Minute,
 		FrameTimeout: 3 * time.Minute,
+		// The driver keeps a spare VM (Options.SpareVMs' default).
+		WarmReady: func(stateDir string) bool { _, ready := vmm.SparePIDs(stateDir); return ready > 0 },
+		FromWarm: func(inst driver.Instance) bool {
+			return slices.ContainsFunc(vmm.Cmdline(inst.(drivertest.HostProcess).PID()), func(a string) bool {
+				return strings.HasPrefix(a, "invokex-spare-")
+			})
+		},
 	}
 	drivertest.RunWith(t, opts, func(t *testing.T, stateDir string) driver.Driver {
 		d, err := qemu.New(qemu.Options{

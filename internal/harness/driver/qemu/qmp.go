@@ -178,21 +178,45 @@ func (c *qmpClient) withDeadline(ctx context.Context, fn func() error) error {
 // GetFD hands f to QEMU under name (QMP getfd: the descriptor travels as
 // SCM_RIGHTS with the command), for commands that take "fd:name".
 func (c *qmpClient) GetFD(ctx context.Context, name string, f *os.File) error {
+	return c.withFile(ctx, "getfd", map[string]string{"fdname": name}, f, nil)
+}
+
+// fdSet is add-fd's answer.
+type fdSet struct {
+	ID int `json:"fdset-id"`
+	FD int `json:"fd"`
+}
+
+// AddFD hands f to QEMU as a new descriptor set (QMP add-fd), for options
+// that take a file name: "/dev/fdset/<ID>" opens a copy of it. The set
+// lives until remove-fd.
+func (c *qmpClient) AddFD(ctx context.Context, f *os.File) (fdSet, error) {
+	var set fdSet
+	err := c.withFile(ctx, "add-fd", nil, f, &set)
+	return set, err
+}
+
+// withFile runs command with f attached as SCM_RIGHTS.
+func (c *qmpClient) withFile(ctx context.Context, command string, args any, f *os.File, out any) error {
 	uc, ok := c.conn.(*net.UnixConn)
 	if !ok {
-		return fmt.Errorf("qmp getfd: not a unix socket")
+		return fmt.Errorf("qmp %s: not a unix socket", command)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.withDeadline(ctx, func() error {
-		b, err := json.Marshal(map[string]any{"execute": "getfd", "arguments": map[string]string{"fdname": name}})
+		req := struct {
+			Execute   string `json:"execute"`
+			Arguments any    `json:"arguments,omitempty"`
+		}{command, args}
+		b, err := json.Marshal(req)
 		if err != nil {
 			return err
 		}
 		if _, _, err := uc.WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(f.Fd())), nil); err != nil {
-			return fmt.Errorf("sending qmp getfd: %w", err)
+			return fmt.Errorf("sending qmp %s: %w", command, err)
 		}
-		return c.readReturn("getfd", nil)
+		return c.readReturn(command, out)
 	})
 }
 

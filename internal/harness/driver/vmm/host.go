@@ -65,6 +65,10 @@ type Config struct {
 	// ExitWait is how long an error of a start waits for a VMM that may
 	// be exiting, so that the error carries its last words.
 	ExitWait time.Duration
+	// Spares is how many spare VMs to keep booted ahead of need (see
+	// SpareMachine); 0 or less: none. The driver's machines must be
+	// SpareMachines.
+	Spares int
 }
 
 // Host is the part of a microVM driver that is the same for every VMM:
@@ -77,6 +81,7 @@ type Host[M Machine] struct {
 	hostCPUs int
 
 	instances hostproc.Table[M]
+	spares    *spares[M]
 
 	mu    sync.Mutex
 	slots map[int]bool // slots in use
@@ -87,12 +92,14 @@ func NewHost[M Machine](cfg Config) (*Host[M], error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%s driver: creating state directory: %w", cfg.Name, err)
 	}
-	return &Host[M]{
+	h := &Host[M]{
 		cfg:      cfg,
 		fork:     hostproc.NewForker(),
 		hostCPUs: runtime.NumCPU(),
 		slots:    map[int]bool{},
-	}, nil
+	}
+	h.spares = newSpares(h, cfg.Spares)
+	return h, nil
 }
 
 func (h *Host[M]) config() *Config          { return &h.cfg }
@@ -129,34 +136,26 @@ func (h *Host[M]) Start(ctx context.Context, spec driver.Spec, newMachine func(*
 	if err := Validate(spec); err != nil {
 		return nil, err
 	}
-	startCtx, cancel := context.WithCancel(ctx)
-	inst := &Instance{
-		id:          spec.ID,
-		dir:         filepath.Join(h.cfg.StateDir, spec.ID),
-		log:         h.cfg.Log.With("instance", spec.ID, "function", spec.Function),
-		host:        h,
-		done:        make(chan struct{}),
-		started:     make(chan struct{}),
-		cancelStart: cancel,
+	if m, ok, err := h.fromSpare(ctx, spec, newMachine); ok {
+		return m, err
 	}
-	slot, err := h.takeSlot()
+	inst, err := h.newInstance(ctx, spec)
 	if err != nil {
-		cancel()
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
 	}
-	inst.slot = slot
 	m := newMachine(inst)
 	inst.m = m
 	if err := h.instances.Add(spec.ID, m); err != nil {
-		h.releaseSlot(slot)
-		cancel()
+		h.releaseSlot(inst.slot)
+		inst.cancelStart()
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
 	}
+	startCtx := inst.startCtx
 	err = startCtx.Err()
 	if err == nil {
 		err = m.Boot(startCtx, spec)
 	}
-	cancel()
+	inst.cancelStart()
 	close(inst.started)
 	if err != nil {
 		if cerr := inst.stop(context.WithoutCancel(ctx), 0); cerr != nil {
@@ -165,6 +164,30 @@ func (h *Host[M]) Start(ctx context.Context, spec driver.Spec, newMachine func(*
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)
 	}
 	return m, nil
+}
+
+// newInstance makes the Instance of spec with a free slot; its startCtx
+// (ctx, ended by cancelStart) bounds the boot.
+func (h *Host[M]) newInstance(ctx context.Context, spec driver.Spec) (*Instance, error) {
+	startCtx, cancel := context.WithCancel(ctx)
+	inst := &Instance{
+		id:          spec.ID,
+		name:        spec.ID,
+		dir:         filepath.Join(h.cfg.StateDir, spec.ID),
+		log:         h.cfg.Log.With("instance", spec.ID, "function", spec.Function),
+		host:        h,
+		done:        make(chan struct{}),
+		started:     make(chan struct{}),
+		startCtx:    startCtx,
+		cancelStart: cancel,
+	}
+	slot, err := h.takeSlot()
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	inst.slot = slot
+	return inst, nil
 }
 
 // takeSlot reserves a slot for a new VM.
@@ -213,6 +236,20 @@ func (h *Host[M]) Disks(ctx context.Context, spec driver.Spec, scratch string) (
 		return "", "", fmt.Errorf("scratch image: %w", err)
 	}
 	return root, code, nil
+}
+
+// SpareDisks returns the root image of spec's runtime and creates its
+// scratch disk at scratch: a spare's disks, which have no code.
+func (h *Host[M]) SpareDisks(ctx context.Context, spec driver.Spec, scratch string) (root string, err error) {
+	rt := spec.Runtime
+	root, err = h.cfg.Images.Root(ctx, &rt)
+	if err != nil {
+		return "", fmt.Errorf("root image of %s: %w", spec.Runtime.ID, err)
+	}
+	if err := h.cfg.Images.Scratch(ctx, scratch, spec.EphemeralMB); err != nil {
+		return "", fmt.Errorf("scratch image: %w", err)
+	}
+	return root, nil
 }
 
 // Prepare builds (or finds cached) the root image of spec's runtime and
@@ -271,7 +308,7 @@ func (h *Host[M]) Recover(ctx context.Context, kill func(ctx context.Context, id
 	var errs []error
 	for _, e := range ents {
 		id := e.Name()
-		if _, known := h.instances.Get(id); !e.IsDir() || known {
+		if _, known := h.instances.Get(id); !e.IsDir() || known || h.spares.owns(id) {
 			continue
 		}
 		if err := h.removeLeftover(ctx, id, kill); err != nil {
@@ -298,7 +335,9 @@ func (h *Host[M]) removeLeftover(ctx context.Context, id string, kill func(ctx c
 // they have a Close method): every instance is gone and no Start can
 // follow. Idempotent.
 func (h *Host[M]) Close(ctx context.Context) error {
+	serr := h.spares.close(ctx)
 	first, err := h.instances.Close(func(m M) error { return m.instance().stop(ctx, h.cfg.StopGrace) })
+	err = errors.Join(serr, err)
 	if first {
 		h.fork.Close()
 		if c, ok := h.cfg.Images.(interface{ Close() }); ok {

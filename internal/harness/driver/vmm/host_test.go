@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
+	"github.com/invokex/invokex/internal/protocol"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -53,6 +55,12 @@ type testVM struct {
 	agent    string
 	asked    atomic.Int32
 	released atomic.Int32
+	// Of spares (spares_test.go): the record, the assignment the guest
+	// got, the code image attached.
+	spec     driver.Spec
+	rec      Record
+	assigned chan protocol.Assignment
+	code     string
 }
 
 type testHost struct {
@@ -64,6 +72,8 @@ type testHost struct {
 	bootErr    error
 	dialErr    error
 	releaseErr error
+	assignErr  error
+	vmsMu      sync.Mutex // the pool's fill loop adds spares
 	vms        map[string]*testVM
 }
 
@@ -86,18 +96,27 @@ func (h *testHost) start(ctx context.Context, id, agent string) (*testVM, error)
 		ID: id, Function: "f", CodeDir: h.images.dir, MemoryMB: MinMemoryMB, EphemeralMB: 1,
 		Runtime: runtimes.Runtime{ID: "provided.al2023"},
 	}
-	inst, err := h.Start(ctx, spec, func(i *Instance) *testVM {
-		v := &testVM{Instance: i, h: h, agent: agent}
-		h.vms[id] = v
-		return v
-	})
+	inst, err := h.Start(ctx, spec, h.newVM(id, agent))
 	if err != nil {
 		return nil, err
 	}
 	return inst.(*testVM), nil
 }
 
+// newVM makes the machines of Start of id: the one it boots, or the
+// spares the pool boots with it (recorded under their names).
+func (h *testHost) newVM(id, agent string) func(*Instance) *testVM {
+	return func(i *Instance) *testVM {
+		v := &testVM{Instance: i, h: h, agent: agent}
+		h.vmsMu.Lock()
+		h.vms[i.Name()] = v
+		h.vmsMu.Unlock()
+		return v
+	}
+}
+
 func (v *testVM) Boot(ctx context.Context, spec driver.Spec) error {
+	v.spec = spec
 	rec := NewRecord(spec)
 	if err := v.Create(&rec); err != nil {
 		return err
@@ -243,7 +262,7 @@ func TestHostStartErrors(t *testing.T) {
 	}
 	h.dialErr = nil
 	h.vmm = "exec sleep 60"
-	if _, err := h.start(context.Background(), "garbage-1", "NOT-READY\n"); err == nil || !strings.Contains(err.Error(), `guest sent "N" instead of its ready line`) {
+	if _, err := h.start(context.Background(), "garbage-1", "NOT-READY\n"); err == nil || !strings.Contains(err.Error(), `guest sent "N" instead of "INVOKEX-AGENT-READY"`) {
 		t.Errorf("a wrong ready line: %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)

@@ -22,6 +22,7 @@ import (
 // are set while Boot runs and read-only once Start has returned.
 type Instance struct {
 	id   string
+	name string // the VMM's; see Name
 	dir  string
 	slot int
 	log  *slog.Logger
@@ -36,6 +37,7 @@ type Instance struct {
 	done chan struct{}
 	// started is closed when Start has returned; cancelStart aborts it.
 	started     chan struct{}
+	startCtx    context.Context
 	cancelStart context.CancelFunc
 
 	stopOnce sync.Once
@@ -232,34 +234,40 @@ func (i *Instance) AttachAgent(ctx context.Context, what string, dial func(conte
 }
 
 // awaitReady makes conn the instance's Conn and reads the guest's
-// ReadyLine from it, byte by byte so that no byte of the protocol that
-// follows is consumed.
+// ReadyLine from it.
 func (i *Instance) awaitReady(ctx context.Context, conn net.Conn) error {
 	i.conn = conn
+	return i.awaitLine(ctx, ReadyLine, "waiting for the guest agent")
+}
+
+// awaitLine reads line from the instance's Conn, byte by byte so that no
+// byte of what follows is consumed; what names the wait in errors.
+func (i *Instance) awaitLine(ctx context.Context, line, what string) error {
+	conn := i.conn
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetReadDeadline(time.Now()) })
 	defer stop()
-	got := make([]byte, 0, len(ReadyLine))
+	got := make([]byte, 0, len(line))
 	var b [1]byte
-	for len(got) < len(ReadyLine) {
+	for len(got) < len(line) {
 		n, err := conn.Read(b[:])
 		if err != nil {
 			if ctx.Err() != nil {
-				return i.ReadyErr(ctx, "waiting for the guest agent")
+				return i.ReadyErr(ctx, what)
 			}
-			return i.WithOutput(fmt.Errorf("reading the agent's ready line: %w", err))
+			return i.WithOutput(fmt.Errorf("%s: reading %q: %w", what, strings.TrimSpace(line), err))
 		}
 		if n == 0 {
 			continue // an empty read (io.Reader allows it) carries no byte
 		}
 		got = append(got, b[0])
-		if b[0] != ReadyLine[len(got)-1] {
-			return i.WithOutput(fmt.Errorf("guest sent %q instead of its ready line", got))
+		if b[0] != line[len(got)-1] {
+			return i.WithOutput(fmt.Errorf("guest sent %q instead of %q", got, strings.TrimSpace(line)))
 		}
 	}
-	// The whole ready line arrived: the agent is up. If the VMM's exit or
-	// ctx raced with the last byte, the read deadline may be set already:
-	// clear it, since the connection is handed over; a VM that exited
-	// meanwhile shows up through Done like any later exit.
+	// The whole line arrived. If the VMM's exit or ctx raced with the
+	// last byte, the read deadline may be set already: clear it, since the
+	// connection is handed over; a VM that exited meanwhile shows up
+	// through Done like any later exit.
 	if !stop() {
 		if err := conn.SetReadDeadline(time.Time{}); err != nil {
 			return i.WithOutput(fmt.Errorf("clearing the agent connection's deadline: %w", err))

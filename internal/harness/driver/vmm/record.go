@@ -21,7 +21,13 @@ import (
 // started (Instance.Create) and again once its pid is known
 // (Instance.Launch, then Instance.Record).
 type Record struct {
-	ID         string `json:"id"`
+	ID string `json:"id"`
+	// Machine is the name the VMM was launched with when it differs from
+	// ID: a spare VM's (see SpareMachine), assigned to instance ID later.
+	Machine string `json:"machine,omitempty"`
+	// SpareReady: the VM is a spare, booted and waiting for its
+	// assignment (see SpareMachine).
+	SpareReady bool   `json:"spare_ready,omitempty"`
 	Function   string `json:"function,omitempty"`
 	RevisionID string `json:"revision_id,omitempty"`
 	// PID is the VMM's pid (0 until started); StartTime is field 22 of
@@ -36,6 +42,14 @@ type Record struct {
 // NewRecord is the record of a VM about to be created for spec.
 func NewRecord(spec driver.Spec) Record {
 	return Record{ID: spec.ID, Function: spec.Function, RevisionID: spec.RevisionID, Created: time.Now().UTC()}
+}
+
+// MachineName is the name the VMM was launched with: Machine, or ID.
+func (r *Record) MachineName() string {
+	if r.Machine != "" {
+		return r.Machine
+	}
+	return r.ID
 }
 
 // Proc is the recorded VMM process (PID 0 before it started).

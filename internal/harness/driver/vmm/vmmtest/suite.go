@@ -229,7 +229,7 @@ func testStopStubborn(t *testing.T, e *Env) {
 func testStartFailures(t *testing.T, e *Env) {
 	want := map[string]string{
 		"exit-1":    "fake failure for exit-1",
-		"garbage-1": "instead of its ready line",
+		"garbage-1": `instead of "INVOKEX-AGENT-READY"`,
 	}
 	for id, w := range e.Failures {
 		want[id] = w

@@ -1,0 +1,63 @@
+package protocol
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+)
+
+// Assignment is what the host sends the init of a spare microVM: a VM
+// booted ahead of need, without a function (its kernel command line says
+// invokex.spare=1). The init writes its spare line, reads one Assignment
+// (WriteAssignment, ReadAssignment), makes the VM the instance's (hostname,
+// code disk) and only then writes its ready line and starts the agent, so
+// the protocol's frames follow as on any VM. The host swaps the code disk
+// behind the guest before it sends the Assignment.
+type Assignment struct {
+	// Hostname is the instance's hostname.
+	Hostname string `json:"hostname"`
+}
+
+// maxAssignment bounds an Assignment line.
+const maxAssignment = 4096
+
+// WriteAssignment writes a as one JSON line.
+func WriteAssignment(w io.Writer, a Assignment) error {
+	b, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// ReadAssignment reads one Assignment line from r a byte at a time, so that
+// no byte after it is consumed, and checks it.
+func ReadAssignment(r io.Reader) (Assignment, error) {
+	var a Assignment
+	line := make([]byte, 0, 128)
+	var b [1]byte
+	for {
+		n, err := r.Read(b[:])
+		if n == 1 {
+			if b[0] == '\n' {
+				break
+			}
+			if len(line) == maxAssignment {
+				return a, fmt.Errorf("assignment longer than %d bytes", maxAssignment)
+			}
+			line = append(line, b[0])
+			continue
+		}
+		if err != nil {
+			return a, fmt.Errorf("reading the assignment: %w", err)
+		}
+	}
+	if err := json.Unmarshal(line, &a); err != nil {
+		return a, fmt.Errorf("decoding the assignment: %w", err)
+	}
+	if a.Hostname == "" || len(a.Hostname) > 64 {
+		return a, fmt.Errorf("assignment: hostname %q must be 1 to 64 bytes", a.Hostname)
+	}
+	return a, nil
+}

@@ -1,0 +1,39 @@
+package protocol
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func TestAssignmentRoundTrip(t *testing.T) {
+	var buf bytes.Buffer
+	if err := WriteAssignment(&buf, Assignment{Hostname: "sandbox-ix-1"}); err != nil {
+		t.Fatal(err)
+	}
+	buf.WriteString("NEXT")
+	a, err := ReadAssignment(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Hostname != "sandbox-ix-1" {
+		t.Errorf("hostname %q", a.Hostname)
+	}
+	if buf.String() != "NEXT" {
+		t.Errorf("ReadAssignment consumed what follows the line: %q left", buf.String())
+	}
+}
+
+func TestReadAssignmentRejects(t *testing.T) {
+	for name, in := range map[string]string{
+		"no hostname":   "{}\n",
+		"long hostname": `{"hostname":"` + strings.Repeat("h", 65) + "\"}\n",
+		"not json":      "hello\n",
+		"too long":      strings.Repeat("x", maxAssignment+1) + "\n",
+		"cut short":     `{"hostname":"a"}`,
+	} {
+		if _, err := ReadAssignment(strings.NewReader(in)); err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+}
