@@ -18,6 +18,7 @@ import (
 
 	"github.com/invokex/invokex/internal/client"
 	"github.com/invokex/invokex/internal/harness/driver/process"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/server"
 )
 
@@ -193,7 +194,7 @@ func (s *ixServer) record(ctx context.Context, requestID string, timeout time.Du
 
 // instances returns the server's sandbox instances: each direct child of
 // the server is an instance's init, with the agent and the function below,
-// except the process driver's warm sandboxes (see sandboxes).
+// except sandboxes started ahead of need (see sandboxes).
 func (s *ixServer) instances(fs procFS) (map[int][]Proc, error) {
 	all, warm, err := s.sandboxes(fs)
 	if err != nil {
@@ -206,8 +207,8 @@ func (s *ixServer) instances(fs procFS) (map[int][]Proc, error) {
 }
 
 // sandboxes returns every sandbox subtree of the server, and those of
-// them that are warm sandboxes of the process driver: started ahead of
-// need, no instance yet.
+// them that are started ahead of need, no instance yet: warm sandboxes of
+// the process driver, spare VMs of the qemu driver.
 func (s *ixServer) sandboxes(fs procFS) (all, warm map[int][]Proc, err error) {
 	procs, err := fs.Procs()
 	if err != nil {
@@ -219,6 +220,8 @@ func (s *ixServer) sandboxes(fs procFS) (all, warm map[int][]Proc, err error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	spares, _ := vmm.SparePIDs(server.QEMUStateDir(s.dataDir))
+	pids = append(pids, spares...)
 	for _, pid := range pids {
 		if g, ok := all[pid]; ok {
 			warm[pid] = g

@@ -281,7 +281,7 @@ func (r *Report) memoryTable() table {
 		t.notes = append(t.notes, "one InvokeX instance's processes: "+m.Processes)
 	}
 	if m.Warm > 0 {
-		t.notes = append(t.notes, fmt.Sprintf("beside the instances the process driver kept %d warm sandboxes (started ahead of need, no function yet; not in the figures above): %s RSS, %s PSS each",
+		t.notes = append(t.notes, fmt.Sprintf("beside the instances the driver kept %d sandboxes started ahead of need (warm sandboxes, spare VMs: no function yet; not in the figures above): %s RSS, %s PSS each",
 			m.Warm, fmtMiB(m.WarmEach.RSS), fmtMiB(m.WarmEach.PSS)))
 	}
 	if m.Why != "" {

@@ -113,8 +113,9 @@ type MemoryResult struct {
 	SandboxFresh Mem
 	// Processes names one instance's processes, e.g. "invokex, invokex, bootstrap".
 	Processes string
-	// Warm is how many warm sandboxes the process driver kept beside the
-	// instances (started ahead of need, no function yet; not in the
+	// Warm is how many sandboxes started ahead of need (the process
+	// driver's warm sandboxes, the qemu driver's spare VMs) the driver kept
+	// beside the instances (started ahead of need, no function yet; not in the
 	// figures above); WarmEach is one's memory.
 	Warm     int `json:",omitempty"`
 	WarmEach Mem

@@ -147,6 +147,9 @@ func newFirecrackerDriver(cfg Config, agent string, log *slog.Logger) (driver.Dr
 // data directory.
 func ProcessStateDir(dataDir string) string { return filepath.Join(dataDir, "sandboxes") }
 
+// QEMUStateDir is the qemu driver's state directory under dataDir.
+func QEMUStateDir(dataDir string) string { return filepath.Join(dataDir, "vms") }
+
 func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := process.New(process.Options{
 		StateDir:    ProcessStateDir(cfg.DataDir),
@@ -161,7 +164,7 @@ func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver
 
 func newQEMUDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := qemu.New(qemu.Options{
-		StateDir: filepath.Join(cfg.DataDir, "vms"),
+		StateDir: QEMUStateDir(cfg.DataDir),
 		AgentBin: agent,
 		Logger:   log,
 	})
