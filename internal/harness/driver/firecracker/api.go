@@ -61,6 +61,11 @@ type (
 		IsRootDevice bool   `json:"is_root_device"`
 		IsReadOnly   bool   `json:"is_read_only"`
 	}
+	// partialDrive is PATCH /drives' body (PartialDrive).
+	partialDrive struct {
+		DriveID    string `json:"drive_id"`
+		PathOnHost string `json:"path_on_host"`
+	}
 	vsockDevice struct {
 		GuestCID uint32 `json:"guest_cid"`
 		UDSPath  string `json:"uds_path"`
@@ -200,6 +205,13 @@ func (c *apiClient) putBootSource(ctx context.Context, b bootSource) error {
 
 func (c *apiClient) putDrive(ctx context.Context, d drive) error {
 	return c.put(ctx, "/drives/"+d.DriveID, d)
+}
+
+// patchDrive points a running VM's drive id at the file path (PATCH
+// /drives/{drive_id}, allowed after InstanceStart): Firecracker opens the
+// new file and tells the guest the disk's new size.
+func (c *apiClient) patchDrive(ctx context.Context, id, path string) error {
+	return c.send(ctx, http.MethodPatch, "/drives/"+id, partialDrive{DriveID: id, PathOnHost: path})
 }
 
 func (c *apiClient) putVsock(ctx context.Context, v vsockDevice) error {

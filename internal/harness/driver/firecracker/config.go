@@ -28,6 +28,9 @@ const (
 	kernelFile   = "vmlinux"
 	rootImage    = "root.ext4"
 	codeImage    = "code.ext4"
+	// assignedCode is the code image an assigned spare's code drive is
+	// switched to (codeImage is its placeholder).
+	assignedCode = "code-assigned.ext4"
 	scratchImage = "scratch.ext4"
 )
 
@@ -50,6 +53,9 @@ type bootConfig struct {
 	IP string
 	// AgentCPU: the VM has a vCPU for the agent (vmm.Host.AgentCPU).
 	AgentCPU bool
+	// Spare: the VM is a spare (vmm.SpareMachine), its code drive a
+	// placeholder until Assign.
+	Spare bool
 }
 
 // kernelCmdline is the guest's command line. console=ttyS0 puts the
@@ -75,6 +81,9 @@ func (c bootConfig) kernelCmdline() string {
 	}
 	if c.AgentCPU {
 		parts = append(parts, "invokex.agentcpu=1")
+	}
+	if c.Spare {
+		parts = append(parts, "invokex.spare=1")
 	}
 	return strings.Join(parts, " ")
 }

@@ -84,6 +84,9 @@ const (
 	actionTimeout = time.Second
 )
 
+// DefaultSpareVMs is Options.SpareVMs's default.
+const DefaultSpareVMs = 1
+
 // Options configures New.
 type Options struct {
 	// StateDir holds one directory per instance; required. Recover
@@ -113,6 +116,12 @@ type Options struct {
 	// ReadyTimeout bounds a boot, from Firecracker's start to the agent's
 	// ready line; default 10 s.
 	ReadyTimeout time.Duration
+	// SpareVMs is how many VMs the driver keeps booted ahead of need, as
+	// the qemu driver does (see qemu.Options.SpareVMs): a cold start that
+	// finds one has Firecracker switch its code drive to the instance's
+	// image (PATCH /drives) and skips the boot. 0: DefaultSpareVMs;
+	// negative: none.
+	SpareVMs int
 	// UIDBase is the first uid (and gid) of the jailed VMs' users;
 	// default 1<<30 plus a multiple of 4096 derived from StateDir, as the
 	// qemu driver does. A driver runs at most 4096 VMs.
@@ -219,6 +228,9 @@ func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 	if opts.ReadyTimeout <= 0 {
 		opts.ReadyTimeout = defaultReadyTimeout
 	}
+	if opts.SpareVMs == 0 {
+		opts.SpareVMs = DefaultSpareVMs
+	}
 	if opts.CgroupParent == "" {
 		opts.CgroupParent = "invokex-firecracker"
 	}
@@ -232,6 +244,7 @@ func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 		// Firecracker after SIGTERM (see instance.Ask).
 		StopGrace: opts.StopGrace / 2,
 		ExitWait:  100 * time.Millisecond,
+		Spares:    opts.SpareVMs,
 	})
 	if err != nil {
 		return nil, err
@@ -326,7 +339,11 @@ func (d *Driver) killLeftover(ctx context.Context, id, dir string) error {
 	}
 	// A jailed VMM loses Pdeathsig when the jailer drops to its user, so
 	// one whose pid was never recorded is found by its command line too.
-	isOurs := func(pid int) bool { return isOurVMM(pid, fcPath, jailerPath, id) }
+	name := id // the --id the VMM was launched with
+	if rec != nil {
+		name = rec.MachineName()
+	}
+	isOurs := func(pid int) bool { return isOurVMM(pid, fcPath, jailerPath, name) }
 	if err := vmm.KillLeftover(ctx, d.log, id, base, isOurs); err != nil {
 		return err
 	}

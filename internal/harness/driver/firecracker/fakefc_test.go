@@ -11,13 +11,16 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/protocol"
 )
 
 // Names of the symlinks to the test binary that make it behave as
@@ -101,6 +104,16 @@ func fakeFirecracker(args []string) int {
 		return 1
 	}
 	root := os.Getenv("FAKEFC_ROOT")
+	if root != "" {
+		// Hold the chroot by a descriptor, as a real chroot holds it by
+		// its inode: the driver may rename a directory above it.
+		d, err := os.Open(root)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "firecracker: chroot:", err)
+			return 1
+		}
+		root = "/proc/self/fd/" + strconv.Itoa(int(d.Fd()))
+	}
 	resolve := func(p string) string {
 		if root != "" && filepath.IsAbs(p) {
 			return filepath.Join(root, p)
@@ -110,7 +123,7 @@ func fakeFirecracker(args []string) int {
 	if apiPath == "" {
 		apiPath = "/run/firecracker.socket"
 	}
-	l, err := net.Listen("unix", resolve(apiPath))
+	l, err := listenUnixLong(resolve(apiPath))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "firecracker: api socket:", err)
 		return 1
@@ -165,6 +178,8 @@ type fakeVM struct {
 	paths          map[string]string // drive id -> path_on_host
 	memMiB         int
 	history        []loggedRequest
+	// patched are the drives PATCH /drives switched (a spare's code).
+	patched []string
 }
 
 // fakeTermExit is the stand-in's exit status after SIGTERM,
@@ -205,6 +220,10 @@ var schema = map[string]struct{ fields, required map[string]string }{
 	},
 	"EntropyDevice":    {fields: map[string]string{"rate_limiter": "object"}, required: map[string]string{}},
 	"NetworkInterface": {fields: map[string]string{"iface_id": "string", "host_dev_name": "string", "guest_mac": "string"}, required: map[string]string{"iface_id": "", "host_dev_name": ""}},
+	"PartialDrive": {
+		fields:   map[string]string{"drive_id": "string", "path_on_host": "string", "rate_limiter": "object"},
+		required: map[string]string{"drive_id": ""},
+	},
 	"InstanceActionInfo": {
 		fields:   map[string]string{"action_type": "string"},
 		required: map[string]string{"action_type": ""},
@@ -269,7 +288,7 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.Path
 	var req map[string]any
 	wantMethod := http.MethodPut
-	if path == "/vm" {
+	if path == "/vm" || (r.Method == http.MethodPatch && strings.HasPrefix(path, "/drives/")) {
 		wantMethod = http.MethodPatch
 	}
 	if r.Method != wantMethod || r.Header.Get("Content-Type") != "application/json" || json.Unmarshal(raw, &req) != nil {
@@ -277,6 +296,14 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if v.serveSnapshot(w, path, req) {
+		return
+	}
+	if r.Method == http.MethodPatch && strings.HasPrefix(path, "/drives/") {
+		if err := v.patchDrive(strings.TrimPrefix(path, "/drives/"), req); err != nil {
+			fault(w, 400, "%v", err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 		return
 	}
 	if v.started && path != "/actions" {
@@ -359,6 +386,30 @@ func (v *fakeVM) putDrive(id string, body map[string]any) error {
 	return nil
 }
 
+// patchDrive is PATCH /drives/{id}: only after InstanceStart, on a drive
+// that exists, to a file that exists.
+func (v *fakeVM) patchDrive(id string, body map[string]any) error {
+	if err := checkSchema("PartialDrive", body); err != nil {
+		return err
+	}
+	if body["drive_id"] != id {
+		return fmt.Errorf("the id from the path does not match the id from the body")
+	}
+	if !v.started {
+		return fmt.Errorf("The requested operation is not supported before starting the microVM.")
+	}
+	if _, ok := v.drives[id]; !ok {
+		return fmt.Errorf("Unable to patch the block device: Cannot find block device with id %s", id)
+	}
+	p, _ := body["path_on_host"].(string)
+	if _, err := os.Stat(v.resolve(p)); err != nil {
+		return fmt.Errorf("Unable to patch the block device: %v", err)
+	}
+	v.paths[id] = p
+	v.patched = append(v.patched, id)
+	return nil
+}
+
 func (v *fakeVM) action(body map[string]any) error {
 	if err := checkSchema("InstanceActionInfo", body); err != nil {
 		return err
@@ -372,7 +423,7 @@ func (v *fakeVM) action(body map[string]any) error {
 			return fmt.Errorf("Cannot start microvm without kernel configuration")
 		}
 		if v.udsPath != "" {
-			l, err := net.Listen("unix", v.resolve(v.udsPath))
+			l, err := listenUnixLong(v.resolve(v.udsPath))
 			if err != nil {
 				return fmt.Errorf("vsock: %v", err)
 			}
@@ -397,6 +448,21 @@ func (v *fakeVM) action(body map[string]any) error {
 	}
 	return nil
 }
+
+// listenUnixLong listens on the unix socket at path, however long (the
+// stand-in binds absolute paths in its pretend chroot, which real
+// Firecracker binds relative to its real one).
+func listenUnixLong(path string) (net.Listener, error) {
+	var l net.Listener
+	err := hostproc.SocketAddr(path, func(addr string) error {
+		var err error
+		l, err = net.Listen("unix", addr)
+		return err
+	})
+	return l, err
+}
+
+var spareArg = regexp.MustCompile(`(^| )invokex\.spare=1( |$)`)
 
 var vsockArg = regexp.MustCompile(`(^| )invokex\.vsock=(\d+)( |$)`)
 
@@ -438,6 +504,21 @@ func (v *fakeVM) agent(c net.Conn) {
 	if v.mode == "garbage" {
 		io.WriteString(c, "NOT-READY\n")
 		select {}
+	}
+	if spareArg.MatchString(v.bootArgs) {
+		// A spare's init: its assignment comes once the host has switched
+		// the code drive, and the agent starts only then.
+		io.WriteString(c, vmm.SpareLine)
+		if _, err := protocol.ReadAssignment(c); err != nil {
+			return
+		}
+		v.mu.Lock()
+		switched := slices.Contains(v.patched, "code")
+		v.mu.Unlock()
+		if !switched {
+			io.WriteString(c, "CODE-NOT-SWITCHED\n")
+			return
+		}
 	}
 	io.WriteString(c, vmm.ReadyLine+"HELLO")
 	if v.mode == "die" {

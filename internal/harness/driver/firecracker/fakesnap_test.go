@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -187,7 +186,7 @@ func (v *fakeVM) loadSnapshot(req map[string]any) error {
 			return fmt.Errorf("Failed to restore block device %s: %v", id, err)
 		}
 	}
-	l, err := net.Listen("unix", v.resolve(st.UDSPath))
+	l, err := listenUnixLong(v.resolve(st.UDSPath))
 	if err != nil {
 		return fmt.Errorf("VsockUnixBackend: Error binding to host-side Unix socket: %v", err)
 	}

@@ -43,6 +43,9 @@ func newFakeEnv(t *testing.T, mutate ...func(*Options)) *fakeEnv {
 	opts := Options{
 		StateDir: e.StateDir, CacheDir: e.CacheDir, FirecrackerPath: e.fc, KernelPath: e.Kernel,
 		Logger: hostproctest.Logger(t), StopGrace: time.Second, ReadyTimeout: 10 * time.Second,
+		// Spares are TestSpare's; elsewhere they would make the suite's
+		// process and request counts depend on the pool.
+		SpareVMs: -1,
 	}
 	for _, m := range mutate {
 		m(&opts)

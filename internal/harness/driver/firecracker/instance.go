@@ -42,9 +42,11 @@ type instance struct {
 	// paused is set once the VM was paused for a snapshot: Ask then ends
 	// Firecracker at once (a paused guest cannot act on Ctrl-Alt-Del).
 	paused atomic.Bool
+	// rec is the VM's record, which Assign rewrites.
+	rec *record
 }
 
-var _ vmm.Machine = (*instance)(nil)
+var _ vmm.SpareMachine = (*instance)(nil)
 
 func (d *Driver) newInstance(base *vmm.Instance) *instance {
 	return &instance{Instance: base, d: d}
@@ -81,12 +83,23 @@ func (i *instance) inRoot(name string) string {
 // is restored from) and waits until the agent inside is ready (or
 // attaches to the restored one); see vmm.Machine.
 func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
+	return i.boot(ctx, spec, false)
+}
+
+// BootSpare boots a spare VM; see vmm.SpareMachine.
+func (i *instance) BootSpare(ctx context.Context, spec driver.Spec) error {
+	return i.boot(ctx, spec, true)
+}
+
+// boot is Boot, or BootSpare if spare.
+func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error {
 	d := i.d
 	i.spec = spec
 	if spec.Network && d.opts.TapName == "" {
 		d.warnOnce(&d.warnedNetwk, "sandbox network requested but no tap is configured: vms get loopback only")
 	}
-	rec := &record{Record: vmm.NewRecord(spec), Firecracker: d.opts.FirecrackerPath, Jailer: d.opts.JailerPath}
+	i.rec = &record{Record: vmm.NewRecord(spec), Firecracker: d.opts.FirecrackerPath, Jailer: d.opts.JailerPath}
+	rec := i.rec
 	i.root = i.Dir()
 	if d.opts.JailerPath != "" {
 		i.jail = &jail{
@@ -104,8 +117,11 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 		return err
 	}
 	makeDisks := i.disks
-	if i.from != nil {
+	switch {
+	case i.from != nil:
 		makeDisks = i.restoredDisks
+	case spare:
+		makeDisks = i.spareDisks
 	}
 	files, err := makeDisks(ctx, spec)
 	if err != nil {
@@ -130,13 +146,92 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 		i.Log().Debug("vm restored", "restore", time.Since(launched), "disks", launched.Sub(rec.Created), "snapshot", i.from.dir)
 		return nil
 	}
-	if err := i.configure(ctx, spec, files); err != nil {
+	if err := i.configure(ctx, spec, files, spare); err != nil {
 		return err
 	}
-	if err := i.waitReady(ctx); err != nil {
+	if spare {
+		if err := i.waitSpare(ctx); err != nil {
+			return err
+		}
+		rec.SpareReady = true
+		if err := i.Record(rec); err != nil {
+			return err
+		}
+	} else if err := i.waitReady(ctx); err != nil {
 		return err
 	}
-	i.Log().Debug("vm ready", "boot", time.Since(launched), "disks", launched.Sub(rec.Created))
+	i.Log().Debug("vm ready", "boot", time.Since(launched), "disks", launched.Sub(rec.Created), "spare", spare)
+	return nil
+}
+
+// spareDisks makes a spare's root and scratch images and, where its code
+// image goes, a sparse placeholder of vmm.SpareCodeBytes.
+func (i *instance) spareDisks(ctx context.Context, spec driver.Spec) (vmFiles, error) {
+	d := i.d
+	if err := os.MkdirAll(i.root, 0o700); err != nil {
+		return vmFiles{}, fmt.Errorf("creating the vm's root: %w", err)
+	}
+	scratch := filepath.Join(i.root, scratchImage)
+	root, err := d.host.SpareDisks(ctx, spec, scratch)
+	if err != nil {
+		return vmFiles{}, err
+	}
+	if err := i.placeImages(hostImages{kernel: d.opts.KernelPath, root: root}); err != nil {
+		return vmFiles{}, err
+	}
+	f, err := os.OpenFile(filepath.Join(i.root, codeImage), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err == nil {
+		err = f.Truncate(vmm.SpareCodeBytes)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		return vmFiles{}, fmt.Errorf("creating the code placeholder: %w", err)
+	}
+	if err := i.ownScratch(scratch); err != nil {
+		return vmFiles{}, err
+	}
+	return i.files(), nil
+}
+
+// Assign makes a spare the instance of spec; see vmm.SpareMachine. Its
+// jail (chroot, cgroups, --id) keeps the spare's name; only the instance
+// directory around it is renamed.
+func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) error {
+	began := time.Now()
+	rec := i.rec
+	rec.ID, rec.Function, rec.RevisionID, rec.Machine, rec.SpareReady = spec.ID, spec.Function, spec.RevisionID, i.Name(), false
+	if err := i.Record(rec); err != nil {
+		return err
+	}
+	if err := i.Rename(); err != nil {
+		return err
+	}
+	i.root = i.Dir()
+	if i.jail != nil {
+		i.jail.ChrootBase = filepath.Join(i.Dir(), "jail")
+		i.root = i.jail.chroot()
+	}
+	rec.Root = i.root
+	if err := i.Record(rec); err != nil {
+		return err
+	}
+	i.api.Close()
+	i.api = newAPIClient(filepath.Join(i.root, apiSock))
+	i.spec = spec
+	src, err := i.placeImage(code, assignedCode)
+	if err != nil {
+		return err
+	}
+	if err := i.api.patchDrive(ctx, driveCode, i.inRoot(assignedCode)); err != nil {
+		return i.WithOutput(fmt.Errorf("attaching the code image: %w", err))
+	}
+	i.images.code = src
+	if err := i.SendAssignment(ctx, i.d.opts.ReadyTimeout); err != nil {
+		return err
+	}
+	i.Log().Debug("spare vm assigned", "spare", i.Name(), "took", time.Since(began))
 	return nil
 }
 
@@ -169,40 +264,54 @@ func (i *instance) files() vmFiles {
 	}
 }
 
-// placeImages puts the kernel and the read-only images into the VM's
-// root under their fixed names: symbolic links (free, across file systems)
-// for a Firecracker that sees the host, hard links or copies for a jailed
-// one, which reaches nothing outside its chroot.
+// placeImages puts the kernel and the read-only images (but a code
+// image src does not name, a spare's) into the VM's root under their
+// fixed names; see placeImage.
 func (i *instance) placeImages(src hostImages) error {
-	d := i.d
 	for _, f := range []struct {
 		src  *string
 		name string
 	}{{&src.kernel, kernelFile}, {&src.root, rootImage}, {&src.code, codeImage}} {
-		dst := filepath.Join(i.root, f.name)
-		if i.jail == nil {
-			abs, err := filepath.Abs(*f.src)
-			if err != nil {
-				return fmt.Errorf("linking %s into the vm's directory: %w", f.name, err)
-			}
-			if err := os.Symlink(abs, dst); err != nil {
-				return fmt.Errorf("linking %s into the vm's directory: %w", f.name, err)
-			}
-			*f.src = abs
+		if *f.src == "" {
 			continue
 		}
-		copied, err := linkOrCopy(*f.src, dst)
+		placed, err := i.placeImage(*f.src, f.name)
 		if err != nil {
-			return fmt.Errorf("putting %s into the jail: %w", f.name, err)
+			return err
 		}
-		if copied {
-			d.warnOnce(&d.warnedCopy, "images are copied into every jail: put the state, cache and snapshot directories on one file system so they can be hard links",
-				"state_dir", d.opts.StateDir)
-		}
-		*f.src = dst // the jail's file is as good a source as the cache's
+		*f.src = placed
 	}
 	i.images = src
 	return nil
+}
+
+// placeImage puts the file src into the VM's root as name: a symbolic
+// link (free, across file systems) for a Firecracker that sees the host,
+// a hard link or copy for a jailed one, which reaches nothing outside its
+// chroot. It returns the host file behind it (the jail's file is as good a
+// source as the cache's).
+func (i *instance) placeImage(src, name string) (string, error) {
+	d := i.d
+	dst := filepath.Join(i.root, name)
+	if i.jail == nil {
+		abs, err := filepath.Abs(src)
+		if err != nil {
+			return "", fmt.Errorf("linking %s into the vm's directory: %w", name, err)
+		}
+		if err := os.Symlink(abs, dst); err != nil {
+			return "", fmt.Errorf("linking %s into the vm's directory: %w", name, err)
+		}
+		return abs, nil
+	}
+	copied, err := linkOrCopy(src, dst)
+	if err != nil {
+		return "", fmt.Errorf("putting %s into the jail: %w", name, err)
+	}
+	if copied {
+		d.warnOnce(&d.warnedCopy, "images are copied into every jail: put the state, cache and snapshot directories on one file system so they can be hard links",
+			"state_dir", d.opts.StateDir)
+	}
+	return dst, nil
 }
 
 // ownScratch hands the scratch disk to the jailed VMM's user, which
@@ -269,9 +378,9 @@ func (i *instance) waitAPI(ctx context.Context) error {
 // documented one (docs/getting-started.md): machine, boot source, drives,
 // devices, then InstanceStart; the drives' order makes root /dev/vda,
 // code /dev/vdb and scratch /dev/vdc.
-func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles) error {
+func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles, spare bool) error {
 	d := i.d
-	boot := bootConfig{ID: spec.ID, AgentCPU: d.host.AgentCPU()}
+	boot := bootConfig{ID: spec.ID, AgentCPU: d.host.AgentCPU(), Spare: spare}
 	var nic *networkInterface
 	if spec.Network && d.opts.TapName != "" {
 		nic = &networkInterface{IfaceID: "eth0", HostDevName: slotString(d.opts.TapName, i.Slot()), GuestMAC: guestMAC(i.Slot())}
@@ -329,6 +438,14 @@ func guestMAC(slot int) string {
 // the guest's ready line.
 func (i *instance) waitReady(ctx context.Context) error {
 	return i.AwaitAgent(ctx, "connecting to the guest agent", func(ctx context.Context) (net.Conn, error) {
+		return connectGuest(ctx, filepath.Join(i.root, vsockSock), agentVsockPort)
+	})
+}
+
+// waitSpare connects to the guest's init like waitReady and waits for a
+// spare's line.
+func (i *instance) waitSpare(ctx context.Context) error {
+	return i.AwaitSpare(ctx, "connecting to the guest agent", func(ctx context.Context) (net.Conn, error) {
 		return connectGuest(ctx, filepath.Join(i.root, vsockSock), agentVsockPort)
 	})
 }

@@ -21,18 +21,18 @@ import (
 
 // jailedEnv is a fakeEnv whose VMs go through the stand-in jailer, with a
 // cgroup parent of the test's own (removed at the end).
-func jailedEnv(t *testing.T) (*fakeEnv, string) {
+func jailedEnv(t *testing.T, mutate ...func(*Options)) (*fakeEnv, string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: the jailer needs root")
 	}
 	jailer := vmmtest.FakeBinary(t, fakeJailerName)
 	parent := "invokex-fctest-" + strconv.Itoa(os.Getpid())
-	e := newFakeEnv(t, func(o *Options) {
+	e := newFakeEnv(t, append([]func(*Options){func(o *Options) {
 		o.JailerPath = jailer
 		o.CgroupParent = parent
 		o.UIDBase = 1<<30 + 777
-	})
+	}}, mutate...)...)
 	t.Cleanup(func() {
 		for _, root := range []string{e.d.cgroups.MemoryRoot, e.d.cgroups.PidsRoot} {
 			if root != "" {

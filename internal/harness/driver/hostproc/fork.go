@@ -1,8 +1,14 @@
 package hostproc
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
+	"strconv"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/cpuset"
 )
@@ -24,6 +30,7 @@ type Forker struct {
 type forkReq struct {
 	cmd  *exec.Cmd
 	cpus []int
+	nice int
 	err  chan error
 }
 
@@ -37,8 +44,9 @@ func NewForker() *Forker {
 func (f *Forker) loop() {
 	runtime.LockOSThread()
 	for r := range f.reqs {
-		// The child inherits the thread's narrowed mask at clone.
-		r.err <- cpuset.OnThread(r.cpus, r.cmd.Start)
+		// The child inherits the thread's narrowed mask and its nice
+		// value at clone.
+		r.err <- cpuset.OnThread(r.cpus, func() error { return withNice(r.nice, r.cmd.Start) })
 	}
 	// Every child is gone (see Close): hand the thread back to the
 	// runtime instead of ending it.
@@ -61,6 +69,68 @@ func (f *Forker) StartOn(cmd *exec.Cmd, cpus []int) error {
 	return <-ch
 }
 
+// StartNice is Start with the child (and all its threads) at CPU priority
+// nice (the forking thread's is set for the clone and set back after),
+// for work that should take only CPU time nothing else wants: a spare VM
+// booting in the background. Renice raises it later. It needs
+// CAP_SYS_NICE (root), since the thread's priority must be restored;
+// without it the child runs at normal priority.
+func (f *Forker) StartNice(cmd *exec.Cmd, nice int) error {
+	if !canRenice() {
+		nice = 0
+	}
+	ch := make(chan error, 1)
+	f.reqs <- forkReq{cmd: cmd, nice: nice, err: ch}
+	return <-ch
+}
+
 // Close ends the Forker; Start must not be called afterwards. Calling
 // Close twice panics, like closing a channel twice.
 func (f *Forker) Close() { close(f.reqs) }
+
+// canRenice reports whether this process may lower nice values again
+// (CAP_SYS_NICE; root has it).
+func canRenice() bool { return os.Geteuid() == 0 }
+
+// withNice runs fn with the calling (locked) thread's nice value set to
+// nice, then restores it; nice 0 runs fn as is. If the old value cannot
+// be restored, the thread would start every later child niced: that
+// error wins.
+func withNice(nice int, fn func() error) error {
+	if nice == 0 {
+		return fn()
+	}
+	tid := unix.Gettid()
+	// getpriority's raw return is 20-nice (see getpriority(2)).
+	old, err := unix.Getpriority(unix.PRIO_PROCESS, tid)
+	if err != nil {
+		return fmt.Errorf("reading the fork thread's priority: %w", err)
+	}
+	if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil {
+		return fmt.Errorf("lowering the fork thread's priority: %w", err)
+	}
+	ferr := fn()
+	if err := unix.Setpriority(unix.PRIO_PROCESS, tid, 20-old); err != nil {
+		panic(fmt.Sprintf("hostproc: restoring the fork thread's priority: %v", err))
+	}
+	return ferr
+}
+
+// Renice sets the nice value of every thread of process pid (a thread
+// created meanwhile inherits its creator's, old or new).
+func Renice(pid, nice int) error {
+	tasks, err := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "task"))
+	if err != nil {
+		return fmt.Errorf("renicing %d: %w", pid, err)
+	}
+	for _, t := range tasks {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil && err != unix.ESRCH {
+			return fmt.Errorf("renicing %d's thread %d: %w", pid, tid, err)
+		}
+	}
+	return nil
+}

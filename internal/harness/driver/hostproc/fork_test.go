@@ -2,6 +2,7 @@ package hostproc
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"runtime"
@@ -150,5 +151,59 @@ func TestForkerStartOn(t *testing.T) {
 	direct := cpusAllowed(t, func(c *exec.Cmd) error { return c.Start() })
 	if got := cpusAllowed(t, f.Start); got != direct {
 		t.Errorf("child started after StartOn is allowed on %q, want the process's %q", got, direct)
+	}
+}
+
+// niceOf reads the nice value of pid's thread tid (/proc/.../stat field 19).
+func niceOf(t *testing.T, pid, tid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/stat", pid, tid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	n, err := strconv.Atoi(f[16]) // field 19; f[0] is field 3
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestForkerStartNice(t *testing.T) {
+	if !canRenice() {
+		t.Skip("skipping: lowering a nice value again needs root")
+	}
+	f := NewForker()
+	defer f.Close()
+	start := func(nice int) *exec.Cmd {
+		c := exec.Command("sleep", "30")
+		var err error
+		if nice != 0 {
+			err = f.StartNice(c, nice)
+		} else {
+			err = f.Start(c)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
+		return c
+	}
+	niced := start(15)
+	pid := niced.Process.Pid
+	if got := niceOf(t, pid, pid); got != 15 {
+		t.Errorf("child started with nice 15 runs at %d", got)
+	}
+	// The Forker's thread got its priority back.
+	plain := start(0)
+	if got := niceOf(t, plain.Process.Pid, plain.Process.Pid); got != 0 {
+		t.Errorf("child started after StartNice runs at nice %d, want 0", got)
+	}
+	if err := Renice(pid, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := niceOf(t, pid, pid); got != 0 {
+		t.Errorf("after Renice(0) the child runs at nice %d", got)
 	}
 }

@@ -23,6 +23,8 @@ import (
 type Instance struct {
 	id   string
 	name string // the VMM's; see Name
+	// spare: launched as a spare, at SpareNice until assigned.
+	spare bool
 	dir  string
 	slot int
 	log  *slog.Logger
@@ -127,7 +129,11 @@ func (i *Instance) Launch(cmd *exec.Cmd, rec *Record) error {
 	cmd.Stderr = i.stderr
 	// Bounds cmd.Wait if something kept the pipes open after the VMM died.
 	cmd.WaitDelay = time.Second
-	if err := i.host.forker().Start(cmd); err != nil {
+	start := i.host.forker().Start
+	if i.spare {
+		start = func(cmd *exec.Cmd) error { return i.host.forker().StartNice(cmd, SpareNice) }
+	}
+	if err := start(cmd); err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
 	i.cmd = cmd

@@ -10,7 +10,15 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 )
+
+// SpareNice is the CPU priority (nice value) a spare VM boots and waits at
+// until it is assigned: under CPU contention its boot takes only what
+// the cold starts, invocations and INITs of the moment leave, rather
+// than slowing the very cold start whose take started it. A host driver
+// without CAP_SYS_NICE boots spares at normal priority.
+const SpareNice = 19
 
 // spareRetry is how long the pool waits after a spare failed to boot.
 const spareRetry = time.Second
@@ -297,6 +305,7 @@ func (h *Host[M]) bootSpare(ctx context.Context, name string, tmpl driver.Spec, 
 	if err != nil {
 		return none, err
 	}
+	inst.spare = true
 	m := newMachine(inst)
 	inst.m = m
 	sm, ok := any(m).(SpareMachine)
@@ -348,6 +357,10 @@ func (h *Host[M]) fromSpare(ctx context.Context, spec driver.Spec, newMachine fu
 		return nil, false, nil
 	}
 	i := m.instance()
+	// From now on the VM serves a cold start: normal priority.
+	if err := hostproc.Renice(i.PID(), 0); err != nil {
+		i.log.Debug("raising the spare's priority", "err", err)
+	}
 	startCtx, cancel := context.WithCancel(ctx)
 	i.started, i.cancelStart = make(chan struct{}), cancel
 	i.id = spec.ID

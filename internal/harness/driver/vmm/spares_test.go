@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -108,6 +109,10 @@ func TestSparesServeColdStarts(t *testing.T) {
 		t.Errorf("the first start (nothing to take) booted %q", a.Name())
 	}
 	pids := awaitSpares(t, h, 1)
+	root := os.Geteuid() == 0
+	if root && niceOf(t, pids[0]) != SpareNice {
+		t.Errorf("the spare waits at nice %d, want %d", niceOf(t, pids[0]), SpareNice)
+	}
 	// Recover leaves a running driver's spares alone.
 	if _, err := h.Recover(ctx, func(ctx context.Context, id, dir string) error { return nil }); err != nil {
 		t.Fatal(err)
@@ -120,6 +125,9 @@ func TestSparesServeColdStarts(t *testing.T) {
 	}
 	if !strings.HasPrefix(b.Name(), sparePrefix) || b.PID() != pids[0] {
 		t.Fatalf("b = %s (pid %d): not the spare (pid %d)", b.Name(), b.PID(), pids[0])
+	}
+	if root && niceOf(t, b.PID()) != 0 {
+		t.Errorf("the assigned spare runs at nice %d, want 0", niceOf(t, b.PID()))
 	}
 	if got := <-b.assigned; got.Hostname != Hostname("b") {
 		t.Errorf("the guest was assigned hostname %q, want %q", got.Hostname, Hostname("b"))
@@ -230,4 +238,20 @@ func TestLinesMatchTheGuestInit(t *testing.T) {
 	if SpareLine != vminit.Spare || ReadyLine != vminit.Ready {
 		t.Errorf("SpareLine %q / ReadyLine %q, guest init writes %q / %q", SpareLine, ReadyLine, vminit.Spare, vminit.Ready)
 	}
+}
+
+// niceOf reads pid's nice value (/proc/<pid>/stat field 19).
+func niceOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	n, err := strconv.Atoi(f[16])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
