@@ -23,11 +23,11 @@ const (
 // the instance directory (Firecracker's working directory) or, jailed,
 // the chroot.
 const (
-	apiSock      = "firecracker.sock"
-	vsockSock    = "vsock.sock"
-	kernelFile   = "vmlinux"
-	rootImage    = "root.ext4"
-	codeImage    = "code.ext4"
+	apiSock    = "firecracker.sock"
+	vsockSock  = "vsock.sock"
+	kernelFile = "vmlinux"
+	rootImage  = "root.ext4"
+	codeImage  = "code.ext4"
 	// assignedCode is the code image an assigned spare's code drive is
 	// switched to (codeImage is its placeholder).
 	assignedCode = "code-assigned.ext4"

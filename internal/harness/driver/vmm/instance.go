@@ -25,11 +25,11 @@ type Instance struct {
 	name string // the VMM's; see Name
 	// spare: launched as a spare, at SpareNice until assigned.
 	spare bool
-	dir  string
-	slot int
-	log  *slog.Logger
-	host hostRef
-	m    machineSteps
+	dir   string
+	slot  int
+	log   *slog.Logger
+	host  hostRef
+	m     machineSteps
 
 	cmd     *exec.Cmd
 	conn    net.Conn
