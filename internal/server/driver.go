@@ -134,6 +134,7 @@ func newFirecrackerDriver(cfg Config, agent string, log *slog.Logger) (driver.Dr
 		StateDir:        filepath.Join(cfg.DataDir, "firecracker"),
 		FirecrackerPath: cfg.FirecrackerPath,
 		JailerPath:      cfg.JailerPath,
+		SpareVMs:        cfg.WarmSandboxes,
 		AgentBin:        agent,
 		Logger:          log,
 	})
@@ -153,8 +154,9 @@ func QEMUStateDir(dataDir string) string { return filepath.Join(dataDir, "vms") 
 func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := process.New(process.Options{
 		StateDir:    ProcessStateDir(cfg.DataDir),
-		InitCommand: []string{agent, process.InitArg},
-		Logger:      log,
+		InitCommand:   []string{agent, process.InitArg},
+		WarmSandboxes: cfg.WarmSandboxes,
+		Logger:        log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating process driver: %w", err)
@@ -165,6 +167,7 @@ func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver
 func newQEMUDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := qemu.New(qemu.Options{
 		StateDir: QEMUStateDir(cfg.DataDir),
+		SpareVMs: cfg.WarmSandboxes,
 		AgentBin: agent,
 		Logger:   log,
 	})

@@ -54,6 +54,10 @@ type Config struct {
 	DefaultConcurrency int
 	// SandboxNetwork gives sandboxes the host's network (off: loopback only).
 	SandboxNetwork bool
+	// WarmSandboxes is how many sandboxes the driver keeps started ahead
+	// of need (process.Options.WarmSandboxes, the VM drivers' SpareVMs):
+	// 0 the driver's default, negative none.
+	WarmSandboxes int
 	// AsyncWorkers run Event invocations.
 	AsyncWorkers int
 	// ShutdownTimeout bounds a graceful shutdown.

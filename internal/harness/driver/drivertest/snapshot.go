@@ -38,12 +38,23 @@ func (s *suite) testSnapshot(t *testing.T) {
 		t.Fatalf("snapshot directory: %v", err)
 	}
 
+	warm := e.opts.WarmReady != nil && e.opts.FromWarm != nil
+	if warm {
+		// With a sandbox of this shape started ahead of need and ready, a
+		// restore must still restore: the spare has none of the
+		// snapshot's state.
+		stopAndCheck(t, e, e.start(t, e.spec()))
+		e.awaitWarm(t)
+	}
 	seen := map[string]bool{}
 	for k := 0; k < 2; k++ {
 		rs := e.spec()
 		inst, err := sn.Restore(ctx, rs, dir)
 		if err != nil {
 			t.Fatalf("Restore %d: %v", k, err)
+		}
+		if warm && e.opts.FromWarm(inst) {
+			t.Errorf("Restore %d took a sandbox started ahead of need", k)
 		}
 		t.Cleanup(func() {
 			sctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)

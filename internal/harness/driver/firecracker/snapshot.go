@@ -223,7 +223,7 @@ func (d *Driver) Restore(ctx context.Context, spec driver.Spec, dir string) (dri
 	case spec.Network && d.opts.TapName != "":
 		return nil, errdefs.Invalid("restoring %s: restored vms have no network interface", spec.ID)
 	}
-	return d.host.Start(ctx, spec, func(base *vmm.Instance) *instance {
+	return d.host.StartFresh(ctx, spec, func(base *vmm.Instance) *instance {
 		i := d.newInstance(base)
 		i.from = src
 		return i

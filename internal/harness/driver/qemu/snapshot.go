@@ -166,7 +166,7 @@ func (d *Driver) Restore(ctx context.Context, spec driver.Spec, dir string) (dri
 	if src.meta.Config.MemoryMB != spec.MemoryMB {
 		return nil, errdefs.Invalid("restoring %s: the snapshot is of a %d MB VM, not %d MB", spec.ID, src.meta.Config.MemoryMB, spec.MemoryMB)
 	}
-	return d.host.Start(ctx, spec, func(base *vmm.Instance) *instance {
+	return d.host.StartFresh(ctx, spec, func(base *vmm.Instance) *instance {
 		i := d.newInstance(base)
 		i.from = &src
 		return i

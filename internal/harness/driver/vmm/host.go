@@ -139,6 +139,21 @@ func (h *Host[M]) Start(ctx context.Context, spec driver.Spec, newMachine func(*
 	if m, ok, err := h.fromSpare(ctx, spec, newMachine); ok {
 		return m, err
 	}
+	return h.boot(ctx, spec, newMachine)
+}
+
+// StartFresh is Start without taking a spare: for machines that must
+// come up their own way, such as a VM restored from a snapshot (a spare
+// has none of its state). The pool does not learn spec's shape from it.
+func (h *Host[M]) StartFresh(ctx context.Context, spec driver.Spec, newMachine func(*Instance) M) (driver.Instance, error) {
+	if err := Validate(spec); err != nil {
+		return nil, err
+	}
+	return h.boot(ctx, spec, newMachine)
+}
+
+// boot is Start's boot of a new machine.
+func (h *Host[M]) boot(ctx context.Context, spec driver.Spec, newMachine func(*Instance) M) (driver.Instance, error) {
 	inst, err := h.newInstance(ctx, spec)
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", spec.ID, err)

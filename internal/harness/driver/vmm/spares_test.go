@@ -255,3 +255,27 @@ func niceOf(t *testing.T, pid int) int {
 	}
 	return n
 }
+
+// TestStartFreshTakesNoSpare: a machine that must come up its own way (a
+// restore) never gets a spare, ready as it may be.
+func TestStartFreshTakesNoSpare(t *testing.T) {
+	h := newSpareHost(t, 1)
+	ctx := context.Background()
+	a, err := h.start(ctx, "a", ReadyLine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pids := awaitSpares(t, h, 1)
+	spec := a.spec
+	spec.ID = "fresh"
+	inst, err := h.StartFresh(ctx, spec, h.newVM("fresh", ReadyLine))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := inst.(*testVM); v.Name() != "fresh" {
+		t.Errorf("StartFresh took spare %s", v.Name())
+	}
+	if now := awaitSpares(t, h, 1); now[0] != pids[0] {
+		t.Errorf("the spare changed")
+	}
+}
