@@ -153,7 +153,7 @@ func QEMUStateDir(dataDir string) string { return filepath.Join(dataDir, "vms") 
 
 func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := process.New(process.Options{
-		StateDir:    ProcessStateDir(cfg.DataDir),
+		StateDir:      ProcessStateDir(cfg.DataDir),
 		InitCommand:   []string{agent, process.InitArg},
 		WarmSandboxes: cfg.WarmSandboxes,
 		Logger:        log,
