@@ -153,10 +153,6 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 		if err := i.waitSpare(ctx); err != nil {
 			return err
 		}
-		rec.SpareReady = true
-		if err := i.Record(rec); err != nil {
-			return err
-		}
 	} else if err := i.waitReady(ctx); err != nil {
 		return err
 	}
@@ -201,7 +197,7 @@ func (i *instance) spareDisks(ctx context.Context, spec driver.Spec) (vmFiles, e
 func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) error {
 	began := time.Now()
 	rec := i.rec
-	rec.ID, rec.Function, rec.RevisionID, rec.Machine, rec.SpareReady = spec.ID, spec.Function, spec.RevisionID, i.Name(), false
+	rec.ID, rec.Function, rec.RevisionID, rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
 	if err := i.Record(rec); err != nil {
 		return err
 	}

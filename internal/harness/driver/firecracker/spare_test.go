@@ -59,11 +59,14 @@ func testSpare(t *testing.T, e *fakeEnv) {
 	if body["path_on_host"] != inst.inRoot(assignedCode) {
 		t.Errorf("the code drive was switched to %v, want %s", body["path_on_host"], inst.inRoot(assignedCode))
 	}
+	if _, err := os.Stat(filepath.Join(inst.Dir(), vmm.SpareReadyFile)); err == nil {
+		t.Errorf("the assigned spare's directory still says it is a ready spare")
+	}
 	if _, err := os.Stat(filepath.Join(inst.root, assignedCode)); err != nil {
 		t.Errorf("the code image is not in the vm's root: %v", err)
 	}
 	rec, err := hostproc.ReadRecord[record](inst.Dir())
-	if err != nil || rec.ID != "ok-spare" || rec.Machine != inst.Name() || rec.Root != inst.root || rec.SpareReady {
+	if err != nil || rec.ID != "ok-spare" || rec.Machine != inst.Name() || rec.Root != inst.root {
 		t.Errorf("record %+v, %v", rec, err)
 	}
 	if !isOurVMM(inst.PID(), e.fc, e.d.opts.JailerPath, inst.Name()) {

@@ -95,11 +95,10 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 	if err := i.Record(rec); err != nil {
 		return err
 	}
-	if !spare {
+	if spare {
+		err = i.waitSpare(ctx)
+	} else {
 		err = i.waitReady(ctx)
-	} else if err = i.waitSpare(ctx); err == nil {
-		rec.SpareReady = true
-		err = i.Record(rec)
 	}
 	if err != nil {
 		return err
@@ -112,7 +111,6 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) error {
 	began := time.Now()
 	i.rec.ID, i.rec.Function, i.rec.RevisionID, i.rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
-	i.rec.SpareReady = false
 	if err := i.Record(i.rec); err != nil {
 		return err
 	}

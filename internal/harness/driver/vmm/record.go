@@ -24,10 +24,7 @@ type Record struct {
 	ID string `json:"id"`
 	// Machine is the name the VMM was launched with when it differs from
 	// ID: a spare VM's (see SpareMachine), assigned to instance ID later.
-	Machine string `json:"machine,omitempty"`
-	// SpareReady: the VM is a spare, booted and waiting for its
-	// assignment (see SpareMachine).
-	SpareReady bool   `json:"spare_ready,omitempty"`
+	Machine    string `json:"machine,omitempty"`
 	Function   string `json:"function,omitempty"`
 	RevisionID string `json:"revision_id,omitempty"`
 	// PID is the VMM's pid (0 until started); StartTime is field 22 of

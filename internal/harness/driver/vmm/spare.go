@@ -112,9 +112,14 @@ func (i *Instance) SendAssignment(ctx context.Context, timeout time.Duration) er
 	return i.awaitLine(ctx, ReadyLine, "waiting for the assigned agent")
 }
 
+// SpareReadyFile, in a spare's directory, says that the spare is ready
+// and in the pool: the pool writes it once it holds the booted spare and
+// removes it when a cold start takes the spare.
+const SpareReadyFile = "spare-ready"
+
 // SparePIDs returns the VMM pids of the spares recorded in a driver's
-// StateDir, and how many of them are ready (booted, waiting for an
-// assignment): a tool looking at the driver's processes from outside (the
+// StateDir, and how many of them are ready (in the pool, waiting for a
+// cold start): a tool looking at the driver's processes from outside (the
 // benchmark, tests) tells them from instances by it. A spare being booted
 // or assigned at that moment may be missing.
 func SparePIDs(stateDir string) (pids []int, ready int) {
@@ -125,7 +130,7 @@ func SparePIDs(stateDir string) (pids []int, ready int) {
 			continue // renamed, removed or not written yet
 		}
 		pids = append(pids, rec.PID)
-		if rec.SpareReady {
+		if _, err := os.Stat(filepath.Join(dir, SpareReadyFile)); err == nil {
 			ready++
 		}
 	}

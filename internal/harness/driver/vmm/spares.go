@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -120,6 +121,7 @@ func (p *spares[M]) take(key spareKey, spec driver.Spec, newMachine func(*Instan
 	}
 	m := list[len(list)-1]
 	p.idle[key] = list[:len(list)-1]
+	_ = os.Remove(filepath.Join(m.instance().Dir(), SpareReadyFile))
 	return m, true
 }
 
@@ -133,6 +135,7 @@ func (p *spares[M]) put(key spareKey, m M) {
 		return
 	}
 	p.idle[key] = append(p.idle[key], m)
+	_ = os.WriteFile(filepath.Join(m.instance().Dir(), SpareReadyFile), nil, 0o600)
 }
 
 // want makes key the most recent shape and drops the spares of shapes
@@ -232,6 +235,10 @@ func (p *spares[M]) fill() {
 				p.discard(m) // the shape fell out while it booted
 			default:
 				p.idle[shape.key] = append(p.idle[shape.key], m)
+				// Under mu: a take, which removes it, cannot come first.
+				if err := os.WriteFile(filepath.Join(m.instance().Dir(), SpareReadyFile), nil, 0o600); err != nil {
+					p.h.cfg.Log.Warn("marking a spare vm ready", "err", err)
+				}
 			}
 			p.mu.Unlock()
 			if err != nil {

@@ -36,6 +36,9 @@ func (v *testVM) BootSpare(ctx context.Context, spec driver.Spec) error {
 	if err := v.Launch(cmd, &v.rec); err != nil {
 		return err
 	}
+	if err := v.Record(&v.rec); err != nil {
+		return err
+	}
 	v.assigned = make(chan protocol.Assignment, 1)
 	ctx, cancel := v.ReadyContext(ctx, 5*time.Second)
 	defer cancel()
@@ -54,15 +57,11 @@ func (v *testVM) BootSpare(ctx context.Context, spec driver.Spec) error {
 		}()
 		return host, nil
 	})
-	if err != nil {
-		return err
-	}
-	v.rec.SpareReady = true
-	return v.Record(&v.rec)
+	return err
 }
 
 func (v *testVM) Assign(ctx context.Context, spec driver.Spec, code string) error {
-	v.rec.ID, v.rec.Machine, v.rec.SpareReady = spec.ID, v.Name(), false
+	v.rec.ID, v.rec.Machine = spec.ID, v.Name()
 	if err := v.Record(&v.rec); err != nil {
 		return err
 	}
@@ -136,8 +135,11 @@ func TestSparesServeColdStarts(t *testing.T) {
 		t.Errorf("assigned spare: id %q dir %q code %q", b.ID(), b.Dir(), b.code)
 	}
 	rec, err := hostproc.ReadRecord[Record](b.Dir())
-	if err != nil || rec.ID != "b" || rec.Machine != b.Name() || rec.SpareReady || rec.MachineName() != b.Name() {
+	if err != nil || rec.ID != "b" || rec.Machine != b.Name() || rec.MachineName() != b.Name() {
 		t.Errorf("assigned spare's record %+v, %v", rec, err)
+	}
+	if _, err := os.Stat(filepath.Join(b.Dir(), SpareReadyFile)); err == nil {
+		t.Errorf("the assigned spare's directory still says it is a ready spare")
 	}
 	if got, ok := h.Get("b"); !ok || got != b {
 		t.Errorf("Get(b) = %v, %v", got, ok)
