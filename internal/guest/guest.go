@@ -40,6 +40,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -159,6 +160,37 @@ func fileSHA256(path string) (string, error) {
 		return "", fmt.Errorf("hashing %s: %w", path, err)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// fileIdentity is what tells a file's content changed without reading
+// it: a rewrite or replacement changes the inode, size or ctime.
+type fileIdentity struct {
+	path               string
+	dev, ino           uint64
+	size, mtime, ctime int64
+}
+
+// sums caches fileSHA256 of files by identity (see cachedSHA256).
+var sums sync.Map // fileIdentity -> string
+
+// cachedSHA256 is fileSHA256 remembered while the file stays the same:
+// RootImage hashes the agent binary on every cold start of a VM, which
+// is milliseconds of CPU for an answer that changes only with the binary.
+func cachedSHA256(path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", err
+	}
+	id := fileIdentity{path: path, dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}
+	if sum, ok := sums.Load(id); ok {
+		return sum.(string), nil
+	}
+	sum, err := fileSHA256(path)
+	if err != nil {
+		return "", err
+	}
+	sums.Store(id, sum)
+	return sum, nil
 }
 
 // digest hashes parts (each length-prefixed, so boundaries count) into a

@@ -284,3 +284,25 @@ func firstLines(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+func TestCachedSHA256FollowsTheFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "agent")
+	for i, content := range []string{"first content", "other content", "other content"} {
+		if i < 2 {
+			if err := os.WriteFile(p, []byte(content), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		want, err := fileSHA256(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := cachedSHA256(p)
+		if err != nil || got != want {
+			t.Errorf("round %d: cachedSHA256 = %s, %v; want %s (the file's)", i, got, err, want)
+		}
+	}
+	if _, err := cachedSHA256(filepath.Join(t.TempDir(), "none")); err == nil {
+		t.Errorf("no error for a missing file")
+	}
+}

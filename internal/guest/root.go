@@ -76,7 +76,7 @@ func RootImage(ctx context.Context, cacheDir string, rt *runtimes.Runtime, agent
 	if err := CheckStatic(agentBin); err != nil {
 		return "", err
 	}
-	agentSum, err := fileSHA256(agentBin)
+	agentSum, err := cachedSHA256(agentBin)
 	if err != nil {
 		return "", fmt.Errorf("reading agent binary: %w", err)
 	}

@@ -213,14 +213,25 @@ func (i *Instance) ReadyErr(ctx context.Context, what string) error {
 // errors. The connection becomes the instance's Conn, which Stop closes
 // whatever AwaitAgent returns.
 func (i *Instance) AwaitAgent(ctx context.Context, what string, dial func(context.Context) (net.Conn, error)) error {
+	conn, err := i.dial(ctx, what, dial)
+	if err != nil {
+		return err
+	}
+	return i.awaitReady(ctx, conn)
+}
+
+// dial connects with the driver's dial; an error carries why: the VMM's
+// exit or the ready timeout (ReadyErr), or dial's own with the VM's
+// output.
+func (i *Instance) dial(ctx context.Context, what string, dial func(context.Context) (net.Conn, error)) (net.Conn, error) {
 	conn, err := dial(ctx)
 	if err != nil {
 		if ctx.Err() != nil {
-			return i.ReadyErr(ctx, what)
+			return nil, i.ReadyErr(ctx, what)
 		}
-		return i.WithOutput(fmt.Errorf("%s: %w", what, err))
+		return nil, i.WithOutput(fmt.Errorf("%s: %w", what, err))
 	}
-	return i.awaitReady(ctx, conn)
+	return conn, nil
 }
 
 // AttachAgent connects to an agent that is already serving (a VM restored
@@ -228,12 +239,9 @@ func (i *Instance) AwaitAgent(ctx context.Context, what string, dial func(contex
 // waits for a frame) and makes the connection the instance's Conn; no
 // ReadyLine is read. ctx bounds the dial.
 func (i *Instance) AttachAgent(ctx context.Context, what string, dial func(context.Context) (net.Conn, error)) error {
-	conn, err := dial(ctx)
+	conn, err := i.dial(ctx, what, dial)
 	if err != nil {
-		if ctx.Err() != nil {
-			return i.ReadyErr(ctx, what)
-		}
-		return i.WithOutput(fmt.Errorf("%s: %w", what, err))
+		return err
 	}
 	i.conn = conn
 	return nil

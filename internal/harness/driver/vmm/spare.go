@@ -64,12 +64,9 @@ func spareName() string {
 // AwaitSpare connects to the guest's init with dial and waits for its
 // SpareLine; see AwaitAgent, whose contract it shares.
 func (i *Instance) AwaitSpare(ctx context.Context, what string, dial func(context.Context) (net.Conn, error)) error {
-	conn, err := dial(ctx)
+	conn, err := i.dial(ctx, what, dial)
 	if err != nil {
-		if ctx.Err() != nil {
-			return i.ReadyErr(ctx, what)
-		}
-		return i.WithOutput(fmt.Errorf("%s: %w", what, err))
+		return err
 	}
 	i.conn = conn
 	return i.awaitLine(ctx, SpareLine, "waiting for the spare vm")
