@@ -160,47 +160,13 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 	return nil
 }
 
-// spareDisks makes a spare's root and scratch images and, where its code
-// image goes, a sparse placeholder of vmm.SpareCodeBytes.
-func (i *instance) spareDisks(ctx context.Context, spec driver.Spec) (vmFiles, error) {
-	d := i.d
-	if err := os.MkdirAll(i.root, 0o700); err != nil {
-		return vmFiles{}, fmt.Errorf("creating the vm's root: %w", err)
-	}
-	scratch := filepath.Join(i.root, scratchImage)
-	root, err := d.host.SpareDisks(ctx, spec, scratch)
-	if err != nil {
-		return vmFiles{}, err
-	}
-	if err := i.placeImages(hostImages{kernel: d.opts.KernelPath, root: root}); err != nil {
-		return vmFiles{}, err
-	}
-	f, err := os.OpenFile(filepath.Join(i.root, codeImage), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
-	if err == nil {
-		err = f.Truncate(vmm.SpareCodeBytes)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-	}
-	if err != nil {
-		return vmFiles{}, fmt.Errorf("creating the code placeholder: %w", err)
-	}
-	if err := i.ownScratch(scratch); err != nil {
-		return vmFiles{}, err
-	}
-	return i.files(), nil
-}
-
 // Assign makes a spare the instance of spec; see vmm.SpareMachine. Its
 // jail (chroot, cgroups, --id) keeps the spare's name; only the instance
 // directory around it is renamed.
 func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) error {
 	began := time.Now()
-	rec := i.rec
-	rec.ID, rec.Function, rec.RevisionID, rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
-	if err := i.Record(rec); err != nil {
-		return err
-	}
+	// Renamed before the record says so: a crash in between leaves a
+	// record naming the spare (ID), which is the VMM's name all the same.
 	if err := i.Rename(); err != nil {
 		return err
 	}
@@ -209,6 +175,8 @@ func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) er
 		i.jail.ChrootBase = filepath.Join(i.Dir(), "jail")
 		i.root = i.jail.chroot()
 	}
+	rec := i.rec
+	rec.ID, rec.Function, rec.RevisionID, rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
 	rec.Root = i.root
 	if err := i.Record(rec); err != nil {
 		return err
@@ -234,22 +202,57 @@ func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) er
 // disks makes the root, code and scratch images and puts them and the
 // kernel into the VM's root.
 func (i *instance) disks(ctx context.Context, spec driver.Spec) (vmFiles, error) {
+	return i.makeDisks(ctx, spec, false)
+}
+
+// spareDisks is disks for a spare: where its code image goes, a sparse
+// placeholder of vmm.SpareCodeBytes.
+func (i *instance) spareDisks(ctx context.Context, spec driver.Spec) (vmFiles, error) {
+	return i.makeDisks(ctx, spec, true)
+}
+
+func (i *instance) makeDisks(ctx context.Context, spec driver.Spec, spare bool) (vmFiles, error) {
 	d := i.d
 	if err := os.MkdirAll(i.root, 0o700); err != nil {
 		return vmFiles{}, fmt.Errorf("creating the vm's root: %w", err)
 	}
 	scratch := filepath.Join(i.root, scratchImage)
-	root, code, err := d.host.Disks(ctx, spec, scratch)
+	imgs := hostImages{kernel: d.opts.KernelPath}
+	var err error
+	if spare {
+		imgs.root, err = d.host.SpareDisks(ctx, spec, scratch)
+	} else {
+		imgs.root, imgs.code, err = d.host.Disks(ctx, spec, scratch)
+	}
 	if err != nil {
 		return vmFiles{}, err
 	}
-	if err := i.placeImages(hostImages{kernel: d.opts.KernelPath, root: root, code: code}); err != nil {
+	if err := i.placeImages(imgs); err != nil {
 		return vmFiles{}, err
+	}
+	if spare {
+		if err := sparseFile(filepath.Join(i.root, codeImage), vmm.SpareCodeBytes); err != nil {
+			return vmFiles{}, fmt.Errorf("creating the code placeholder: %w", err)
+		}
 	}
 	if err := i.ownScratch(scratch); err != nil {
 		return vmFiles{}, err
 	}
 	return i.files(), nil
+}
+
+// sparseFile creates path (mode 0644, not there before) as a hole of size
+// bytes.
+func sparseFile(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // files are the paths Firecracker is given for the VM's root files.

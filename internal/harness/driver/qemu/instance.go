@@ -110,11 +110,13 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 // Assign makes a spare the instance of spec; see vmm.SpareMachine.
 func (i *instance) Assign(ctx context.Context, spec driver.Spec, code string) error {
 	began := time.Now()
-	i.rec.ID, i.rec.Function, i.rec.RevisionID, i.rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
-	if err := i.Record(i.rec); err != nil {
+	// Renamed before the record says so: a crash in between leaves a
+	// record naming the spare (ID), which is QEMU's -name all the same.
+	if err := i.Rename(); err != nil {
 		return err
 	}
-	if err := i.Rename(); err != nil {
+	i.rec.ID, i.rec.Function, i.rec.RevisionID, i.rec.Machine = spec.ID, spec.Function, spec.RevisionID, i.Name()
+	if err := i.Record(i.rec); err != nil {
 		return err
 	}
 	renamed := time.Now()

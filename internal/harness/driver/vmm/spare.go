@@ -42,11 +42,12 @@ type SpareMachine interface {
 	// in place on error, and the Host stops the machine.
 	BootSpare(ctx context.Context, spec driver.Spec) error
 	// Assign makes the waiting spare the instance of spec (the Host has
-	// set its ID and logger already): it records the VM under spec's ID
-	// (the record keeps Instance.Name, the name the VMM was launched with,
-	// as Record.Machine), moves its directory (Instance.Rename), puts the
-	// code image at code in the placeholder's place, and hands over to the
-	// guest (Instance.SendAssignment). On error the Host stops the machine.
+	// set its ID and logger already): it moves its directory
+	// (Instance.Rename), then records the VM under spec's ID (the record
+	// keeps Instance.Name, the name the VMM was launched with, as
+	// Record.Machine; until then its ID is that name), puts the code image
+	// at code in the placeholder's place, and hands over to the guest
+	// (Instance.SendAssignment). On error the Host stops the machine.
 	Assign(ctx context.Context, spec driver.Spec, code string) error
 }
 

@@ -61,11 +61,11 @@ func (v *testVM) BootSpare(ctx context.Context, spec driver.Spec) error {
 }
 
 func (v *testVM) Assign(ctx context.Context, spec driver.Spec, code string) error {
-	v.rec.ID, v.rec.Machine = spec.ID, v.Name()
-	if err := v.Record(&v.rec); err != nil {
+	if err := v.Rename(); err != nil {
 		return err
 	}
-	if err := v.Rename(); err != nil {
+	v.rec.ID, v.rec.Machine = spec.ID, v.Name()
+	if err := v.Record(&v.rec); err != nil {
 		return err
 	}
 	if v.h.assignErr != nil {
