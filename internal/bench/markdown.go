@@ -131,8 +131,8 @@ const method = `- **Same function, same client.** Both systems run the same bina
   UpdateFunctionCode until the first response produced by the new code (each zip carries its own
   version file, which the echo function reports). Event invokes: sent by concurrent clients;
   accepted/s counts 202s over the time to the last 202; then every accepted invocation's record is
-  read until final; "all run" ends at the latest record End; lost = never final within the
-  timeout.
+  read until final; "all run" ends at the latest record End; lost = never final (no record of
+  the run became final for 30 s, or 20 min passed).
 - **CPU per invoke.** utime + stime of every process of each system (from ` + "`/proc/<pid>/stat`" + `,
   10 ms ticks) before and after each measured warm load, divided by the successful invokes:
   platform (InvokeX's server plus its sandboxes' own processes; RIE's emulator), function and
