@@ -166,10 +166,11 @@ func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver
 
 func newQEMUDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
 	d, err := qemu.New(qemu.Options{
-		StateDir: QEMUStateDir(cfg.DataDir),
-		SpareVMs: cfg.WarmSandboxes,
-		AgentBin: agent,
-		Logger:   log,
+		StateDir:   QEMUStateDir(cfg.DataDir),
+		SpareVMs:   cfg.WarmSandboxes,
+		TCGCacheMB: cfg.TCGCacheMB,
+		AgentBin:   agent,
+		Logger:     log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating qemu driver: %w", err)

@@ -58,6 +58,9 @@ type Config struct {
 	// of need (process.Options.WarmSandboxes, the VM drivers' SpareVMs):
 	// 0 the driver's default, negative none.
 	WarmSandboxes int
+	// TCGCacheMB is the qemu driver's cache of translated code under
+	// software emulation (qemu.Options.TCGCacheMB); 0 its default.
+	TCGCacheMB int
 	// AsyncWorkers run Event invocations.
 	AsyncWorkers int
 	// ShutdownTimeout bounds a graceful shutdown.

@@ -65,6 +65,9 @@ type vmConfig struct {
 	TSCkHz int64
 	// KernelHz is the guest kernel's CONFIG_HZ, for lpj.
 	KernelHz int
+	// TCGCacheMB is TCG's translated-code cache (Options.TCGCacheMB);
+	// 0: DefaultTCGCacheMB.
+	TCGCacheMB int `json:",omitempty"`
 	// ClockUnixMs is the host's wall clock at launch: the guest sets its
 	// clock from it (the RTC has only whole seconds), so deadlines the
 	// harness computes hold inside to the millisecond.
@@ -92,13 +95,6 @@ type vmConfig struct {
 // fdState is the descriptor of a snapshot's state file a restoring QEMU
 // inherits, after the disks.
 const fdState = fdScratch + 1
-
-// tcgCacheMB caps TCG's cache of translated code. QEMU's default (1 GiB)
-// lets it grow with all code the guest ever ran, boot included, and every
-// MiB of it is host memory of the VM; a warm function runs a few MiB of
-// hot code, so a small cache costs a retranslation of the boot's code,
-// once, and saves tens of MiB per VM.
-const tcgCacheMB = 16
 
 // The guest's address plan on QEMU's user-mode network (slirp). QEMU
 // answers as the gateway and the DNS server itself and turns the guest's
@@ -269,7 +265,11 @@ func (c vmConfig) codeFile() string {
 // accelArg is -accel's value.
 func (c vmConfig) accelArg() string {
 	if c.Accel == accelTCG {
-		return string(c.Accel) + ",tb-size=" + strconv.Itoa(tcgCacheMB)
+		mb := c.TCGCacheMB
+		if mb <= 0 {
+			mb = DefaultTCGCacheMB
+		}
+		return string(c.Accel) + ",tb-size=" + strconv.Itoa(mb)
 	}
 	return string(c.Accel)
 }

@@ -28,7 +28,7 @@ func TestArgsTCG(t *testing.T) {
 	}
 	a := c.args()
 	for flag, want := range map[string]string{
-		"-name": "invokex-abc-1", "-accel": "tcg,tb-size=16", "-cpu": "max", "-m": "256M", "-smp": "1",
+		"-name": "invokex-abc-1", "-accel": "tcg,tb-size=32", "-cpu": "max", "-m": "256M", "-smp": "1",
 		"-kernel": "/proc/self/fd/5", "-mon": "chardev=qmp,mode=control",
 		"-M": "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
 	} {
@@ -36,6 +36,11 @@ func TestArgsTCG(t *testing.T) {
 			t.Errorf("%s = %q, want [%q]", flag, got, want)
 		}
 	}
+	c.TCGCacheMB = 64
+	if got := argValues(c.args(), "-accel"); len(got) != 1 || got[0] != "tcg,tb-size=64" {
+		t.Errorf("-accel with TCGCacheMB 64 = %q", got)
+	}
+	c.TCGCacheMB = 0
 	drives := argValues(a, "-drive")
 	wantDrives := []string{
 		"id=root,file=/proc/self/fd/6,format=raw,if=none,readonly=on",

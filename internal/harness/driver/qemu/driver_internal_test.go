@@ -125,6 +125,9 @@ func TestNewErrors(t *testing.T) {
 	if _, err := New(Options{StateDir: t.TempDir(), CacheDir: t.TempDir(), QEMUPath: fakeQEMUPath(t)}); err == nil || !strings.Contains(err.Error(), "no guest kernel") {
 		t.Errorf("New without a kernel in the cache: %v", err)
 	}
+	if _, err := newDriver(Options{StateDir: t.TempDir(), QEMUPath: fakeQEMUPath(t), KernelPath: "/etc/hostname", TCGCacheMB: -1}, nil); !errors.Is(err, errdefs.ErrInvalidParameter) {
+		t.Errorf("negative TCGCacheMB: %v", err)
+	}
 }
 
 func TestDescribe(t *testing.T) {

@@ -76,7 +76,7 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 	cfg := vmConfig{
 		ID: spec.ID, Accel: d.accel,
 		MemoryMB: spec.MemoryMB, VCPUs: d.host.VCPUs(spec.MemoryMB), AgentCPU: d.host.AgentCPU(),
-		TSCkHz: d.tscKHz, KernelHz: d.kernelHz,
+		TSCkHz: d.tscKHz, KernelHz: d.kernelHz, TCGCacheMB: d.opts.TCGCacheMB,
 		Network: spec.Network, Spare: spare,
 	}
 	launched := time.Now()
