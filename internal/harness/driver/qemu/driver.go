@@ -140,14 +140,14 @@ type Options struct {
 // cache; when it is full QEMU empties it and translates again whatever
 // runs next. Measured here (QEMU 7.2, a Go function): a boot translates
 // ~49 MB of host code, a cold start's INIT and first invocation ~28 MB
-// (50 k blocks), a warm invocation's working set ~17 MB. At 16 MiB the
+// (50 k blocks), a warm invocation's working set is ~17 MB. At 16 MiB a
 // cold start emptied the cache mid-way and translated 88 k blocks, and
-// warm invocations emptied it every few hundred calls; at 32 MiB INIT
-// took ~35% less time and warm loads ran without emptying it. All of the
-// cache is touched once a boot has filled it, so each MiB here is a MiB
-// of every idle VM's host memory. QEMU's own default (1 GiB) would keep
-// all code a VM ever ran.
-const DefaultTCGCacheMB = 32
+// warm invocations emptied it every few hundred calls. In alternating
+// runs 24 and 32 MiB cut INIT from ~1.1 s to ~0.75 s alike; 24 costs 8
+// MiB less. A boot fills the cache, so each MiB here is a MiB of every
+// idle VM's host memory. QEMU's own default (1 GiB) would keep all code
+// a VM ever ran.
+const DefaultTCGCacheMB = 24
 
 // DefaultSpareVMs is Options.SpareVMs's default: one spare, of the shape
 // asked for last. Each costs what an idle VM costs the host.
