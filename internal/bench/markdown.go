@@ -125,7 +125,8 @@ const method = `- **Same function, same client.** Both systems run the same bina
   function's own RSS. Overhead by PSS and private is the sandbox processes' own (the functions of
   N instances share their binary's pages, so subtracting the RIE function's PSS would understate
   it); RIE's counterpart is the emulator process. Instances per GiB = 1 GiB / an instance's
-  memory (RIE: emulator + function).
+  memory (RIE: emulator + function). Idle CPU: after the idle figures, the utime + stime of
+  every sandbox process over 10 s, per sandbox (warm ones included) and second.
 - **Control plane.** CreateFunction → Active: from sending CreateFunction until GetFunction says
   Active (polled every 2 ms; the SDK without retries). UpdateFunctionCode → new code: from sending
   UpdateFunctionCode until the first response produced by the new code (each zip carries its own

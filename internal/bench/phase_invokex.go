@@ -162,9 +162,40 @@ func (r *runner) memoryPhase(ctx context.Context, srv *ixServer) error {
 	if sm, err := r.fs.Mem(srv.pid()); err == nil {
 		m.ServerWithInstances = sm
 	}
+	cpu, err := r.idleCPU(ctx, srv, idle.Instances+idle.Warm)
+	if err != nil {
+		return err
+	}
+	m.IdleCPU = cpu
 	r.say("InvokeX memory: %d instances, %s RSS / %s PSS each", m.Instances, fmtMiB(m.PerInstance.RSS), fmtMiB(m.PerInstance.PSS))
 	return nil
 }
+
+// idleCPU measures the host CPU n idle sandboxes use, per sandbox and
+// second, over IdleCPUWindow; 0 if /proc could not be read.
+func (r *runner) idleCPU(ctx context.Context, srv *ixServer, n int) (time.Duration, error) {
+	if n <= 0 {
+		return 0, nil
+	}
+	before, err := sampleCPU(r.fs, srv.pid(), r.fnComm)
+	if err != nil {
+		return 0, nil
+	}
+	if err := sleepCtx(ctx, IdleCPUWindow); err != nil {
+		return 0, err
+	}
+	after, err := sampleCPU(r.fs, srv.pid(), r.fnComm)
+	if err != nil {
+		return 0, nil
+	}
+	d := cpuDelta(before, after)
+	busy := time.Duration(d.sandbox+d.function) * clockTick
+	return busy * time.Second / (IdleCPUWindow * time.Duration(n)), nil
+}
+
+// IdleCPUWindow is how long idleCPU watches idle sandboxes: long enough
+// for 10 ms ticks to add up to a figure.
+const IdleCPUWindow = 10 * time.Second
 
 // IdleSettle is how long the memory phase lets its instances idle before
 // the figures it reports: longer than the agent's idle trim (10 s, see

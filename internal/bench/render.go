@@ -250,6 +250,7 @@ func (r *Report) memoryTable() table {
 			figure("per idle VM, host memory of its VMM process, PSS", ixInst(m.PerInstance.PSS), b(rieInst.PSS), mibCell),
 			figure("per idle VM, host memory of its VMM process, private (USS)", ixInst(m.PerInstance.Private), b(rieInst.Private), mibCell),
 			figure("  the same 1 s after its last invoke (before the idle trim), RSS", ixInst(m.SandboxFresh.RSS), b(rieInst.RSS), mibCell),
+			only("per idle VM, host CPU of its VMM process (ms per second)", idleCPUCell(m)),
 			figure("idle VMs per GiB of host memory (by PSS)", perGiBIf(haveInst, m.PerInstance.PSS, perGiB), perGiB(rieInst.PSS), countCell),
 			figure("idle VMs per GiB of host memory (by RSS)", perGiBIf(haveInst, m.PerInstance.RSS, perGiB), perGiB(rieInst.RSS), countCell),
 		)
@@ -268,6 +269,7 @@ func (r *Report) memoryTable() table {
 		figure("  of which the sandbox (init + agent) / emulator, RSS", ixInst(m.Sandbox.RSS), b(m.RIEEmulator.RSS), mibCell),
 		figure("  of which the sandbox (init + agent) / emulator, PSS", ixInst(m.Sandbox.PSS), b(m.RIEEmulator.PSS), mibCell),
 		figure("  sandbox 1 s after its last invoke (before the idle trim), RSS", ixInst(m.SandboxFresh.RSS), b(m.RIEEmulator.RSS), mibCell),
+		only("per idle instance, host CPU of all its processes (ms per second)", idleCPUCell(m)),
 		figure("overhead beyond the function's own, RSS", ovCell(ov.RSS), b(m.RIEEmulator.RSS), mibCell),
 		figure("overhead beyond the function's own, PSS", ovCell(ov.PSS), b(m.RIEEmulator.PSS), mibCell),
 		figure("overhead beyond the function's own, private (USS)", ovCell(ov.Private), b(m.RIEEmulator.Private), mibCell),
@@ -298,6 +300,14 @@ func perGiBIf(ok bool, v int64, f func(int64) float64) float64 {
 		return -1
 	}
 	return f(v)
+}
+
+// idleCPUCell is Memory.IdleCPU in ms of CPU per second of wall time.
+func idleCPUCell(m MemoryResult) string {
+	if m.Instances == 0 {
+		return none
+	}
+	return fmt.Sprintf("%.1f ms/s", float64(m.IdleCPU)/float64(time.Millisecond))
 }
 
 func cellMiB(v int64) string {

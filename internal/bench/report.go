@@ -111,6 +111,11 @@ type MemoryResult struct {
 	// SandboxFresh is Sandbox measured 1 s after the instances' last
 	// invoke, before the agent's idle trim; the others after IdleSettle.
 	SandboxFresh Mem
+	// IdleCPU is the host CPU one idle sandbox (all its processes: a VM's
+	// VMM) used per second of wall time, over IdleCPUWindow after the
+	// idle figures: what keeping an instance warm costs the host's CPU.
+	// Warm sandboxes count as sandboxes. 0 when not measured.
+	IdleCPU time.Duration `json:",omitempty"`
 	// Processes names one instance's processes, e.g. "invokex, invokex, bootstrap".
 	Processes string
 	// Warm is how many sandboxes started ahead of need (the process

@@ -186,14 +186,22 @@ func TestMemoryTableOfAVMDriver(t *testing.T) {
 		RIEEmulator: Mem{RSS: 12 << 20, PSS: 11 << 20, Private: 11 << 20},
 		RIEFunction: Mem{RSS: 8 << 20, PSS: 8 << 20, Private: 8 << 20},
 		Processes:   "qemu-system-x86 (sandbox init, 100.0 MiB RSS)",
+		IdleCPU:     2500 * time.Microsecond,
 	}}
 	var names []string
+	idleCPU := ""
 	for _, row := range r.memoryTable().rows {
 		names = append(names, row[0])
+		if strings.Contains(row[0], "host CPU") {
+			idleCPU = row[1]
+		}
 	}
 	all := strings.Join(names, "\n")
 	if !strings.Contains(all, "per idle VM, host memory of its VMM process, RSS") || strings.Contains(all, "overhead beyond the function's own") {
 		t.Fatalf("VM memory rows:\n%s", all)
+	}
+	if idleCPU != "2.5 ms/s" {
+		t.Errorf("idle VM's CPU cell = %q, want 2.5 ms/s", idleCPU)
 	}
 	r.Driver = "process"
 	names = names[:0]
