@@ -12,7 +12,7 @@ import (
 // KernelCmdline is the guest command line the boot tests use (see
 // guest/README.md for why each option is there).
 const KernelCmdline = "console=ttyS0 quiet panic=-1 reboot=t i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd " +
-	"tsc=reliable no_timer_check nolapic_timer root=/dev/vda rootfstype=ext4 ro init=/sbin/init"
+	"tsc=reliable no_timer_check lapic_timer_period=4000000 highres=off root=/dev/vda rootfstype=ext4 ro init=/sbin/init"
 
 // QEMUArgs is a QEMU microvm command line (TCG) booting vmlinux with the
 // three disks, the agent's virtio-serial port on a unix socket, and the
