@@ -64,9 +64,24 @@ func TestFragmentEssentials(t *testing.T) {
 			t.Errorf("%s = %q in the fragment, want n", k, m[k])
 		}
 	}
-	ps := kernel.Patches()
-	if len(ps) == 0 || !strings.Contains(string(ps[0].Data), "POISON_FREE_INITMEM") {
-		t.Errorf("patches %v: want the init memory poisoning patch", ps)
+	// Each patch, by what it changes.
+	want := map[string]string{
+		"no-initmem-poison.patch":     "POISON_FREE_INITMEM",
+		"virtio-console-inbufs.patch": "VIRTCONS_MAX_INBUFS",
+		"lapic-timer-period.patch":    `early_param("lapic_timer_period"`,
+	}
+	var names []string
+	for _, p := range kernel.Patches() {
+		names = append(names, p.Name)
+		if marker, ok := want[p.Name]; ok {
+			if !strings.Contains(string(p.Data), marker) {
+				t.Errorf("%s lacks %q", p.Name, marker)
+			}
+			delete(want, p.Name)
+		}
+	}
+	for name := range want {
+		t.Errorf("patches %q: want %s", names, name)
 	}
 }
 
