@@ -134,8 +134,17 @@ func (p *spares[M]) put(key spareKey, m M) {
 		p.discard(m)
 		return
 	}
+	p.add(key, m)
+}
+
+// add puts m into the pool and marks its directory ready (SpareReadyFile,
+// for SparePIDs). Called with mu held, so a take, which removes the mark,
+// cannot come first.
+func (p *spares[M]) add(key spareKey, m M) {
 	p.idle[key] = append(p.idle[key], m)
-	_ = os.WriteFile(filepath.Join(m.instance().Dir(), SpareReadyFile), nil, 0o600)
+	if err := os.WriteFile(filepath.Join(m.instance().Dir(), SpareReadyFile), nil, 0o600); err != nil {
+		p.h.cfg.Log.Warn("marking a spare vm ready", "err", err)
+	}
 }
 
 // want makes key the most recent shape and drops the spares of shapes
@@ -234,11 +243,7 @@ func (p *spares[M]) fill() {
 			case p.closed || len(p.idle[shape.key]) >= p.quota(shape.key):
 				p.discard(m) // the shape fell out while it booted
 			default:
-				p.idle[shape.key] = append(p.idle[shape.key], m)
-				// Under mu: a take, which removes it, cannot come first.
-				if err := os.WriteFile(filepath.Join(m.instance().Dir(), SpareReadyFile), nil, 0o600); err != nil {
-					p.h.cfg.Log.Warn("marking a spare vm ready", "err", err)
-				}
+				p.add(shape.key, m)
 			}
 			p.mu.Unlock()
 			if err != nil {
