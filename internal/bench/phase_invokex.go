@@ -162,35 +162,36 @@ func (r *runner) memoryPhase(ctx context.Context, srv *ixServer) error {
 	if sm, err := r.fs.Mem(srv.pid()); err == nil {
 		m.ServerWithInstances = sm
 	}
-	cpu, err := r.idleCPU(ctx, srv, idle.Instances+idle.Warm)
+	cpu, ok, err := r.idleCPU(ctx, srv, idle.Instances+idle.Warm)
 	if err != nil {
 		return err
 	}
-	m.IdleCPU = cpu
+	m.IdleCPU, m.IdleCPUMeasured = cpu, ok
 	r.say("InvokeX memory: %d instances, %s RSS / %s PSS each", m.Instances, fmtMiB(m.PerInstance.RSS), fmtMiB(m.PerInstance.PSS))
 	return nil
 }
 
 // idleCPU measures the host CPU n idle sandboxes use, per sandbox and
-// second, over IdleCPUWindow; 0 if /proc could not be read.
-func (r *runner) idleCPU(ctx context.Context, srv *ixServer, n int) (time.Duration, error) {
+// second, over IdleCPUWindow. ok is false when there was nothing to
+// measure or /proc could not be read; err is ctx's.
+func (r *runner) idleCPU(ctx context.Context, srv *ixServer, n int) (cpu time.Duration, ok bool, err error) {
 	if n <= 0 {
-		return 0, nil
+		return 0, false, nil
 	}
 	before, err := sampleCPU(r.fs, srv.pid(), r.fnComm)
 	if err != nil {
-		return 0, nil
+		return 0, false, nil
 	}
 	if err := sleepCtx(ctx, IdleCPUWindow); err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	after, err := sampleCPU(r.fs, srv.pid(), r.fnComm)
 	if err != nil {
-		return 0, nil
+		return 0, false, nil
 	}
 	d := cpuDelta(before, after)
 	busy := time.Duration(d.sandbox+d.function) * clockTick
-	return busy * time.Second / (IdleCPUWindow * time.Duration(n)), nil
+	return busy * time.Second / (IdleCPUWindow * time.Duration(n)), true, nil
 }
 
 // IdleCPUWindow is how long idleCPU watches idle sandboxes: long enough

@@ -304,7 +304,7 @@ func perGiBIf(ok bool, v int64, f func(int64) float64) float64 {
 
 // idleCPUCell is Memory.IdleCPU in ms of CPU per second of wall time.
 func idleCPUCell(m MemoryResult) string {
-	if m.Instances == 0 {
+	if m.Instances == 0 || !m.IdleCPUMeasured {
 		return none
 	}
 	return fmt.Sprintf("%.1f ms/s", float64(m.IdleCPU)/float64(time.Millisecond))

@@ -114,8 +114,10 @@ type MemoryResult struct {
 	// IdleCPU is the host CPU one idle sandbox (all its processes: a VM's
 	// VMM) used per second of wall time, over IdleCPUWindow after the
 	// idle figures: what keeping an instance warm costs the host's CPU.
-	// Warm sandboxes count as sandboxes. 0 when not measured.
-	IdleCPU time.Duration `json:",omitempty"`
+	// Warm sandboxes count as sandboxes. IdleCPUMeasured is false when
+	// /proc could not be read.
+	IdleCPU         time.Duration `json:",omitempty"`
+	IdleCPUMeasured bool          `json:",omitempty"`
 	// Processes names one instance's processes, e.g. "invokex, invokex, bootstrap".
 	Processes string
 	// Warm is how many sandboxes started ahead of need (the process

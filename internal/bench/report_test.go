@@ -186,7 +186,7 @@ func TestMemoryTableOfAVMDriver(t *testing.T) {
 		RIEEmulator: Mem{RSS: 12 << 20, PSS: 11 << 20, Private: 11 << 20},
 		RIEFunction: Mem{RSS: 8 << 20, PSS: 8 << 20, Private: 8 << 20},
 		Processes:   "qemu-system-x86 (sandbox init, 100.0 MiB RSS)",
-		IdleCPU:     2500 * time.Microsecond,
+		IdleCPU:     2500 * time.Microsecond, IdleCPUMeasured: true,
 	}}
 	var names []string
 	idleCPU := ""
@@ -202,6 +202,12 @@ func TestMemoryTableOfAVMDriver(t *testing.T) {
 	}
 	if idleCPU != "2.5 ms/s" {
 		t.Errorf("idle VM's CPU cell = %q, want 2.5 ms/s", idleCPU)
+	}
+	r.Memory.IdleCPU, r.Memory.IdleCPUMeasured = 0, false
+	for _, row := range r.memoryTable().rows {
+		if strings.Contains(row[0], "host CPU") && row[1] != none {
+			t.Errorf("unmeasured idle CPU shown as %q", row[1])
+		}
 	}
 	r.Driver = "process"
 	names = names[:0]
