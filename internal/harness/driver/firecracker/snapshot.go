@@ -280,7 +280,18 @@ func (i *instance) resume(ctx context.Context, f vmFiles) error {
 		MemBackend:   memoryBackend{BackendType: backendFile, BackendPath: f.memory},
 		ResumeVM:     true,
 	}
-	if err := i.api.loadSnapshot(ctx, load); err != nil {
+	// Firecracker exits right after it refuses a load, and ctx (see
+	// vmm.Instance.ReadyContext) ends at that exit: the request must not
+	// lose its answer, which says why, to that race. It needs no exit to
+	// end it either: a dead Firecracker closes the socket. So it is bounded
+	// by ctx's deadline only.
+	loadCtx, cancel := context.WithoutCancel(ctx), context.CancelFunc(func() {})
+	if dl, ok := ctx.Deadline(); ok {
+		loadCtx, cancel = context.WithDeadline(loadCtx, dl)
+	}
+	err := i.api.loadSnapshot(loadCtx, load)
+	cancel()
+	if err != nil {
 		if ctx.Err() != nil && !isAPIError(err) {
 			return i.ReadyErr(ctx, "loading the snapshot")
 		}
