@@ -31,6 +31,7 @@ import (
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/pool"
 )
 
 var _ driver.Driver = (*Driver)(nil)
@@ -67,7 +68,7 @@ type Options struct {
 	// StopGrace bounds the graceful part of Stop; default 2 s.
 	StopGrace time.Duration
 	// WarmSandboxes is how many sandboxes the driver keeps started ahead
-	// of need, once the first Start has run (see warmPool); 0 means
+	// of need, once the first Start has run (see newWarmPool); 0 means
 	// DefaultWarmSandboxes, negative none.
 	WarmSandboxes int
 }
@@ -83,7 +84,7 @@ type Driver struct {
 	log          *slog.Logger
 	cg           *cgroupManager
 	cpus         *cpuPlacer
-	warm         *warmPool
+	warm         *pool.Pool[bool, *sandbox]
 	fork         *hostproc.Forker
 	rootless     bool
 	degradations []string
@@ -243,7 +244,7 @@ func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
 
 func (d *Driver) known(id string) bool {
 	_, ok := d.instances.Get(id)
-	return ok || d.warm.owns(id)
+	return ok || d.warm.Owns(id)
 }
 
 func (d *Driver) removeLeftover(ctx context.Context, id string) error {
@@ -291,7 +292,7 @@ func dedupe(ss []string) []string {
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
-	werr := d.warm.close(ctx)
+	werr := d.warm.Close(ctx)
 	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
 	err = errors.Join(werr, err)
 	// Every instance is gone and no Start can follow: nothing forks or
@@ -335,7 +336,7 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 		return err
 	}
 	d := i.d
-	sb := d.warm.take(spec.Network)
+	sb := d.takeWarm(spec.Network)
 	if sb == nil {
 		var err error
 		// Forked with its CPUs, so no thread of it ever runs elsewhere.

@@ -277,9 +277,7 @@ func waitWarm(t *testing.T, d *Driver, n int) []*sandbox {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		d.warm.mu.Lock()
-		idle := append([]*sandbox(nil), d.warm.idle...)
-		d.warm.mu.Unlock()
+		idle := d.warm.Idle()
 		if len(idle) >= n {
 			return idle
 		}

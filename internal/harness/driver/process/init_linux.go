@@ -33,7 +33,7 @@ const (
 // protocol frames: the driver sends the sandbox's config as one frame (a
 // 4-byte big-endian length, then JSON) once the init is in its cgroups;
 // the init answers syncReady when the sandbox is built. The init may wait
-// for its config for a long time: a warm sandbox (see warmPool) is started
+// for its config for a long time: a warm sandbox (see newWarmPool) is started
 // before anyone knows which function it will run.
 const (
 	// syncReady (init -> driver): the sandbox is built and the agent is

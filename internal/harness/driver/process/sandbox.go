@@ -28,7 +28,7 @@ import (
 //     and moved into its cgroups. The init then waits for its config. This
 //     is the part that does not depend on the function, and the slow part:
 //     moving a process into a cgroup waits for an RCU grace period on
-//     cgroup v1 (5-25 ms here), which is why warmPool does it ahead of need.
+//     cgroup v1 (5-25 ms here), which is why the warm pool (newWarmPool) does it ahead of need.
 //  2. assign: the sandbox gets an instance's ID, memory and CPUs, and its
 //     config; the init builds the root file system and the agent answers.
 //

@@ -15,6 +15,7 @@ import (
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/pool"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -81,7 +82,7 @@ type Host[M Machine] struct {
 	hostCPUs int
 
 	instances hostproc.Table[M]
-	spares    *spares[M]
+	spares    *pool.Pool[spareKey, M]
 
 	mu    sync.Mutex
 	slots map[int]bool // slots in use
@@ -323,7 +324,7 @@ func (h *Host[M]) Recover(ctx context.Context, kill func(ctx context.Context, id
 	var errs []error
 	for _, e := range ents {
 		id := e.Name()
-		if _, known := h.instances.Get(id); !e.IsDir() || known || h.spares.owns(id) {
+		if _, known := h.instances.Get(id); !e.IsDir() || known || h.spares.Owns(id) {
 			continue
 		}
 		if err := h.removeLeftover(ctx, id, kill); err != nil {
@@ -350,7 +351,7 @@ func (h *Host[M]) removeLeftover(ctx context.Context, id string, kill func(ctx c
 // they have a Close method): every instance is gone and no Start can
 // follow. Idempotent.
 func (h *Host[M]) Close(ctx context.Context) error {
-	serr := h.spares.close(ctx)
+	serr := h.spares.Close(ctx)
 	first, err := h.instances.Close(func(m M) error { return m.instance().stop(ctx, h.cfg.StopGrace) })
 	err = errors.Join(serr, err)
 	if first {

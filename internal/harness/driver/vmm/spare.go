@@ -2,8 +2,6 @@ package vmm
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -51,16 +49,9 @@ type SpareMachine interface {
 	Assign(ctx context.Context, spec driver.Spec, code string) error
 }
 
-// sparePrefix begins the name of a spare VM until it is assigned.
+// sparePrefix begins the name of a spare VM until it is assigned (the
+// pool adds 16 random hex digits).
 const sparePrefix = "spare-"
-
-// spareName names a new spare: sparePrefix and 16 hex digits, a valid
-// instance ID that no harness ID ("ix-...") collides with.
-func spareName() string {
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	return sparePrefix + hex.EncodeToString(b[:])
-}
 
 // AwaitSpare connects to the guest's init with dial and waits for its
 // SpareLine; see AwaitAgent, whose contract it shares.
