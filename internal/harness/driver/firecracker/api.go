@@ -75,6 +75,16 @@ type (
 		HostDevName string `json:"host_dev_name"`
 		GuestMAC    string `json:"guest_mac,omitempty"`
 	}
+	// loggerConfig is PUT /logger's body (Logger).
+	loggerConfig struct {
+		LogPath   string `json:"log_path"`
+		Level     string `json:"level,omitempty"`
+		ShowLevel bool   `json:"show_level"`
+	}
+	// metricsConfig is PUT /metrics' body (Metrics).
+	metricsConfig struct {
+		MetricsPath string `json:"metrics_path"`
+	}
 	entropyDevice  struct{}
 	instanceAction struct {
 		ActionType string `json:"action_type"`
@@ -193,6 +203,16 @@ func apiErrorFrom(method, path string, resp *http.Response) *APIError {
 		e.FaultMessage = strings.TrimSpace(strings.ToValidUTF8(string(raw), "?"))
 	}
 	return e
+}
+
+// putLogger and putMetrics are accepted once each, before InstanceStart
+// or a snapshot load.
+func (c *apiClient) putLogger(ctx context.Context, l loggerConfig) error {
+	return c.put(ctx, "/logger", l)
+}
+
+func (c *apiClient) putMetrics(ctx context.Context, m metricsConfig) error {
+	return c.put(ctx, "/metrics", m)
 }
 
 func (c *apiClient) putMachineConfig(ctx context.Context, m machineConfig) error {

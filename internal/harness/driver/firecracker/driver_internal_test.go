@@ -1,13 +1,18 @@
 package firecracker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -67,7 +72,7 @@ func TestAPIRequests(t *testing.T) {
 		}
 		bodies[r.Path] = b
 	}
-	want := []string{"/machine-config", "/boot-source", "/drives/root", "/drives/code", "/drives/scratch", "/vsock", "/entropy", "/actions"}
+	want := []string{"/logger", "/metrics", "/machine-config", "/boot-source", "/drives/root", "/drives/code", "/drives/scratch", "/vsock", "/entropy", "/actions"}
 	if strings.Join(paths, " ") != strings.Join(want, " ") {
 		t.Fatalf("requests %v, want %v", paths, want)
 	}
@@ -119,6 +124,14 @@ func TestAPIRequests(t *testing.T) {
 	}
 	if a := bodies["/actions"]; a["action_type"] != "InstanceStart" {
 		t.Errorf("action %v", a)
+	}
+	// The logger and metrics write to named pipes in the instance
+	// directory (the stand-in refuses anything else).
+	if l := bodies["/logger"]; l["log_path"] != logFIFO || l["level"] != "Warning" || l["show_level"] != true {
+		t.Errorf("logger %v, want %s at Warning with levels shown", l, logFIFO)
+	}
+	if m := bodies["/metrics"]; m["metrics_path"] != metricsFIFO {
+		t.Errorf("metrics %v, want %s", m, metricsFIFO)
 	}
 }
 
@@ -252,5 +265,80 @@ func TestDescribe(t *testing.T) {
 	}
 	if e.d.Name() != "firecracker" {
 		t.Errorf("Name() = %q", e.d.Name())
+	}
+}
+
+// logCapture is a debug-level logger whose records a test can read.
+type logCapture struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (c *logCapture) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.Write(p)
+}
+
+func (c *logCapture) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.buf.String()
+}
+
+// TestLoggerAndMetrics: Firecracker's logger and metrics reach the
+// harness's log through the pipes the driver drains: its warnings at
+// warn, its metrics summed up when the VM ends (the last record is
+// written as Firecracker exits), seccomp faults as a warning; the pipes
+// go with the instance directory.
+func TestLoggerAndMetrics(t *testing.T) {
+	var logs logCapture
+	e := newFakeEnv(t, func(o *Options) {
+		o.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
+	inst := startFake(t, e, "observe-1")
+	for _, name := range []string{logFIFO, metricsFIFO} {
+		if fi, err := os.Stat(filepath.Join(inst.Dir(), name)); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+			t.Errorf("%s is not a named pipe in the instance directory: %v", name, err)
+		}
+	}
+	if err := e.d.Stop(context.Background(), inst.ID()); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	assertGone(t, e, inst.ID(), inst.PID())
+	out := logs.String()
+	for _, want := range []*regexp.Regexp{
+		regexp.MustCompile(`level=WARN msg="vm output".*source=firecracker.*line="\[observe-1:main:WARN\] fake warning for observe-1"`),
+		regexp.MustCompile(`level=WARN msg="firecracker reports seccomp faults".*instance=observe-1.* count=1`),
+		regexp.MustCompile(`level=DEBUG msg="firecracker metrics".*instance=observe-1.* flushes=1 .*block_read_bytes=100 `),
+	} {
+		if !want.MatchString(out) {
+			t.Errorf("the log has no line matching %s:\n%s", want, out)
+		}
+	}
+	if n := strings.Count(out, "firecracker reports seccomp faults"); n != 1 {
+		t.Errorf("seccomp faults reported %d times, want once", n)
+	}
+}
+
+// TestMetricsSum: counters are the change since Firecracker's last flush
+// and add up; alarms are warned of once; an unreadable record is skipped.
+func TestMetricsSum(t *testing.T) {
+	var logs logCapture
+	o := &observer{log: slog.New(slog.NewTextHandler(&logs, nil))}
+	o.readMetrics(strings.NewReader(
+		`{"utc_timestamp_ms":1,"block":{"read_bytes":10,"write_bytes":1},"vsock":{"rx_bytes_count":5},"signals":{"sigsegv":0}}` + "\n" +
+			"not json\n" +
+			`{"utc_timestamp_ms":2,"block":{"read_bytes":20},"vcpu":{"failures":2},"signals":{"sigsegv":1},"logger":{"missed_log_count":3}}` + "\n" +
+			`{"utc_timestamp_ms":3,"signals":{"sigsegv":1}}` + "\n"))
+	got := o.totals
+	got.warned = nil
+	want := fcMetrics{Flushes: 3, BlockReadBytes: 30, BlockWriteBytes: 1, VsockRxBytes: 5, VCPUFailures: 2, MissedLogs: 3}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("totals %+v, want %+v", got, want)
+	}
+	out := logs.String()
+	if strings.Count(out, "firecracker reports sigsegv") != 1 || strings.Count(out, "unreadable firecracker metrics") != 1 {
+		t.Errorf("want one sigsegv warning and one unreadable-record warning:\n%s", out)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -72,6 +73,8 @@ type loggedRequest struct {
 //	snapfail-   refuses PUT /snapshot/create
 //	snapnomem-  answers PUT /snapshot/create 204 but writes no memory file
 //	loadfail-   refuses PUT /snapshot/load (and exits, as Firecracker does)
+//	observe-    logs a warning once its logger is configured, and its
+//	            metrics say seccomp caught a fault and 100 bytes were read
 //
 // It exits 0 when the "guest" ends (stream closed, Ctrl-Alt-Del) and
 // fakeTermExit on SIGTERM, so tests can tell which ended it. A paused
@@ -180,6 +183,13 @@ type fakeVM struct {
 	history        []loggedRequest
 	// patched are the drives PATCH /drives switched (a spare's code).
 	patched []string
+
+	// logs and metrics are the logger's and the metrics' pipes, once
+	// configured (metrics is written without mu: end may hold it or
+	// not); exitMetrics writes the last record once.
+	logs        *os.File
+	metrics     atomic.Pointer[os.File]
+	exitMetrics sync.Once
 }
 
 // fakeTermExit is the stand-in's exit status after SIGTERM,
@@ -192,6 +202,7 @@ const (
 
 func (v *fakeVM) end(code int) {
 	if v.mode != "stubborn" {
+		v.exitMetrics.Do(v.flushMetrics)
 		select {
 		case v.quit <- code:
 		default:
@@ -223,6 +234,13 @@ var schema = map[string]struct{ fields, required map[string]string }{
 	"PartialDrive": {
 		fields:   map[string]string{"drive_id": "string", "path_on_host": "string", "rate_limiter": "object"},
 		required: map[string]string{"drive_id": ""},
+	},
+	"Logger": {
+		fields: map[string]string{"log_path": "string", "level": "string", "show_level": "bool", "show_log_origin": "bool", "module": "string"},
+	},
+	"Metrics": {
+		fields:   map[string]string{"metrics_path": "string"},
+		required: map[string]string{"metrics_path": ""},
 	},
 	"InstanceActionInfo": {
 		fields:   map[string]string{"action_type": "string"},
@@ -343,6 +361,20 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if err = checkSchema("NetworkInterface", body); err == nil && body["iface_id"] != strings.TrimPrefix(path, "/network-interfaces/") {
 			err = fmt.Errorf("the id from the path does not match the id from the body")
 		}
+	case path == "/logger":
+		if err = checkSchema("Logger", body); err == nil {
+			v.logs, err = v.openObserved(v.logs, "logger", body["log_path"])
+		}
+		if err == nil && v.mode == "observe" {
+			fmt.Fprintf(v.logs, "[%s:main:WARN] fake warning for %s\n", v.id, v.id)
+		}
+	case path == "/metrics":
+		if err = checkSchema("Metrics", body); err == nil {
+			var f *os.File
+			if f, err = v.openObserved(v.metrics.Load(), "metrics", body["metrics_path"]); err == nil {
+				v.metrics.Store(f)
+			}
+		}
 	case path == "/actions":
 		err = v.action(body)
 	default:
@@ -353,10 +385,43 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fault(w, 400, "%v", err)
 		return
 	}
-	if path != "/actions" {
+	if path != "/actions" && path != "/logger" && path != "/metrics" {
 		v.configured = true
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// openObserved opens the logger's or the metrics' path as Firecracker
+// does (read-write, non-blocking: a pipe nobody drains loses lines rather
+// than stalling the VMM), once: a second configuration is refused. The
+// path must be a named pipe, which is what the driver gives.
+func (v *fakeVM) openObserved(open *os.File, what string, path any) (*os.File, error) {
+	if open != nil {
+		return open, fmt.Errorf("Reinitialization of %s not allowed.", what)
+	}
+	p, _ := path.(string)
+	if fi, err := os.Stat(v.resolve(p)); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		return nil, fmt.Errorf("Failed to open target file for %s: %v (mode %v)", what, err, fi)
+	}
+	return os.OpenFile(v.resolve(p), os.O_RDWR|syscall.O_NONBLOCK, 0)
+}
+
+// flushMetrics writes a metrics record, as Firecracker does every 60 s,
+// on FlushMetrics and when it exits. The "observe" mode's records count
+// 100 bytes read from the disks and say that seccomp caught a fault.
+func (v *fakeVM) flushMetrics() {
+	f := v.metrics.Load()
+	if f == nil {
+		return
+	}
+	rec := map[string]any{"utc_timestamp_ms": time.Now().UnixMilli(), "block": map[string]any{"read_bytes": 0}}
+	if v.mode == "observe" {
+		rec["block"] = map[string]any{"read_bytes": 100, "write_bytes": 0}
+		rec["seccomp"] = map[string]any{"num_faults": 1}
+		rec["signals"] = map[string]any{"sigsegv": 0, "sigbus": 0}
+	}
+	b, _ := json.Marshal(rec)
+	f.Write(append(b, '\n'))
 }
 
 func (v *fakeVM) putDrive(id string, body map[string]any) error {
@@ -443,6 +508,7 @@ func (v *fakeVM) action(body map[string]any) error {
 			go v.end(0)
 		}
 	case "FlushMetrics":
+		v.flushMetrics()
 	default:
 		return fmt.Errorf("unknown action_type %v", body["action_type"])
 	}

@@ -44,6 +44,9 @@ type instance struct {
 	paused atomic.Bool
 	// rec is the VM's record, which Assign rewrites.
 	rec *record
+	// obs drains Firecracker's logger and metrics pipes (observe.go); set
+	// by Boot before Firecracker starts, closed by Release after it ended.
+	obs *observer
 }
 
 var _ vmm.SpareMachine = (*instance)(nil)
@@ -125,6 +128,13 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 	}
 	files, err := makeDisks(ctx, spec)
 	if err != nil {
+		return err
+	}
+	uid := 0
+	if i.jail != nil {
+		uid = i.jail.UID
+	}
+	if err := i.observe(uid); err != nil {
 		return err
 	}
 	launched := time.Now()
@@ -374,9 +384,9 @@ func (i *instance) waitAPI(ctx context.Context) error {
 }
 
 // configure sets the VM up over the API and starts it. The order is the
-// documented one (docs/getting-started.md): machine, boot source, drives,
-// devices, then InstanceStart; the drives' order makes root /dev/vda,
-// code /dev/vdb and scratch /dev/vdc.
+// documented one (docs/getting-started.md): logger and metrics, machine,
+// boot source, drives, devices, then InstanceStart; the drives' order
+// makes root /dev/vda, code /dev/vdb and scratch /dev/vdc.
 func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles, spare bool) error {
 	d := i.d
 	boot := bootConfig{ID: spec.ID, AgentCPU: d.host.AgentCPU(), Spare: spare}
@@ -390,6 +400,7 @@ func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles, s
 		what string
 		do   func() error
 	}{
+		{"logger and metrics", func() error { return i.configureObservers(ctx) }},
 		{"machine config", func() error {
 			i.vcpus = d.host.VCPUs(spec.MemoryMB)
 			return i.api.putMachineConfig(ctx, machineConfig{VCPUCount: i.vcpus, MemSizeMiB: spec.MemoryMB})
@@ -484,11 +495,13 @@ func (i *instance) Ask(ctx context.Context, grace time.Duration) {
 	}
 }
 
-// Release closes the API client and removes the jail's cgroups (killing
-// what is left in them); see vmm.Machine.
+// Release closes the API client, reads what Firecracker's logger and
+// metrics said last and removes the jail's cgroups (killing what is left
+// in them); see vmm.Machine.
 func (i *instance) Release(ctx context.Context) error {
 	if i.api != nil {
 		i.api.Close()
 	}
+	i.stopObserving()
 	return removeCgroups(context.WithoutCancel(ctx), i.cgroups)
 }

@@ -269,8 +269,8 @@ func (i *instance) restoredDisks(ctx context.Context, _ driver.Spec) (vmFiles, e
 	return f, nil
 }
 
-// resume loads the snapshot into the fresh Firecracker (the only request
-// it is sent: a load must come before any configuration) and resumes the
+// resume loads the snapshot into the fresh Firecracker (after the logger
+// and metrics, the only configuration a load may follow) and resumes the
 // VM, then connects to the restored agent through the VM's own vsock
 // socket. The agent is mid-session, waiting for a frame: no ready line
 // comes (see docs/firecracker.md on the guest's side of a restore).
@@ -279,6 +279,14 @@ func (i *instance) resume(ctx context.Context, f vmFiles) error {
 		SnapshotPath: f.state,
 		MemBackend:   memoryBackend{BackendType: backendFile, BackendPath: f.memory},
 		ResumeVM:     true,
+	}
+	// The logger and metrics are not part of a snapshot: they are the one
+	// configuration a load may follow.
+	if err := i.configureObservers(ctx); err != nil {
+		if ctx.Err() != nil && !isAPIError(err) {
+			return i.ReadyErr(ctx, "configuring the logger and metrics")
+		}
+		return i.WithOutput(fmt.Errorf("configuring the logger and metrics: %w", err))
 	}
 	// Firecracker exits right after it refuses a load, and ctx (see
 	// vmm.Instance.ReadyContext) ends at that exit: the request must not

@@ -26,11 +26,12 @@ func newConsoleLog(log *slog.Logger) *hostproc.LineLog {
 	})
 }
 
-// newVMMLog is the log of the VMM's own stderr (and a jailer's), at info
-// level, at most warn.
-func newVMMLog(log *slog.Logger) *hostproc.LineLog {
+// NewVMMLog is the log of what the VMM itself says (its stderr, a
+// jailer's, Firecracker's logger): plain lines at level, records at most
+// at warn, under the same budget as the console.
+func NewVMMLog(log *slog.Logger, level slog.Level) *hostproc.LineLog {
 	return hostproc.NewLineLog(log, hostproc.LineLogOptions{
-		Msg: "vm output", Level: slog.LevelInfo, Max: slog.LevelWarn,
+		Msg: "vm output", Level: level, Max: slog.LevelWarn,
 		Budget: maxLogBudget, Tail: tailLines,
 	})
 }

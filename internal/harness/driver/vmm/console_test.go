@@ -18,7 +18,7 @@ func TestConsoleLog(t *testing.T) {
 	console.Write([]byte("[    0.1] booting\n"))
 	console.Write([]byte(`{"level":"ERROR","msg":"guest alarm","k":"v"}` + "\n"))
 	console.Flush()
-	q := newVMMLog(log)
+	q := NewVMMLog(log, slog.LevelInfo)
 	q.Write([]byte("qemu: warning: something\n"))
 	q.Write([]byte(`{"level":"ERROR","msg":"qemu alarm"}` + "\n"))
 	q.Flush()

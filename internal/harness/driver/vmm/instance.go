@@ -124,7 +124,7 @@ func (i *Instance) Record(rec any) error { return hostproc.WriteRecord(i.dir, re
 func (i *Instance) Launch(cmd *exec.Cmd, rec *Record) error {
 	name := i.host.config().Name
 	i.console = newConsoleLog(i.log.With("source", "console"))
-	i.stderr = newVMMLog(i.log.With("source", name))
+	i.stderr = NewVMMLog(i.log.With("source", name), slog.LevelInfo)
 	cmd.Stdout = i.console
 	cmd.Stderr = i.stderr
 	// Bounds cmd.Wait if something kept the pipes open after the VMM died.

@@ -1,0 +1,248 @@
+package firecracker
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
+)
+
+// Firecracker's logger and metrics system (docs/logger.md, docs/metrics.md)
+// write to named pipes in the VM's root, which the harness drains: nothing
+// of either is a file that grows. Firecracker opens them when it is told
+// to (PUT /logger, PUT /metrics: before InstanceStart, or before a
+// snapshot load, which restores neither).
+const (
+	logFIFO     = "firecracker.log"
+	metricsFIFO = "firecracker.metrics"
+	// fcLogLevel is the level of Firecracker's logger: its warnings and
+	// errors, which the harness logs at warn. Its info lines (start,
+	// stop) say nothing the driver's own log does not.
+	fcLogLevel = "Warning"
+	// drainWait bounds how long Release waits for a pipe's last lines
+	// when Firecracker could not be killed and still holds it open.
+	drainWait = time.Second
+	// maxMetricsLine bounds one metrics record (a flush is one JSON line
+	// of a few KiB).
+	maxMetricsLine = 1 << 20
+)
+
+// pipe is one named pipe Firecracker writes and the harness drains. The
+// harness holds a write end of its own until Release, so the reader sees
+// no end of file before Firecracker has opened the pipe; once Firecracker
+// is gone and that end is closed, the reader drains what is left and
+// ends.
+type pipe struct {
+	r, w *os.File
+	done chan struct{}
+}
+
+// openPipe makes the named pipe name in the VM's root, owned by uid (the
+// jail's user, who opens it) when uid is not 0, and starts drain on it.
+func openPipe(root, name string, uid int, drain func(io.Reader)) (*pipe, error) {
+	path := filepath.Join(root, name)
+	if err := unix.Mkfifo(path, 0o600); err != nil {
+		return nil, fmt.Errorf("making %s: %w", name, err)
+	}
+	if uid != 0 {
+		if err := os.Chown(path, uid, uid); err != nil {
+			return nil, fmt.Errorf("handing %s to the vm user: %w", name, err)
+		}
+	}
+	// Non-blocking: a FIFO's read end opens at once without a writer; the
+	// reads go through Go's poller.
+	r, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", name, err)
+	}
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		r.Close()
+		return nil, fmt.Errorf("opening %s: %w", name, err)
+	}
+	p := &pipe{r: r, w: w, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		drain(r)
+		_, _ = io.Copy(io.Discard, r) // a drain that gave up must not block the writer
+	}()
+	return p, nil
+}
+
+// close lets the drain read to the end (Firecracker is gone: the harness's
+// write end was the last) and waits for it, at most drainWait (a
+// Firecracker that could not be killed still has the pipe open).
+func (p *pipe) close() {
+	if p == nil {
+		return
+	}
+	p.w.Close()
+	select {
+	case <-p.done:
+	case <-time.After(drainWait):
+	}
+	p.r.Close()
+	<-p.done
+}
+
+// observer drains one VM's Firecracker logger and metrics.
+type observer struct {
+	log     *slog.Logger
+	lines   *hostproc.LineLog // the logger's lines
+	logs    *pipe
+	metrics *pipe
+	totals  fcMetrics
+}
+
+// observe makes the VM's logger and metrics pipes in root and starts
+// draining them: Firecracker's log lines go to the harness's log at warn
+// (bounded like the console), its metrics are summed up per VM.
+func (i *instance) observe(uid int) error {
+	o := &observer{log: i.Log().With("source", "firecracker")}
+	o.lines = vmm.NewVMMLog(o.log, slog.LevelWarn)
+	var err error
+	if o.logs, err = openPipe(i.root, logFIFO, uid, func(r io.Reader) { _, _ = io.Copy(o.lines, r) }); err != nil {
+		return err
+	}
+	i.obs = o // from now on Release closes what there is
+	o.metrics, err = openPipe(i.root, metricsFIFO, uid, o.readMetrics)
+	return err
+}
+
+// configureObservers sends PUT /logger and PUT /metrics, naming the pipes
+// as Firecracker sees them.
+func (i *instance) configureObservers(ctx context.Context) error {
+	if err := i.api.putLogger(ctx, loggerConfig{LogPath: i.inRoot(logFIFO), Level: fcLogLevel, ShowLevel: true}); err != nil {
+		return err
+	}
+	return i.api.putMetrics(ctx, metricsConfig{MetricsPath: i.inRoot(metricsFIFO)})
+}
+
+// stopObserving drains what Firecracker wrote last and logs the VM's
+// metrics; for Release, once Firecracker is gone.
+func (i *instance) stopObserving() {
+	o := i.obs
+	if o == nil {
+		return
+	}
+	o.logs.close()
+	o.lines.Flush() // a last line without its newline
+	o.metrics.close()
+	t := o.totals
+	if t.Flushes > 0 {
+		o.log.Debug("firecracker metrics", "flushes", t.Flushes, "vcpu_failures", t.VCPUFailures,
+			"block_read_bytes", t.BlockReadBytes, "block_write_bytes", t.BlockWriteBytes,
+			"vsock_rx_bytes", t.VsockRxBytes, "vsock_tx_bytes", t.VsockTxBytes,
+			"net_rx_bytes", t.NetRxBytes, "net_tx_bytes", t.NetTxBytes,
+			"missed_log_lines", t.MissedLogs, "missed_metrics", t.MissedMetrics)
+	}
+}
+
+// fcMetrics is what the driver keeps of a VM's metrics (docs/metrics.md;
+// src/vmm/src/logger/metrics.rs): counters, which Firecracker writes as
+// the change since its last flush and the driver sums up, and the alarms
+// it warns of.
+type fcMetrics struct {
+	Flushes                         int
+	VCPUFailures                    uint64
+	BlockReadBytes, BlockWriteBytes uint64
+	NetRxBytes, NetTxBytes          uint64
+	VsockRxBytes, VsockTxBytes      uint64
+	MissedLogs, MissedMetrics       uint64
+	// warned are the alarms already logged.
+	warned map[string]bool
+}
+
+// fcFlush is the part of one metrics record the driver reads.
+type fcFlush struct {
+	VCPU struct {
+		Failures uint64 `json:"failures"`
+	} `json:"vcpu"`
+	Block struct {
+		ReadBytes  uint64 `json:"read_bytes"`
+		WriteBytes uint64 `json:"write_bytes"`
+	} `json:"block"`
+	Net struct {
+		RxBytes uint64 `json:"rx_bytes_count"`
+		TxBytes uint64 `json:"tx_bytes_count"`
+	} `json:"net"`
+	Vsock struct {
+		RxBytes uint64 `json:"rx_bytes_count"`
+		TxBytes uint64 `json:"tx_bytes_count"`
+	} `json:"vsock"`
+	Logger struct {
+		MissedLogs    uint64 `json:"missed_log_count"`
+		MissedMetrics uint64 `json:"missed_metrics_count"`
+	} `json:"logger"`
+	// Alarms: values Firecracker stores rather than counts, non-zero
+	// once it happened.
+	Seccomp struct {
+		Faults uint64 `json:"num_faults"`
+	} `json:"seccomp"`
+	Signals map[string]uint64 `json:"signals"`
+}
+
+// readMetrics reads metrics records, one JSON object a line, into
+// o.totals. A line that is not one is logged once and skipped.
+func (o *observer) readMetrics(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), maxMetricsLine)
+	badLogged := false
+	for sc.Scan() {
+		var f fcFlush
+		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
+			if !badLogged {
+				o.log.Warn("unreadable firecracker metrics", "err", err)
+				badLogged = true
+			}
+			continue
+		}
+		o.totals.add(&f, o.log)
+	}
+	if err := sc.Err(); err != nil && !errors.Is(err, os.ErrClosed) {
+		o.log.Warn("reading firecracker metrics", "err", err)
+	}
+}
+
+// add sums f into t and warns, once each, of seccomp faults and of the
+// deadly signals Firecracker caught: a VMM that broke its own seccomp
+// filter or crashed is worth an operator's attention, whatever the guest
+// did.
+func (t *fcMetrics) add(f *fcFlush, log *slog.Logger) {
+	t.Flushes++
+	t.VCPUFailures += f.VCPU.Failures
+	t.BlockReadBytes += f.Block.ReadBytes
+	t.BlockWriteBytes += f.Block.WriteBytes
+	t.NetRxBytes += f.Net.RxBytes
+	t.NetTxBytes += f.Net.TxBytes
+	t.VsockRxBytes += f.Vsock.RxBytes
+	t.VsockTxBytes += f.Vsock.TxBytes
+	t.MissedLogs += f.Logger.MissedLogs
+	t.MissedMetrics += f.Logger.MissedMetrics
+	alarms := map[string]uint64{"seccomp_faults": f.Seccomp.Faults}
+	for _, sig := range []string{"sigbus", "sigsegv", "sigill", "sigxfsz", "sigxcpu"} {
+		alarms[sig] = f.Signals[sig]
+	}
+	for name, n := range alarms {
+		if n == 0 || t.warned[name] {
+			continue
+		}
+		if t.warned == nil {
+			t.warned = map[string]bool{}
+		}
+		t.warned[name] = true
+		log.Warn("firecracker reports "+strings.ReplaceAll(name, "_", " "), "count", n)
+	}
+}
