@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
 )
@@ -153,7 +154,7 @@ func (i *instance) snapshot(ctx context.Context, dir string) error {
 	}
 	// The guest is paused: its scratch disk is as the saved memory knows
 	// it (Firecracker writes through to the file, no cache of its own).
-	if err := copySparse(ctx, filepath.Join(i.root, scratchImage), filepath.Join(dir, scratchImage)); err != nil {
+	if err := guest.CopySparse(ctx, filepath.Join(i.root, scratchImage), filepath.Join(dir, scratchImage)); err != nil {
 		return fmt.Errorf("saving the scratch disk: %w", err)
 	}
 	for _, f := range []struct{ src, name string }{
@@ -244,7 +245,7 @@ func (i *instance) restoredDisks(ctx context.Context, _ driver.Spec) (vmFiles, e
 		return vmFiles{}, err
 	}
 	scratch := filepath.Join(i.root, scratchImage)
-	if err := copySparse(ctx, src.path(scratchImage), scratch); err != nil {
+	if err := guest.CopySparse(ctx, src.path(scratchImage), scratch); err != nil {
 		return vmFiles{}, fmt.Errorf("copying the snapshot's scratch disk: %w", err)
 	}
 	if err := i.ownScratch(scratch); err != nil {
@@ -319,7 +320,7 @@ func moveFile(ctx context.Context, src, dst string) error {
 	if err == nil || !isCrossDevice(err) {
 		return err
 	}
-	if err := copySparse(ctx, src, dst); err != nil {
+	if err := guest.CopySparse(ctx, src, dst); err != nil {
 		return err
 	}
 	return os.Remove(src)

@@ -1,76 +1,9 @@
 package firecracker
 
 import (
-	"context"
 	"errors"
-	"fmt"
-	"io"
-	"os"
 	"syscall"
-
-	"golang.org/x/sys/unix"
 )
-
-// copySparse copies the disk image src to dst, a new file, keeping its
-// holes: a scratch disk is mostly empty, and a copy of it per snapshot
-// and per restore must not fill it. It walks src's data extents
-// (SEEK_DATA, SEEK_HOLE) and copies only those (io.Copy between files
-// uses copy_file_range, which reflinks where the file system can). It
-// stops between extents when ctx ends; a failed copy removes dst.
-func copySparse(ctx context.Context, src, dst string) (err error) {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	fi, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := out.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			_ = os.Remove(dst)
-		}
-	}()
-	size := fi.Size()
-	if err := out.Truncate(size); err != nil {
-		return err
-	}
-	for off := int64(0); off < size; {
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
-		}
-		start, err := in.Seek(off, unix.SEEK_DATA)
-		if errors.Is(err, syscall.ENXIO) {
-			break // only a hole is left
-		}
-		if err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
-		}
-		end, err := in.Seek(start, unix.SEEK_HOLE)
-		if err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
-		}
-		if _, err := in.Seek(start, io.SeekStart); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
-		}
-		if _, err := out.Seek(start, io.SeekStart); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
-		}
-		if _, err := io.Copy(out, io.LimitReader(in, end-start)); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
-		}
-		off = end
-	}
-	return nil
-}
 
 // isCrossDevice reports whether err is a rename or link across file
 // systems.

@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
+	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
@@ -118,7 +118,7 @@ func (i *instance) snapshot(ctx context.Context, dir string) error {
 		return err
 	}
 	// The guest is stopped: its scratch disk is as the saved memory knows it.
-	if err := copySparse(ctx, i.launched.scratch, filepath.Join(dir, snapScratch)); err != nil {
+	if err := guest.CopySparse(ctx, i.launched.scratch, filepath.Join(dir, snapScratch)); err != nil {
 		return fmt.Errorf("saving the scratch disk: %w", err)
 	}
 	links := [][2]string{{i.launched.kernel, snapKernel}, {i.launched.root, snapRoot}, {i.launched.code, snapCode}}
@@ -186,7 +186,7 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	}
 	t0 := time.Now()
 	scratch := filepath.Join(i.Dir(), scratchImage)
-	if err := copySparse(ctx, filepath.Join(src.dir, snapScratch), scratch); err != nil {
+	if err := guest.CopySparse(ctx, filepath.Join(src.dir, snapScratch), scratch); err != nil {
 		return fmt.Errorf("copying the snapshot's scratch disk: %w", err)
 	}
 	if i.uid != 0 {
@@ -260,22 +260,12 @@ func (i *instance) restoreErr(ctx context.Context, err error) error {
 	return i.WithOutput(fmt.Errorf("restoring: %w", err))
 }
 
-// copySparse copies a disk image, keeping its holes (a scratch disk is
-// mostly empty).
-func copySparse(ctx context.Context, src, dst string) error {
-	out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", "--", src, dst).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("cp %s: %v: %s", src, err, out)
-	}
-	return nil
-}
-
 // linkOrCopy hard-links src at dst, or copies it when they are on
 // different file systems.
 func linkOrCopy(ctx context.Context, src, dst string) error {
 	err := os.Link(src, dst)
 	if errors.Is(err, syscall.EXDEV) {
-		return copySparse(ctx, src, dst)
+		return guest.CopySparse(ctx, src, dst)
 	}
 	return err
 }
