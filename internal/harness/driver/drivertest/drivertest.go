@@ -106,6 +106,7 @@ func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir s
 		{"OutputFlood", s.testOutputFlood},
 		{"MemoryLimit", s.testMemoryLimit},
 		{"EphemeralLimit", s.testEphemeralLimit},
+		{"TmpBeyondMemory", s.testTmpBeyondMemory},
 		{"ForkBomb", s.testForkBomb},
 		{"ReadOnlyRoot", s.testReadOnlyRoot},
 		{"NetworkIsolated", s.testNetworkIsolated},
@@ -512,6 +513,23 @@ func (s *suite) testEphemeralLimit(t *testing.T) {
 	if !strings.Contains(again.Error, "no space left on device") {
 		t.Errorf("writing to the full /tmp again: error %q after %d bytes, want no space left on device", again.Error, again.Bytes)
 	}
+}
+
+// testTmpBeyondMemory: /tmp is storage, not memory, as on Lambda: a
+// function of 128 MB fills 192 MB of its 512 MB /tmp, and still answers.
+func (s *suite) testTmpBeyondMemory(t *testing.T) {
+	requireRoot(t)
+	e := s.env(t)
+	sp := e.spec()
+	sp.MemoryMB, sp.EphemeralMB = 128, 512
+	sb := e.start(t, sp)
+	sb.init()
+	var o outcome
+	sb.call(map[string]any{"action": "fill-tmp", "mb": 192, "name": randomID("big")}, &o)
+	if o.Error != "" || o.Bytes != 192<<20 {
+		t.Errorf("writing 192 MB to /tmp with 128 MB of memory: error %q after %d bytes, want all of it written", o.Error, o.Bytes)
+	}
+	sb.call(map[string]any{"action": "echo"}, nil)
 }
 
 func (s *suite) testForkBomb(t *testing.T) {

@@ -17,8 +17,8 @@ const cgroupRoot = "/sys/fs/cgroup"
 // leftovers lists what of instance id exists on the host: host processes
 // (pid if known, and any process whose command line or environment names
 // the ID), entries of stateDir whose path contains the ID, mounts in the
-// host's mount namespace whose path contains it, and cgroups named after
-// it. Drivers name their resources after the ID, so an empty
+// host's mount namespace whose path contains it, loop devices over a file
+// whose path does, and cgroups named after it. Drivers name their resources after the ID, so an empty
 // answer means the instance is gone.
 func leftovers(id string, pid int, stateDir string) []string {
 	var found []string
@@ -37,6 +37,12 @@ func leftovers(id string, pid int, stateDir string) []string {
 			if strings.Contains(line, id) {
 				found = append(found, "mount "+line)
 			}
+		}
+	}
+	backing, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, p := range backing {
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), id) {
+			found = append(found, "loop device "+filepath.Base(filepath.Dir(filepath.Dir(p)))+" over "+strings.TrimSpace(string(b)))
 		}
 	}
 	found = append(found, cgroupsNamed(id)...)

@@ -85,6 +85,7 @@ type Driver struct {
 	cg           *cgroupManager
 	cpus         *cpuPlacer
 	warm         *pool.Pool[bool, *sandbox]
+	tmp          *tmpDisks // nil: /tmp is a tmpfs
 	fork         *hostproc.Forker
 	rootless     bool
 	degradations []string
@@ -146,6 +147,11 @@ func New(opts Options) (*Driver, error) {
 		opts.WarmSandboxes = DefaultWarmSandboxes
 	}
 	d.warm = newWarmPool(d, opts.WarmSandboxes)
+	var why string
+	if d.tmp, why = newTmpDisks(opts.StateDir, d.rootless); d.tmp == nil {
+		d.degradations = append(d.degradations,
+			"/tmp is a tmpfs, whose every byte is memory charged to the sandbox ("+why+")")
+	}
 	d.cg = newCgroupManager(opts.CgroupRoot, opts.CgroupParent, !d.rootless)
 	d.degradations = append(d.degradations, d.cg.degradations...)
 	for _, s := range d.degradations {
@@ -223,7 +229,7 @@ func (d *Driver) Recover(ctx context.Context) ([]driver.Instance, error) {
 	for _, e := range ents {
 		id := e.Name()
 		seen[id] = true
-		if !e.IsDir() || d.known(id) {
+		if !e.IsDir() || d.known(id) || id == tmpTemplatesDir {
 			continue
 		}
 		if err := d.removeLeftover(ctx, id); err != nil {
@@ -294,7 +300,7 @@ func dedupe(ss []string) []string {
 func (d *Driver) Close(ctx context.Context) error {
 	werr := d.warm.Close(ctx)
 	first, err := d.instances.Close(func(i *instance) error { return i.stop(ctx) })
-	err = errors.Join(werr, err)
+	err = errors.Join(werr, err, d.tmp.close())
 	// Every instance is gone and no Start can follow: nothing forks or
 	// creates cgroups any more.
 	if first {

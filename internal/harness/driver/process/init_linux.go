@@ -52,6 +52,9 @@ type sandboxConfig struct {
 	EphemeralMB int    `json:"ephemeral_mb"`
 	// OwnNetwork: the sandbox has its own network namespace (loopback only).
 	OwnNetwork bool `json:"own_network"`
+	// TmpImage is the ext4 image to mount as /tmp (see tmpdisk_linux.go);
+	// "" for a tmpfs of EphemeralMB.
+	TmpImage string `json:"tmp_image,omitempty"`
 }
 
 // InitMain is the entry point inside a new sandbox; the binary that

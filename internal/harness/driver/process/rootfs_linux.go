@@ -51,13 +51,14 @@ var hostEtcFiles = []string{
 //	/var/task         Spec.CodeDir, read-only
 //	/var/runtime      Spec.RuntimeDir, read-only (when given)
 //	/opt              empty
-//	/tmp              tmpfs of EphemeralMB, mode 1777
+//	/tmp              ext4 of EphemeralMB on a loop device (tmpdisk_linux.go),
+//	                  or, where the driver cannot make one, a tmpfs; mode 1777
 //	/proc             the sandbox's pid namespace
 //	/dev              null zero full random urandom tty, shm, fd and std links
 //
-// /tmp is memory-backed here, so its pages count against the sandbox's
-// memory cgroup: a function filling /tmp uses its memory. The VM drivers
-// give /tmp a disk of its own instead.
+// A tmpfs /tmp is memory: its pages count against the sandbox's memory
+// cgroup, so a function filling it uses its memory. That is why /tmp is a
+// disk wherever the driver can make one, as in the VM drivers.
 func buildRoot(cfg *sandboxConfig) error {
 	// Nothing mounted from now on may propagate back to the host.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
@@ -86,9 +87,15 @@ func buildRoot(cfg *sandboxConfig) error {
 	if err := os.MkdirAll(filepath.Join(root, "opt"), 0o755); err != nil {
 		return fmt.Errorf("creating /opt: %w", err)
 	}
-	tmpOpts := "size=" + strconv.Itoa(cfg.EphemeralMB) + "m,mode=1777"
-	if err := mountAt("tmpfs", filepath.Join(root, "tmp"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, tmpOpts); err != nil {
-		return err
+	if cfg.TmpImage != "" {
+		if err := mountTmpDisk(cfg.TmpImage, filepath.Join(root, "tmp")); err != nil {
+			return err
+		}
+	} else {
+		tmpOpts := "size=" + strconv.Itoa(cfg.EphemeralMB) + "m,mode=1777"
+		if err := mountAt("tmpfs", filepath.Join(root, "tmp"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, tmpOpts); err != nil {
+			return err
+		}
 	}
 	if err := mountAt("proc", filepath.Join(root, "proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return err

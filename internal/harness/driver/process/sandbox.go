@@ -199,11 +199,15 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 	if err := hostproc.WriteRecord(sb.dir, sb.rec); err != nil {
 		return err
 	}
+	tmpImage, err := d.tmp.make(ctx, sb.dir, spec.EphemeralMB)
+	if err != nil {
+		return err
+	}
 	cfg, err := encodeConfig(&sandboxConfig{
 		ID: spec.ID, Hostname: hostname(spec.ID), Root: filepath.Join(sb.dir, rootDirName),
 		CodeDir: spec.CodeDir, RuntimeDir: spec.RuntimeDir,
 		MemoryMB: spec.MemoryMB, EphemeralMB: spec.EphemeralMB,
-		OwnNetwork: !spec.Network,
+		OwnNetwork: !spec.Network, TmpImage: tmpImage,
 	})
 	if err != nil {
 		return err

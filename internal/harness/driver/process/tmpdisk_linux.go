@@ -1,0 +1,217 @@
+package process
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/invokex/invokex/internal/guest"
+)
+
+// A sandbox's /tmp is, when the driver can make it so, an ext4 file
+// system on a loop device over a sparse file of EphemeralMB in the
+// sandbox's state directory: as on Lambda, /tmp is storage, not memory.
+// What a function writes there is page cache the kernel can write back
+// and reclaim, so a 128 MB function can fill a 512 MB /tmp; on a tmpfs
+// (the fallback) every byte of /tmp is memory the sandbox's memory cgroup
+// charges and can never reclaim without swap.
+//
+// The file is a sparse copy of a template made once per size (mkfs takes
+// ~10 ms, a sparse copy of its few hundred KiB of metadata well under one)
+// and only takes host space for what is written, at most EphemeralMB. The
+// loop device is set to clear itself when the file system is unmounted,
+// which happens when the sandbox's mount namespace ends with its init: a
+// crashed harness leaves no loop device and no mount, and the file goes
+// with the state directory.
+
+const (
+	// tmpDiskFile is the /tmp image in a sandbox's state directory.
+	tmpDiskFile = "tmp.ext4"
+	// tmpTemplatesDir, in StateDir, holds the templates; Recover leaves
+	// it alone and New empties it.
+	tmpTemplatesDir = ".tmp-templates"
+)
+
+// tmpDisks makes the /tmp images of a driver's sandboxes.
+type tmpDisks struct {
+	dir string // StateDir/tmpTemplatesDir
+
+	mu        sync.Mutex
+	templates map[int]*tmpTemplate // by size in MiB
+}
+
+// tmpTemplate is one size's template, made once.
+type tmpTemplate struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// newTmpDisks returns the /tmp image maker of a driver on stateDir, and
+// "" if the host can give sandboxes a disk-backed /tmp; else nil and the
+// reason (the sandboxes then get a tmpfs). It needs real root (a loop
+// device and an ext4 mount), a loop device and mkfs.ext4.
+func newTmpDisks(stateDir string, rootless bool) (*tmpDisks, string) {
+	if rootless {
+		return nil, "rootless"
+	}
+	if _, err := os.Stat("/dev/loop-control"); err != nil {
+		return nil, "no loop devices (/dev/loop-control)"
+	}
+	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
+		return nil, "no mkfs.ext4 (e2fsprogs)"
+	}
+	dir := filepath.Join(stateDir, tmpTemplatesDir)
+	// A previous driver's templates may be of another mkfs; they are
+	// cheap to make again.
+	if err := os.RemoveAll(dir); err != nil {
+		return nil, fmt.Sprintf("removing old /tmp templates: %v", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Sprintf("creating %s: %v", dir, err)
+	}
+	return &tmpDisks{dir: dir, templates: map[int]*tmpTemplate{}}, ""
+}
+
+// close removes the templates; for the driver's Close, after its
+// sandboxes. A nil t has none.
+func (t *tmpDisks) close() error {
+	if t == nil {
+		return nil
+	}
+	if err := os.RemoveAll(t.dir); err != nil {
+		return fmt.Errorf("removing /tmp templates: %w", err)
+	}
+	return nil
+}
+
+// make puts a fresh /tmp image of sizeMB MiB into the sandbox directory
+// dir and returns its path; a nil t returns "" (tmpfs).
+func (t *tmpDisks) make(ctx context.Context, dir string, sizeMB int) (string, error) {
+	if t == nil {
+		return "", nil
+	}
+	tmpl, err := t.template(ctx, sizeMB)
+	if err != nil {
+		return "", err
+	}
+	img := filepath.Join(dir, tmpDiskFile)
+	_ = os.Remove(img) // a sandbox assigned twice never happens; a stale file must not stop it
+	if err := guest.CopySparse(ctx, tmpl, img); err != nil {
+		return "", fmt.Errorf("making /tmp: %w", err)
+	}
+	return img, nil
+}
+
+// template returns the template of sizeMB, making it on first use.
+// Concurrent callers of one size wait for the one making it; a failure is
+// kept (the driver is not going to get mkfs.ext4 back).
+func (t *tmpDisks) template(ctx context.Context, sizeMB int) (string, error) {
+	t.mu.Lock()
+	tt := t.templates[sizeMB]
+	if tt == nil {
+		tt = &tmpTemplate{}
+		t.templates[sizeMB] = tt
+	}
+	t.mu.Unlock()
+	tt.once.Do(func() {
+		path := filepath.Join(t.dir, strconv.Itoa(sizeMB)+".ext4")
+		// Made with the caller's context: a cancelled start must not leave
+		// a broken template behind, so a failure from ctx is not kept.
+		if err := guest.ScratchImage(ctx, path, sizeMB); err != nil {
+			tt.err = fmt.Errorf("making the /tmp template of %d MiB: %w", sizeMB, err)
+			return
+		}
+		tt.path = path
+	})
+	if tt.err != nil && ctx.Err() != nil {
+		t.mu.Lock()
+		if t.templates[sizeMB] == tt {
+			delete(t.templates, sizeMB) // the next start tries again
+		}
+		t.mu.Unlock()
+	}
+	return tt.path, tt.err
+}
+
+// mountTmpDisk mounts the ext4 image at dst (the sandbox's /tmp), through
+// a loop device that clears itself when the file system is unmounted.
+// Runs in the sandbox's init, as root, in its own mount namespace.
+func mountTmpDisk(image, dst string) error {
+	dev, err := attachLoop(image)
+	if err != nil {
+		return fmt.Errorf("attaching /tmp's image: %w", err)
+	}
+	// noinit_itable: the image is a fresh sparse file, its inode tables
+	// read as zeroes already; the kernel need not write them.
+	if err := mountAt(dev.Name(), dst, "ext4", unix.MS_NOSUID|unix.MS_NODEV, "noinit_itable"); err != nil {
+		dev.Close() // autoclear: the device frees itself
+		return err
+	}
+	// The mount holds the device now; closing ours lets autoclear act at
+	// the unmount.
+	dev.Close()
+	return os.Chmod(dst, 0o1777)
+}
+
+// attachLoop binds a free loop device to the file at path, set to clear
+// itself on its last close (LO_FLAGS_AUTOCLEAR), with direct I/O where the
+// file's file system allows it (the file's own page cache would hold
+// every byte twice). It returns the open device.
+func attachLoop(path string) (*os.File, error) {
+	backing, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer backing.Close() // the device holds its own reference
+	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer ctl.Close()
+	// Another attach may take the device between GET_FREE and CONFIGURE
+	// (EBUSY): ask for another one.
+	for range 16 {
+		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			return nil, fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
+		}
+		dev, err := os.OpenFile("/dev/loop"+strconv.Itoa(n), os.O_RDWR, 0)
+		if err != nil {
+			return nil, err
+		}
+		err = configureLoop(dev, backing, unix.LO_FLAGS_AUTOCLEAR|unix.LO_FLAGS_DIRECT_IO)
+		if errors.Is(err, unix.EINVAL) {
+			// No direct I/O on the file's file system (tmpfs).
+			err = configureLoop(dev, backing, unix.LO_FLAGS_AUTOCLEAR)
+		}
+		if err == nil {
+			return dev, nil
+		}
+		dev.Close()
+		if !errors.Is(err, unix.EBUSY) {
+			return nil, fmt.Errorf("LOOP_CONFIGURE: %w", err)
+		}
+	}
+	return nil, fmt.Errorf("LOOP_CONFIGURE: every free loop device was taken: %w", unix.EBUSY)
+}
+
+// configureLoop binds dev to backing with flags (LOOP_CONFIGURE, Linux
+// 5.8: one call where LOOP_SET_FD and LOOP_SET_STATUS64 were two).
+func configureLoop(dev, backing *os.File, flags uint32) error {
+	var cfg unix.LoopConfig
+	cfg.Fd = uint32(backing.Fd())
+	cfg.Info.Flags = flags
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, dev.Fd(), unix.LOOP_CONFIGURE, uintptr(unsafe.Pointer(&cfg))); errno != 0 {
+		return errno
+	}
+	return nil
+}
