@@ -59,7 +59,7 @@ type loggedRequest struct {
 // fakesnap_test.go). Behaviour by the --id's prefix:
 //
 //	exit-       prints an error and exits 1 at once
-//	apifail-    refuses PUT /drives/code with a fault_message
+//	apifail-    refuses PUT /drives/code with a fault_message, and logs why
 //	nolisten-   closes every CONNECT (nothing listens in the guest)
 //	slowlisten- closes the first three CONNECTs, then serves
 //	garbage-    sends another line instead of the ready line
@@ -421,6 +421,9 @@ func (v *fakeVM) flushMetrics() {
 		rec["signals"] = map[string]any{"sigsegv": 0, "sigbus": 0}
 	}
 	b, _ := json.Marshal(rec)
+	// Firecracker drops a record a full pipe cannot take (and counts it);
+	// the stand-in must not hang its API on one either.
+	f.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 	f.Write(append(b, '\n'))
 }
 
@@ -432,6 +435,9 @@ func (v *fakeVM) putDrive(id string, body map[string]any) error {
 		return fmt.Errorf("the id from the path does not match the id from the body")
 	}
 	if v.mode == "apifail" && id == "code" {
+		if v.logs != nil {
+			fmt.Fprintf(v.logs, "[%s:fc_api:ERROR] fake refusal of drive %s\n", v.id, id)
+		}
 		return fmt.Errorf("Unable to create the block device: fake failure of %s", id)
 	}
 	p, _ := body["path_on_host"].(string)

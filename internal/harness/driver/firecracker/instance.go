@@ -130,11 +130,11 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 	if err != nil {
 		return err
 	}
-	uid := 0
+	uid, gid := 0, 0
 	if i.jail != nil {
-		uid = i.jail.UID
+		uid, gid = i.jail.UID, i.jail.GID
 	}
-	if err := i.observe(uid); err != nil {
+	if err := i.observe(uid, gid); err != nil {
 		return err
 	}
 	launched := time.Now()
@@ -502,6 +502,9 @@ func (i *instance) Release(ctx context.Context) error {
 	if i.api != nil {
 		i.api.Close()
 	}
+	// The cgroups first: removing them kills a Firecracker that survived,
+	// which lets its pipes end.
+	err := removeCgroups(context.WithoutCancel(ctx), i.cgroups)
 	i.stopObserving()
-	return removeCgroups(context.WithoutCancel(ctx), i.cgroups)
+	return err
 }

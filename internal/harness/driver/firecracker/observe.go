@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,9 +32,11 @@ const (
 	// errors, which the harness logs at warn. Its info lines (start,
 	// stop) say nothing the driver's own log does not.
 	fcLogLevel = "Warning"
-	// drainWait bounds how long Release waits for a pipe's last lines
-	// when Firecracker could not be killed and still holds it open.
+	// drainWait bounds how long Release waits for the pipes' last lines
+	// when Firecracker could not be killed and still holds them open;
+	// tailWait how long an error waits for the logger's.
 	drainWait = time.Second
+	tailWait  = 100 * time.Millisecond
 	// maxMetricsLine bounds one metrics record (a flush is one JSON line
 	// of a few KiB).
 	maxMetricsLine = 1 << 20
@@ -45,19 +48,21 @@ const (
 // is gone and that end is closed, the reader drains what is left and
 // ends.
 type pipe struct {
-	r, w *os.File
-	done chan struct{}
+	r, w   *os.File
+	done   chan struct{}
+	closeW sync.Once
 }
 
-// openPipe makes the named pipe name in the VM's root, owned by uid (the
-// jail's user, who opens it) when uid is not 0, and starts drain on it.
-func openPipe(root, name string, uid int, drain func(io.Reader)) (*pipe, error) {
+// openPipe makes the named pipe name in the VM's root, owned by uid:gid
+// (the jail's user, who opens it) when uid is not 0, and starts drain on
+// it.
+func openPipe(root, name string, uid, gid int, drain func(io.Reader)) (*pipe, error) {
 	path := filepath.Join(root, name)
 	if err := unix.Mkfifo(path, 0o600); err != nil {
 		return nil, fmt.Errorf("making %s: %w", name, err)
 	}
 	if uid != 0 {
-		if err := os.Chown(path, uid, uid); err != nil {
+		if err := os.Chown(path, uid, gid); err != nil {
 			return nil, fmt.Errorf("handing %s to the vm user: %w", name, err)
 		}
 	}
@@ -81,18 +86,37 @@ func openPipe(root, name string, uid int, drain func(io.Reader)) (*pipe, error) 
 	return p, nil
 }
 
-// close lets the drain read to the end (Firecracker is gone: the harness's
-// write end was the last) and waits for it, at most drainWait (a
-// Firecracker that could not be killed still has the pipe open).
+// finish closes the harness's write end, so that once Firecracker is gone
+// the reader drains what is left and ends, and waits for that until
+// deadline; false if the reader is not done by then (Firecracker still
+// has the pipe open). A nil p is done.
+func (p *pipe) finish(deadline time.Time) bool {
+	if p == nil {
+		return true
+	}
+	p.closeW.Do(func() { p.w.Close() })
+	select {
+	case <-p.done:
+		return true
+	default:
+	}
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-p.done:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// close ends the reader, which finish let run; afterwards nothing of the
+// pipe is open on the harness's side.
 func (p *pipe) close() {
 	if p == nil {
 		return
 	}
-	p.w.Close()
-	select {
-	case <-p.done:
-	case <-time.After(drainWait):
-	}
+	p.closeW.Do(func() { p.w.Close() })
 	p.r.Close()
 	<-p.done
 }
@@ -109,15 +133,15 @@ type observer struct {
 // observe makes the VM's logger and metrics pipes in root and starts
 // draining them: Firecracker's log lines go to the harness's log at warn
 // (bounded like the console), its metrics are summed up per VM.
-func (i *instance) observe(uid int) error {
+func (i *instance) observe(uid, gid int) error {
 	o := &observer{log: i.Log().With("source", "firecracker")}
 	o.lines = vmm.NewVMMLog(o.log, slog.LevelWarn)
 	var err error
-	if o.logs, err = openPipe(i.root, logFIFO, uid, func(r io.Reader) { _, _ = io.Copy(o.lines, r) }); err != nil {
+	if o.logs, err = openPipe(i.root, logFIFO, uid, gid, func(r io.Reader) { _, _ = io.Copy(o.lines, r) }); err != nil {
 		return err
 	}
 	i.obs = o // from now on Release closes what there is
-	o.metrics, err = openPipe(i.root, metricsFIFO, uid, o.readMetrics)
+	o.metrics, err = openPipe(i.root, metricsFIFO, uid, gid, o.readMetrics)
 	return err
 }
 
@@ -131,15 +155,20 @@ func (i *instance) configureObservers(ctx context.Context) error {
 }
 
 // stopObserving drains what Firecracker wrote last and logs the VM's
-// metrics; for Release, once Firecracker is gone.
+// metrics; for Release, once Firecracker is gone (or could not be killed:
+// then it gives up after drainWait).
 func (i *instance) stopObserving() {
 	o := i.obs
 	if o == nil {
 		return
 	}
+	deadline := time.Now().Add(drainWait)
+	for _, p := range []*pipe{o.logs, o.metrics} {
+		p.finish(deadline)
+	}
 	o.logs.close()
-	o.lines.Flush() // a last line without its newline
 	o.metrics.close()
+	o.lines.Flush() // a last line without its newline
 	t := o.totals
 	if t.Flushes > 0 {
 		o.log.Debug("firecracker metrics", "flushes", t.Flushes, "vcpu_failures", t.VCPUFailures,
@@ -148,6 +177,22 @@ func (i *instance) stopObserving() {
 			"net_rx_bytes", t.NetRxBytes, "net_tx_bytes", t.NetTxBytes,
 			"missed_log_lines", t.MissedLogs, "missed_metrics", t.MissedMetrics)
 	}
+}
+
+// OutputTail is what Firecracker's logger said last, for errors
+// (vmm.OutputTailer). A Firecracker that has exited gets a moment for its
+// last lines to be read.
+func (i *instance) OutputTail() string {
+	o := i.obs
+	if o == nil {
+		return ""
+	}
+	select {
+	case <-i.Done():
+		o.logs.finish(time.Now().Add(tailWait))
+	default:
+	}
+	return o.lines.LastLines()
 }
 
 // fcMetrics is what the driver keeps of a VM's metrics (docs/metrics.md;

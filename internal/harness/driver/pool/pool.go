@@ -105,9 +105,9 @@ func New[K comparable, T any](cfg Config[T]) *Pool[K, T] {
 	}
 }
 
-// Take returns an idle item of shape key, if the pool has one, and makes
-// key the most recent shape, to be started with start: the pool refills
-// after every take. Items of shapes that fall out of the pool's Shapes
+// Take returns an idle item of shape key, if the pool has one (the most
+// recently started: it has waited least), and makes key the most recent
+// shape, to be started with start: the pool refills after every take. Items of shapes that fall out of the pool's Shapes
 // are destroyed.
 func (p *Pool[K, T]) Take(key K, start StartFunc[T]) (T, bool) {
 	var none T
@@ -142,11 +142,21 @@ func (p *Pool[K, T]) Take(key K, start StartFunc[T]) (T, bool) {
 
 // Put gives back an item that Take returned but that could not be used
 // for a reason of the caller's, not the item's; the pool keeps it if its
-// shape is still short of items, and destroys it otherwise.
+// shape is still short of items, and destroys it otherwise (after Close,
+// before Put returns).
 func (p *Pool[K, T]) Put(key K, item T) {
 	p.mu.Lock()
+	if p.closed {
+		// Close may be waiting for the discards already: this one is the
+		// caller's to finish.
+		p.mu.Unlock()
+		if err := p.cfg.Destroy(context.Background(), item); err != nil {
+			p.cfg.Log.Warn("removing a "+p.cfg.Kind, "instance", p.cfg.Name(item), "why", "put back after close", "err", err)
+		}
+		return
+	}
 	defer p.mu.Unlock()
-	if p.closed || p.quota(key) <= len(p.idle[key]) {
+	if p.quota(key) <= len(p.idle[key]) {
 		p.discard(item, "not wanted back")
 		return
 	}

@@ -335,3 +335,23 @@ func TestSizeZeroStartsNothing(t *testing.T) {
 		t.Error("a pool of size 0 started an item")
 	}
 }
+
+// TestPutAfterClose: an item given back after Close is destroyed before
+// Put returns, not left to a background destroy that Close no longer
+// waits for.
+func TestPutAfterClose(t *testing.T) {
+	f := newFixture(t, Config[*item]{Size: 1})
+	f.take("a")
+	f.await(map[string]int{"a": 1})
+	it, ok := f.take("a")
+	if !ok {
+		t.Fatal("no item to take")
+	}
+	if err := f.p.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	f.p.Put("a", it)
+	if !f.isDestroyed(it.name) {
+		t.Errorf("%s put back after Close was not destroyed by Put", it.name)
+	}
+}

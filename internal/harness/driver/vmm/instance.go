@@ -61,6 +61,13 @@ type machineSteps interface {
 	Release(ctx context.Context) error
 }
 
+// OutputTailer is implemented by a Machine whose VMM says things
+// elsewhere than on its stderr (Firecracker's logger): WithOutput adds
+// OutputTail, its last lines, to a failed start's error.
+type OutputTailer interface {
+	OutputTail() string
+}
+
 var _ driver.Instance = (*Instance)(nil)
 
 // ID returns Spec.ID.
@@ -165,6 +172,11 @@ func (i *Instance) WithOutput(err error) error {
 	if i.stderr != nil {
 		if t := i.stderr.LastLines(); t != "" {
 			said = append(said, cfg.Name+" said: "+t)
+		}
+	}
+	if ot, ok := i.m.(OutputTailer); ok {
+		if t := ot.OutputTail(); t != "" {
+			said = append(said, cfg.Name+" logged: "+t)
 		}
 	}
 	if t := i.ConsoleTail(); t != "" {
