@@ -37,9 +37,9 @@ func newFakeEnv(t *testing.T, mutate ...func(*Options)) *fakeEnv {
 	t.Helper()
 	e := &fakeEnv{Env: vmmtest.NewEnv(t, "firecracker"), fc: vmmtest.FakeBinary(t, fakeFCName)}
 	e.Failures = map[string]string{
-		"apifail-1":  "firecracker PUT /drives/code: 400 Bad Request: Unable to create the block device: fake failure of code",
+		"apifail-1": "firecracker PUT /drives/code: 400 Bad Request: Unable to create the block device: fake failure of code",
 		// What Firecracker's logger said comes with the error.
-		"apifail-2": "firecracker logged: [apifail-2:fc_api:ERROR] fake refusal of drive code",
+		"apifail-2":  "firecracker logged: [apifail-2:fc_api:ERROR] fake refusal of drive code",
 		"nolisten-1": "vm not ready within 1s",
 	}
 	opts := Options{
