@@ -84,7 +84,7 @@ type Driver struct {
 	log          *slog.Logger
 	cg           *cgroupManager
 	cpus         *cpuPlacer
-	warm         *pool.Pool[bool, *sandbox]
+	warm         *pool.Pool[warmShape, *sandbox]
 	tmp          *tmpDisks // nil: /tmp is a tmpfs
 	fork         *hostproc.Forker
 	rootless     bool
@@ -342,11 +342,11 @@ func (i *instance) start(ctx context.Context, spec driver.Spec) error {
 		return err
 	}
 	d := i.d
-	sb := d.takeWarm(spec.Network)
+	sb := d.takeWarm(spec.Network, spec.EphemeralMB)
 	if sb == nil {
 		var err error
 		// Forked with its CPUs, so no thread of it ever runs elsewhere.
-		sb, err = d.spawn(ctx, spec.ID, spec.Network, spec.MemoryMB, d.cpus.acquire(spec.MemoryMB))
+		sb, err = d.spawn(ctx, spec.ID, spec.Network, spec.MemoryMB, spec.EphemeralMB, d.cpus.acquire(spec.MemoryMB))
 		if err != nil {
 			return err
 		}

@@ -53,8 +53,10 @@ type sandboxConfig struct {
 	// OwnNetwork: the sandbox has its own network namespace (loopback only).
 	OwnNetwork bool `json:"own_network"`
 	// TmpImage is the ext4 image to mount as /tmp (see tmpdisk_linux.go);
-	// "" for a tmpfs of EphemeralMB.
-	TmpImage string `json:"tmp_image,omitempty"`
+	// "" for a tmpfs of EphemeralMB. TmpStaged: it is the image the init
+	// was started with (tmpImageEnv), which it may have mounted already.
+	TmpImage  string `json:"tmp_image,omitempty"`
+	TmpStaged bool   `json:"tmp_staged,omitempty"`
 }
 
 // InitMain is the entry point inside a new sandbox; the binary that
@@ -72,13 +74,22 @@ type sandboxConfig struct {
 func InitMain() int {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 	f := os.NewFile(harnessFD, "harness")
+	// A sandbox started with its /tmp image mounts it while it waits for
+	// its config. On failure it is mounted again from the config, which
+	// then says why.
+	stagedTmp := -1
+	if image := os.Getenv(tmpImageEnv); image != "" {
+		if fd, err := stageTmp(image); err == nil {
+			stagedTmp = fd
+		}
+	}
 	cfg, err := readConfig(f)
 	if err != nil {
 		// The driver went away or gave up before the sandbox was ready.
 		log.Error("waiting for the sandbox config", "err", err)
 		return 3
 	}
-	if err := setupSandbox(cfg); err != nil {
+	if err := setupSandbox(cfg, stagedTmp); err != nil {
 		log.Error("building sandbox", "err", err)
 		return 3
 	}
@@ -147,8 +158,8 @@ func encodeConfig(cfg *sandboxConfig) ([]byte, error) {
 }
 
 // setupSandbox prepares the namespaces the init was cloned into.
-func setupSandbox(cfg *sandboxConfig) error {
-	if err := buildRoot(cfg); err != nil {
+func setupSandbox(cfg *sandboxConfig, stagedTmp int) error {
+	if err := buildRoot(cfg, stagedTmp); err != nil {
 		return err
 	}
 	if cfg.OwnNetwork {

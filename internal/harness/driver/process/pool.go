@@ -15,21 +15,29 @@ const warmMemoryMB = 128
 // warmPrefix begins the name of a warm sandbox until it is assigned.
 const warmPrefix = "warm-"
 
+// warmShape is what a warm sandbox shares with the instance it becomes:
+// its network mode and the size of its /tmp image (0 without one).
+type warmShape struct {
+	network bool
+	tmpMB   int
+}
+
 // newWarmPool keeps up to size sandboxes spawned ahead of need (see
 // sandbox): forked into their namespaces, moved into their cgroups, their
-// init waiting for a config. A cold start then only assigns one, which
-// takes the fork, the exec and the cgroup move (an RCU grace period on
-// cgroup v1) off the path to the first response.
+// /tmp mounted, their init waiting for a config. A cold start then only
+// assigns one, which takes the fork, the exec, the cgroup move (an RCU
+// grace period on cgroup v1) and the /tmp mount off the path to the
+// first response.
 //
-// The pool starts filling at the first take, in the network mode that
-// take asked for (the server's, the same for every instance: it keeps one
-// mode, the last), and refills after every take. A warm sandbox holds a
-// few MiB of memory and its cgroups. Close destroys them; a crashed
-// harness's are removed by Recover like any sandbox (each has a record).
-func newWarmPool(d *Driver, size int) *pool.Pool[bool, *sandbox] {
-	return pool.New[bool](pool.Config[*sandbox]{
+// The pool starts filling at the first take, in the shape that take asked
+// for (the network mode is the server's, the same for every instance; the
+// /tmp size is the function's), keeps sandboxes for the shapes taken last
+// and refills after every take. A warm sandbox holds a few MiB of memory,
+// its cgroups and its /tmp image. Close destroys them; a crashed harness's
+// are removed by Recover like any sandbox (each has a record).
+func newWarmPool(d *Driver, size int) *pool.Pool[warmShape, *sandbox] {
+	return pool.New[warmShape](pool.Config[*sandbox]{
 		Size:   size,
-		Shapes: 1,
 		Prefix: warmPrefix,
 		Kind:   "warm sandbox",
 		Name:   func(sb *sandbox) string { return sb.name },
@@ -49,11 +57,15 @@ func newWarmPool(d *Driver, size int) *pool.Pool[bool, *sandbox] {
 	})
 }
 
-// takeWarm returns a warm sandbox spawned for network mode network, or
-// nil, and has the pool refilled.
-func (d *Driver) takeWarm(network bool) *sandbox {
-	sb, _ := d.warm.Take(network, func(ctx context.Context, name string) (*sandbox, error) {
-		return d.spawn(ctx, name, network, warmMemoryMB, nil)
+// takeWarm returns a warm sandbox spawned for network mode network and a
+// /tmp of tmpMB, or nil, and has the pool refilled.
+func (d *Driver) takeWarm(network bool, tmpMB int) *sandbox {
+	if d.tmp == nil {
+		tmpMB = 0 // /tmp is a tmpfs made at assignment, whatever its size
+	}
+	shape := warmShape{network: network, tmpMB: tmpMB}
+	sb, _ := d.warm.Take(shape, func(ctx context.Context, name string) (*sandbox, error) {
+		return d.spawn(ctx, name, shape.network, warmMemoryMB, shape.tmpMB, nil)
 	})
 	return sb
 }

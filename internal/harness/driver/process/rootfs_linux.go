@@ -59,7 +59,7 @@ var hostEtcFiles = []string{
 // A tmpfs /tmp is memory: its pages count against the sandbox's memory
 // cgroup, so a function filling it uses its memory. That is why /tmp is a
 // disk wherever the driver can make one, as in the VM drivers.
-func buildRoot(cfg *sandboxConfig) error {
+func buildRoot(cfg *sandboxConfig, stagedTmp int) error {
 	// Nothing mounted from now on may propagate back to the host.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making / private: %w", err)
@@ -87,15 +87,8 @@ func buildRoot(cfg *sandboxConfig) error {
 	if err := os.MkdirAll(filepath.Join(root, "opt"), 0o755); err != nil {
 		return fmt.Errorf("creating /opt: %w", err)
 	}
-	if cfg.TmpImage != "" {
-		if err := mountTmpDisk(cfg.TmpImage, filepath.Join(root, "tmp")); err != nil {
-			return err
-		}
-	} else {
-		tmpOpts := "size=" + strconv.Itoa(cfg.EphemeralMB) + "m,mode=1777"
-		if err := mountAt("tmpfs", filepath.Join(root, "tmp"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, tmpOpts); err != nil {
-			return err
-		}
+	if err := mountTmp(cfg, stagedTmp, filepath.Join(root, "tmp")); err != nil {
+		return err
 	}
 	if err := mountAt("proc", filepath.Join(root, "proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return err

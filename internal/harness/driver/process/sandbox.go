@@ -41,6 +41,9 @@ type sandbox struct {
 	dir      string
 	network  bool
 	memoryMB int // the cgroup's current limit (without agentHeadroomMB)
+	// tmpMB is the size of the /tmp image the init was started with
+	// (staged while it waits), 0 if none.
+	tmpMB int
 	cgroups  []string
 	cpus     []int // from d.cpus, given back at destroy
 	pinned   bool  // cpus applied (at fork, or by assign)
@@ -54,13 +57,14 @@ type sandbox struct {
 	done chan struct{}
 }
 
-// spawn runs step 1 for a sandbox called name. cpus (from d.cpus, or nil)
-// become the sandbox's at fork; on error spawn has removed everything and
-// released them.
-func (d *Driver) spawn(ctx context.Context, name string, network bool, memoryMB int, cpus []int) (*sandbox, error) {
+// spawn runs step 1 for a sandbox called name, with a /tmp image of
+// tmpMB (if the driver makes them) that its init mounts while it waits.
+// cpus (from d.cpus, or nil) become the sandbox's at fork; on error spawn
+// has removed everything and released them.
+func (d *Driver) spawn(ctx context.Context, name string, network bool, memoryMB, tmpMB int, cpus []int) (*sandbox, error) {
 	sb := &sandbox{
 		d: d, name: name, dir: filepath.Join(d.opts.StateDir, name),
-		network: network, memoryMB: memoryMB, cpus: cpus, pinned: len(cpus) > 0,
+		network: network, memoryMB: memoryMB, tmpMB: tmpMB, cpus: cpus, pinned: len(cpus) > 0,
 		done: make(chan struct{}),
 		log:  d.log.With("sandbox", name),
 	}
@@ -93,6 +97,15 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 	if err := d.cg.create(sb.name, sb.memoryMB); err != nil {
 		return err
 	}
+	var tmpImage string
+	if d.tmp != nil && sb.tmpMB > 0 {
+		var err error
+		if tmpImage, err = d.tmp.make(ctx, sb.dir, sb.tmpMB); err != nil {
+			return err
+		}
+	} else {
+		sb.tmpMB = 0
+	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("creating socketpair: %w", err)
@@ -105,7 +118,7 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 		sandboxEnd.Close()
 		return fmt.Errorf("wrapping socketpair: %w", err)
 	}
-	err = sb.startInit(sandboxEnd)
+	err = sb.startInit(sandboxEnd, tmpImage)
 	sandboxEnd.Close() // the child has its copy
 	if err != nil {
 		return err
@@ -126,10 +139,13 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 	return nil
 }
 
-func (sb *sandbox) startInit(sandboxEnd *os.File) error {
+func (sb *sandbox) startInit(sandboxEnd *os.File, tmpImage string) error {
 	d := sb.d
 	cmd := exec.Command(d.opts.InitCommand[0], d.opts.InitCommand[1:]...)
 	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin"}
+	if tmpImage != "" {
+		cmd.Env = append(cmd.Env, tmpImageEnv+"="+tmpImage)
+	}
 	cmd.Dir = "/"
 	cmd.ExtraFiles = []*os.File{sandboxEnd} // fd 3 = harnessFD
 	sb.stderr = newStderrLog(sb.log.With("source", "sandbox"))
@@ -199,15 +215,20 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 	if err := hostproc.WriteRecord(sb.dir, sb.rec); err != nil {
 		return err
 	}
-	tmpImage, err := d.tmp.make(ctx, sb.dir, spec.EphemeralMB)
-	if err != nil {
-		return err
+	// The image the init was started with is in the (renamed) directory;
+	// one of another size is replaced.
+	tmpImage, staged := filepath.Join(sb.dir, tmpDiskFile), sb.tmpMB == spec.EphemeralMB && sb.tmpMB > 0
+	if !staged {
+		var err error
+		if tmpImage, err = d.tmp.make(ctx, sb.dir, spec.EphemeralMB); err != nil {
+			return err
+		}
 	}
 	cfg, err := encodeConfig(&sandboxConfig{
 		ID: spec.ID, Hostname: hostname(spec.ID), Root: filepath.Join(sb.dir, rootDirName),
 		CodeDir: spec.CodeDir, RuntimeDir: spec.RuntimeDir,
 		MemoryMB: spec.MemoryMB, EphemeralMB: spec.EphemeralMB,
-		OwnNetwork: !spec.Network, TmpImage: tmpImage,
+		OwnNetwork: !spec.Network, TmpImage: tmpImage, TmpStaged: staged,
 	})
 	if err != nil {
 		return err

@@ -142,24 +142,78 @@ func (t *tmpDisks) template(ctx context.Context, sizeMB int) (string, error) {
 	return tt.path, tt.err
 }
 
-// mountTmpDisk mounts the ext4 image at dst (the sandbox's /tmp), through
-// a loop device that clears itself when the file system is unmounted.
-// Runs in the sandbox's init, as root, in its own mount namespace.
-func mountTmpDisk(image, dst string) error {
+// tmpImageEnv names, in a new sandbox init's environment, the /tmp image
+// it may mount ahead of its config (see stageTmp).
+const tmpImageEnv = "INVOKEX_TMP_IMAGE"
+
+// stageTmp mounts the ext4 image as a detached mount (not yet anywhere in
+// a tree) through a loop device that clears itself when the mount goes,
+// and returns the mount's descriptor for attachTmp. A warm sandbox stages
+// its /tmp while it waits, which keeps the mount (~3 ms) off the cold
+// start; closing the descriptor unmounts it. Runs in the sandbox's init,
+// as root.
+func stageTmp(image string) (int, error) {
 	dev, err := attachLoop(image)
 	if err != nil {
-		return fmt.Errorf("attaching /tmp's image: %w", err)
+		return -1, fmt.Errorf("attaching /tmp's image: %w", err)
 	}
-	// noinit_itable: the image is a fresh sparse file, its inode tables
+	// The mount holds the device once made; closing ours lets autoclear
+	// act when the mount goes.
+	defer dev.Close()
+	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		return -1, fmt.Errorf("mounting /tmp: fsopen: %w", err)
+	}
+	defer unix.Close(fsfd)
+	if err := unix.FsconfigSetString(fsfd, "source", dev.Name()); err != nil {
+		return -1, fmt.Errorf("mounting /tmp: source: %w", err)
+	}
+	// noinit_itable: the image is a fresh sparse file whose inode tables
 	// read as zeroes already; the kernel need not write them.
-	if err := mountAt(dev.Name(), dst, "ext4", unix.MS_NOSUID|unix.MS_NODEV, "noinit_itable"); err != nil {
-		dev.Close() // autoclear: the device frees itself
-		return err
+	if err := unix.FsconfigSetFlag(fsfd, "noinit_itable"); err != nil {
+		return -1, fmt.Errorf("mounting /tmp: noinit_itable: %w", err)
 	}
-	// The mount holds the device now; closing ours lets autoclear act at
-	// the unmount.
-	dev.Close()
+	if err := unix.FsconfigCreate(fsfd); err != nil {
+		return -1, fmt.Errorf("mounting /tmp: %w", err)
+	}
+	mfd, err := unix.Fsmount(fsfd, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NODEV)
+	if err != nil {
+		return -1, fmt.Errorf("mounting /tmp: fsmount: %w", err)
+	}
+	return mfd, nil
+}
+
+// attachTmp puts the staged mount mfd at dst, mode 1777, and closes mfd.
+func attachTmp(mfd int, dst string) error {
+	defer unix.Close(mfd)
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return fmt.Errorf("creating mount point %s: %w", dst, err)
+	}
+	if err := unix.MoveMount(mfd, "", unix.AT_FDCWD, dst, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("mounting /tmp on %s: %w", dst, err)
+	}
 	return os.Chmod(dst, 0o1777)
+}
+
+// mountTmp mounts the sandbox's /tmp at dst: the staged mount (stagedFD,
+// -1 if none) when cfg says it is the sandbox's image, else cfg's image,
+// else a tmpfs of EphemeralMB. A staged mount not used is unmounted.
+func mountTmp(cfg *sandboxConfig, stagedFD int, dst string) error {
+	if stagedFD >= 0 {
+		if cfg.TmpStaged {
+			return attachTmp(stagedFD, dst)
+		}
+		unix.Close(stagedFD) // another size: unmounted, its device cleared
+	}
+	if cfg.TmpImage != "" {
+		mfd, err := stageTmp(cfg.TmpImage)
+		if err != nil {
+			return err
+		}
+		return attachTmp(mfd, dst)
+	}
+	opts := "size=" + strconv.Itoa(cfg.EphemeralMB) + "m,mode=1777"
+	return mountAt("tmpfs", dst, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, opts)
 }
 
 // attachLoop binds a free loop device to the file at path, set to clear

@@ -74,3 +74,56 @@ func TestTmpIsADisk(t *testing.T) {
 		t.Errorf("Recover removed the template: %v", err)
 	}
 }
+
+// TestWarmSandboxStagesTmp: a warm sandbox mounts its /tmp while it waits,
+// and an instance of that size uses it as is; an instance of a size no
+// warm sandbox has gets a sandbox started with an image of its size.
+func TestWarmSandboxStagesTmp(t *testing.T) {
+	requireRoot(t)
+	stateDir := t.TempDir()
+	d := newTestDriver(t, Options{StateDir: stateDir, WarmSandboxes: 1})
+	if d.tmp == nil {
+		t.Skipf("skipping: no disk-backed /tmp on this host: %v", d.Describe())
+	}
+	spec := testSpec(t)
+	spec.EphemeralMB = 64
+	startInstance(t, d, spec) // learns the shape; the pool fills
+	warm := waitWarm(t, d, 1)[0]
+	staged := filepath.Join(warm.dir, tmpDiskFile)
+	awaitLoops := func(want func([]string) bool, what string) []string {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			got := loopFilesUnder(t, stateDir)
+			if want(got) {
+				return got
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("loop devices %v: want %s", got, what)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	awaitLoops(func(l []string) bool { return slices.Contains(l, staged) }, "the warm sandbox's staged /tmp "+staged)
+
+	// Same size: the warm sandbox's device, now under the instance's name.
+	same := testSpec(t)
+	same.EphemeralMB = 64
+	inst := startInstance(t, d, same)
+	if inst.sb.name != same.ID || inst.sb.tmpMB != 64 {
+		t.Fatalf("instance %s runs in %s with a %d MiB staged /tmp, want the warm sandbox's 64", same.ID, inst.sb.name, inst.sb.tmpMB)
+	}
+	awaitLoops(func(l []string) bool {
+		return slices.Contains(l, filepath.Join(stateDir, same.ID, tmpDiskFile)) && !slices.Contains(l, staged)
+	}, "the staged device under "+same.ID)
+
+	// Another size, which no warm sandbox has: a sandbox of its own,
+	// started with its image.
+	other := testSpec(t)
+	other.EphemeralMB = 32
+	inst2 := startInstance(t, d, other)
+	img := filepath.Join(stateDir, other.ID, tmpDiskFile)
+	if fi, err := os.Stat(img); err != nil || fi.Size() != 32<<20 || inst2.sb.tmpMB != 32 {
+		t.Fatalf("/tmp image of the 32 MiB instance: %v, %v (staged %d MiB)", fi, err, inst2.sb.tmpMB)
+	}
+	awaitLoops(func(l []string) bool { return slices.Contains(l, img) }, "a device over "+img)
+}
