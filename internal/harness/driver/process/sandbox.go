@@ -43,11 +43,11 @@ type sandbox struct {
 	memoryMB int // the cgroup's current limit (without agentHeadroomMB)
 	// tmpMB is the size of the /tmp image the init was started with
 	// (staged while it waits), 0 if none.
-	tmpMB int
-	cgroups  []string
-	cpus     []int // from d.cpus, given back at destroy
-	pinned   bool  // cpus applied (at fork, or by assign)
-	log      *slog.Logger
+	tmpMB   int
+	cgroups []string
+	cpus    []int // from d.cpus, given back at destroy
+	pinned  bool  // cpus applied (at fork, or by assign)
+	log     *slog.Logger
 
 	rec    *record
 	cmd    *exec.Cmd
