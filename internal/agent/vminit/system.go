@@ -45,7 +45,8 @@ func mountBase() error {
 			return err
 		}
 	}
-	if err := os.MkdirAll("/dev/shm", 0o1777); err != nil {
+	// The mount below sets its mode.
+	if err := os.MkdirAll("/dev/shm", 0o755); err != nil {
 		return fmt.Errorf("creating /dev/shm: %w", err)
 	}
 	if err := mount("shm", "/dev/shm", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777"); err != nil {

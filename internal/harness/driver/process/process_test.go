@@ -1,7 +1,9 @@
 package process_test
 
 import (
+	"context"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/invokex/invokex/internal/harness/driver"
@@ -20,11 +22,24 @@ func TestMain(m *testing.M) {
 }
 
 func TestDriver(t *testing.T) {
-	drivertest.Run(t, func(t *testing.T, stateDir string) driver.Driver {
+	newDriver := func(t *testing.T, stateDir string) driver.Driver {
 		d, err := process.New(process.Options{StateDir: stateDir, Logger: hostproctest.Logger(t)})
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}
 		return d
-	})
+	}
+	// A driver that cannot give /tmp a disk (rootless, no loop devices,
+	// state in memory) says so, and its /tmp is memory.
+	var opts drivertest.Options
+	probe := newDriver(t, t.TempDir()).(*process.Driver)
+	for _, s := range probe.Describe() {
+		if strings.Contains(s, "/tmp is a tmpfs") {
+			opts.Unsupported = map[string]string{"TmpBeyondMemory": s}
+		}
+	}
+	if err := probe.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	drivertest.RunWith(t, opts, newDriver)
 }

@@ -97,14 +97,12 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 	if err := d.cg.create(sb.name, sb.memoryMB); err != nil {
 		return err
 	}
-	var tmpImage string
-	if d.tmp != nil && sb.tmpMB > 0 {
-		var err error
-		if tmpImage, err = d.tmp.make(ctx, sb.dir, sb.tmpMB); err != nil {
-			return err
-		}
-	} else {
-		sb.tmpMB = 0
+	tmpImage, err := d.tmp.make(ctx, sb.dir, sb.tmpMB)
+	if err != nil {
+		return err
+	}
+	if tmpImage == "" {
+		sb.tmpMB = 0 // a tmpfs, made from the config
 	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -132,7 +130,8 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 		return err
 	}
 	// The init waits for its config before it allocates anything of
-	// note, so joining here puts the whole sandbox under the limits.
+	// note (its /tmp mount's few KiB aside), so joining here puts the
+	// whole sandbox under the limits.
 	if err := joinCgroups(sb.cgroups, sb.rec.PID); err != nil {
 		return sb.withStderr(err)
 	}
@@ -216,8 +215,9 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 		return err
 	}
 	// The image the init was started with is in the (renamed) directory;
-	// one of another size is replaced.
-	tmpImage, staged := filepath.Join(sb.dir, tmpDiskFile), sb.tmpMB == spec.EphemeralMB && sb.tmpMB > 0
+	// for another size (never from the pool, whose shapes include it) the
+	// init gets an image of its own.
+	tmpImage, staged := filepath.Join(sb.dir, tmpDiskName(sb.tmpMB)), sb.tmpMB == spec.EphemeralMB && sb.tmpMB > 0
 	if !staged {
 		var err error
 		if tmpImage, err = d.tmp.make(ctx, sb.dir, spec.EphemeralMB); err != nil {

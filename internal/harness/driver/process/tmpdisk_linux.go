@@ -33,8 +33,6 @@ import (
 // with the state directory.
 
 const (
-	// tmpDiskFile is the /tmp image in a sandbox's state directory.
-	tmpDiskFile = "tmp.ext4"
 	// tmpTemplatesDir, in StateDir, holds the templates; Recover leaves
 	// it alone and New empties it.
 	tmpTemplatesDir = ".tmp-templates"
@@ -48,26 +46,43 @@ type tmpDisks struct {
 	templates map[int]*tmpTemplate // by size in MiB
 }
 
-// tmpTemplate is one size's template, made once.
+// tmpTemplate is one size's template; ready is closed once it is made or
+// its making failed (err), and a failed one is forgotten.
 type tmpTemplate struct {
-	once sync.Once
-	path string
-	err  error
+	ready chan struct{}
+	path  string
+	err   error
 }
+
+// minTmpDiskMB is the smallest /tmp made as a disk (mkfs's floor); a
+// smaller one is a tmpfs, whose few MiB of memory do not matter.
+const minTmpDiskMB = 8
 
 // newTmpDisks returns the /tmp image maker of a driver on stateDir, and
 // "" if the host can give sandboxes a disk-backed /tmp; else nil and the
 // reason (the sandboxes then get a tmpfs). It needs real root (a loop
-// device and an ext4 mount), a loop device and mkfs.ext4.
+// device and an ext4 mount), loop devices the driver can open, Linux 5.8
+// (LOOP_CONFIGURE, and the mount API of 5.2), mkfs.ext4, and a state
+// directory on a disk: an image on a tmpfs would be memory again.
 func newTmpDisks(stateDir string, rootless bool) (*tmpDisks, string) {
 	if rootless {
 		return nil, "rootless"
 	}
-	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		return nil, "no loop devices (/dev/loop-control)"
+	if !kernelAtLeast(5, 8) {
+		return nil, "Linux before 5.8 has no LOOP_CONFIGURE"
+	}
+	if err := probeLoop(); err != nil {
+		return nil, "no usable loop device: " + err.Error()
 	}
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
 		return nil, "no mkfs.ext4 (e2fsprogs)"
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(stateDir, &st); err != nil {
+		return nil, fmt.Sprintf("inspecting the state directory: %v", err)
+	}
+	if st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC {
+		return nil, "the state directory is in memory (tmpfs)"
 	}
 	dir := filepath.Join(stateDir, tmpTemplatesDir)
 	// A previous driver's templates may be of another mkfs; they are
@@ -79,6 +94,38 @@ func newTmpDisks(stateDir string, rootless bool) (*tmpDisks, string) {
 		return nil, fmt.Sprintf("creating %s: %v", dir, err)
 	}
 	return &tmpDisks{dir: dir, templates: map[int]*tmpTemplate{}}, ""
+}
+
+// kernelAtLeast reports whether the running kernel is major.minor or later.
+func kernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	var maj, min int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &maj, &min); err != nil {
+		return false
+	}
+	return maj > major || maj == major && min >= minor
+}
+
+// probeLoop checks that the driver can get a free loop device and open
+// it (a container's device rules or a static /dev can forbid either).
+func probeLoop() error {
+	ctl, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
+	n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
+	if err != nil {
+		return fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)
+	}
+	dev, err := os.OpenFile("/dev/loop"+strconv.Itoa(n), os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	return dev.Close()
 }
 
 // close removes the templates; for the driver's Close, after its
@@ -94,52 +141,59 @@ func (t *tmpDisks) close() error {
 }
 
 // make puts a fresh /tmp image of sizeMB MiB into the sandbox directory
-// dir and returns its path; a nil t returns "" (tmpfs).
+// dir and returns its path; "" for a tmpfs (a nil t, or a size below
+// minTmpDiskMB). The file is named after its size, so an image a sandbox
+// was started with is never rewritten under it.
 func (t *tmpDisks) make(ctx context.Context, dir string, sizeMB int) (string, error) {
-	if t == nil {
+	if t == nil || sizeMB < minTmpDiskMB {
 		return "", nil
 	}
 	tmpl, err := t.template(ctx, sizeMB)
 	if err != nil {
 		return "", err
 	}
-	img := filepath.Join(dir, tmpDiskFile)
-	_ = os.Remove(img) // a sandbox assigned twice never happens; a stale file must not stop it
+	img := filepath.Join(dir, tmpDiskName(sizeMB))
 	if err := guest.CopySparse(ctx, tmpl, img); err != nil {
 		return "", fmt.Errorf("making /tmp: %w", err)
 	}
 	return img, nil
 }
 
-// template returns the template of sizeMB, making it on first use.
-// Concurrent callers of one size wait for the one making it; a failure is
-// kept (the driver is not going to get mkfs.ext4 back).
+// tmpDiskName is the file name of a sandbox's /tmp image of sizeMB.
+func tmpDiskName(sizeMB int) string { return "tmp-" + strconv.Itoa(sizeMB) + ".ext4" }
+
+// template returns the template of sizeMB, making it on first use;
+// concurrent callers of one size wait for the one making it (or for their
+// own ctx). It is made whatever the maker's ctx (~10 ms), so that a
+// cancelled start fails no other; a failure is not kept, the next start
+// tries again.
 func (t *tmpDisks) template(ctx context.Context, sizeMB int) (string, error) {
 	t.mu.Lock()
 	tt := t.templates[sizeMB]
-	if tt == nil {
-		tt = &tmpTemplate{}
+	maker := tt == nil
+	if maker {
+		tt = &tmpTemplate{ready: make(chan struct{})}
 		t.templates[sizeMB] = tt
 	}
 	t.mu.Unlock()
-	tt.once.Do(func() {
+	if maker {
 		path := filepath.Join(t.dir, strconv.Itoa(sizeMB)+".ext4")
-		// Made with the caller's context: a cancelled start must not leave
-		// a broken template behind, so a failure from ctx is not kept.
-		if err := guest.ScratchImage(ctx, path, sizeMB); err != nil {
+		if err := guest.ScratchImage(context.WithoutCancel(ctx), path, sizeMB); err != nil {
 			tt.err = fmt.Errorf("making the /tmp template of %d MiB: %w", sizeMB, err)
-			return
+			t.mu.Lock()
+			delete(t.templates, sizeMB)
+			t.mu.Unlock()
+		} else {
+			tt.path = path
 		}
-		tt.path = path
-	})
-	if tt.err != nil && ctx.Err() != nil {
-		t.mu.Lock()
-		if t.templates[sizeMB] == tt {
-			delete(t.templates, sizeMB) // the next start tries again
-		}
-		t.mu.Unlock()
+		close(tt.ready)
 	}
-	return tt.path, tt.err
+	select {
+	case <-tt.ready:
+		return tt.path, tt.err
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
 }
 
 // tmpImageEnv names, in a new sandbox init's environment, the /tmp image
@@ -192,7 +246,12 @@ func attachTmp(mfd int, dst string) error {
 	if err := unix.MoveMount(mfd, "", unix.AT_FDCWD, dst, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
 		return fmt.Errorf("mounting /tmp on %s: %w", dst, err)
 	}
-	return os.Chmod(dst, 0o1777)
+	// Lambda's /tmp starts empty; mkfs's root-only lost+found would be
+	// the one entry the function cannot remove.
+	if err := os.Remove(filepath.Join(dst, "lost+found")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("emptying /tmp: %w", err)
+	}
+	return os.Chmod(dst, 0o777|os.ModeSticky)
 }
 
 // mountTmp mounts the sandbox's /tmp at dst: the staged mount (stagedFD,
