@@ -88,6 +88,18 @@ func (f *fixture) take(key string) (*item, bool) {
 	return it, ok
 }
 
+// takeFilled has the pool fill shape key and takes the item it started.
+func (f *fixture) takeFilled(key string) *item {
+	f.t.Helper()
+	f.take(key)
+	f.await(map[string]int{key: 1})
+	it, ok := f.take(key)
+	if !ok {
+		f.t.Fatal("no item to take")
+	}
+	return it
+}
+
 // idle is how many idle items of each shape the pool holds.
 func (f *fixture) idle() map[string]int {
 	n := map[string]int{}
@@ -234,12 +246,7 @@ func TestUnusableItemsAreDestroyed(t *testing.T) {
 
 func TestPut(t *testing.T) {
 	f := newFixture(t, Config[*item]{Size: 1})
-	f.take("a")
-	f.await(map[string]int{"a": 1})
-	it, ok := f.take("a")
-	if !ok {
-		t.Fatal("no item to take")
-	}
+	it := f.takeFilled("a")
 	f.await(map[string]int{"a": 1}) // refilled: now there is no room
 	f.p.Put("a", it)
 	f.awaitDestroyed(it.name)
@@ -248,7 +255,7 @@ func TestPut(t *testing.T) {
 	f.mu.Lock()
 	f.fail = 1 << 30 // no refill from now on
 	f.mu.Unlock()
-	it, ok = f.take("a")
+	it, ok := f.take("a")
 	if !ok {
 		t.Fatal("no item to take")
 	}
@@ -341,12 +348,7 @@ func TestSizeZeroStartsNothing(t *testing.T) {
 // waits for.
 func TestPutAfterClose(t *testing.T) {
 	f := newFixture(t, Config[*item]{Size: 1})
-	f.take("a")
-	f.await(map[string]int{"a": 1})
-	it, ok := f.take("a")
-	if !ok {
-		t.Fatal("no item to take")
-	}
+	it := f.takeFilled("a")
 	if err := f.p.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -31,17 +31,25 @@ func loopFilesUnder(t *testing.T, dir string) []string {
 	return files
 }
 
+// newTmpDiskDriver is a driver with warm sandboxes on a fresh state
+// directory, skipping t where the driver cannot make /tmp a disk.
+func newTmpDiskDriver(t *testing.T, warm int) (*Driver, string) {
+	t.Helper()
+	requireRoot(t)
+	stateDir := t.TempDir()
+	d := newTestDriver(t, Options{StateDir: stateDir, WarmSandboxes: warm})
+	if d.tmp == nil {
+		t.Skipf("skipping: no disk-backed /tmp on this host: %v", d.Describe())
+	}
+	return d, stateDir
+}
+
 // TestTmpIsADisk: a sandbox's /tmp is an image in its state directory on
 // a loop device, made from the size's template; Stop detaches the device
 // and removes the image, and a new driver's Recover leaves the templates
 // alone.
 func TestTmpIsADisk(t *testing.T) {
-	requireRoot(t)
-	stateDir := t.TempDir()
-	d := newTestDriver(t, Options{StateDir: stateDir, WarmSandboxes: -1})
-	if d.tmp == nil {
-		t.Skipf("skipping: no disk-backed /tmp on this host: %v", d.Describe())
-	}
+	d, stateDir := newTmpDiskDriver(t, -1)
 	spec := testSpec(t)
 	spec.EphemeralMB = 64
 	inst := startInstance(t, d, spec)
@@ -95,12 +103,7 @@ func TestTmpIsADisk(t *testing.T) {
 // and an instance of that size uses it as is; an instance of a size no
 // warm sandbox has gets a sandbox started with an image of its size.
 func TestWarmSandboxStagesTmp(t *testing.T) {
-	requireRoot(t)
-	stateDir := t.TempDir()
-	d := newTestDriver(t, Options{StateDir: stateDir, WarmSandboxes: 1})
-	if d.tmp == nil {
-		t.Skipf("skipping: no disk-backed /tmp on this host: %v", d.Describe())
-	}
+	d, stateDir := newTmpDiskDriver(t, 1)
 	spec := testSpec(t)
 	spec.EphemeralMB = 64
 	startInstance(t, d, spec) // learns the shape; the pool fills
@@ -147,12 +150,7 @@ func TestWarmSandboxStagesTmp(t *testing.T) {
 // TestSmallTmpIsATmpfs: a /tmp under minTmpDiskMB is a tmpfs (mkfs's
 // floor); it takes no loop device.
 func TestSmallTmpIsATmpfs(t *testing.T) {
-	requireRoot(t)
-	stateDir := t.TempDir()
-	d := newTestDriver(t, Options{StateDir: stateDir, WarmSandboxes: -1})
-	if d.tmp == nil {
-		t.Skipf("skipping: no disk-backed /tmp on this host: %v", d.Describe())
-	}
+	d, stateDir := newTmpDiskDriver(t, -1)
 	spec := testSpec(t)
 	spec.EphemeralMB = minTmpDiskMB - 1
 	inst := startInstance(t, d, spec)
