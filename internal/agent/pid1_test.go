@@ -108,15 +108,13 @@ func TestAgentAsPID1(t *testing.T) {
 		t.Fatalf("init: %+v %s", d.Error, body)
 	}
 
-	// The runtime does not inherit the agent's OOM protection.
+	// The runtime is the OOM killer's first choice, not protected like
+	// the agent.
 	r := ta.invoke(action{Do: "limits"})
 	mustSucceed(t, r)
 	l := decodeJSON[map[string]int64](t, r.payload)
-	if l["oom"] != 0 || l["nofileMax"] != 1024 || l["pid"] == 1 {
-		t.Errorf("runtime limits under PID 1: %v", l)
-	}
-	if l["agentOom"] >= 0 {
-		t.Logf("agent's oom_score_adj is %d: resetting the runtime's to 0 not exercised", l["agentOom"])
+	if l["oom"] != runtimeOOMScoreAdj || l["agentOom"] >= runtimeOOMScoreAdj || l["nofileMax"] != 1024 || l["pid"] == 1 {
+		t.Errorf("runtime limits under PID 1: %v, want oom %d above the agent's", l, runtimeOOMScoreAdj)
 	}
 	if r.MaxMemoryMB < 2 {
 		t.Errorf("MaxMemoryMB = %d; VmHWM not read under PID 1", r.MaxMemoryMB)

@@ -272,10 +272,16 @@ func (s *supervisor) close() {
 	s.wg.Wait()
 }
 
+// runtimeOOMScoreAdj is the runtime's oom_score_adj, which its processes
+// inherit: the most the kernel allows, so that an OOM (in the sandbox's
+// memory cgroup, or host-wide) kills the function's processes before the
+// agent and before anything of the host. Raising a score needs no
+// privilege, where protecting the agent with a negative one needs
+// CAP_SYS_RESOURCE, which some hosts withhold.
+const runtimeOOMScoreAdj = 1000
+
 // limitRuntime applies Lambda's limits to a freshly started runtime: 1024
-// file descriptors, no core dumps, and an OOM score no lower than 0, since
-// the sandbox driver may have protected the agent with a negative
-// oom_score_adj that the runtime inherited.
+// file descriptors, no core dumps, and runtimeOOMScoreAdj.
 func limitRuntime(pid int) error {
 	var errs []error
 	var cur unix.Rlimit
@@ -294,10 +300,8 @@ func limitRuntime(pid int) error {
 			errs = append(errs, fmt.Errorf("setting RLIMIT_CORE: %w", err))
 		}
 	}
-	if adj, err := readOOMScoreAdj("self"); err == nil && adj < 0 {
-		if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte("0"), 0); err != nil {
-			errs = append(errs, fmt.Errorf("setting oom_score_adj: %w", err))
-		}
+	if err := os.WriteFile("/proc/"+strconv.Itoa(pid)+"/oom_score_adj", []byte(strconv.Itoa(runtimeOOMScoreAdj)), 0); err != nil {
+		errs = append(errs, fmt.Errorf("setting oom_score_adj: %w", err))
 	}
 	return errors.Join(errs...)
 }

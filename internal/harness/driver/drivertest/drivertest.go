@@ -475,6 +475,13 @@ func (s *suite) testMemoryLimit(t *testing.T) {
 	sp.MemoryMB = 128
 	sb := e.start(t, sp)
 	sb.init()
+	// The function's processes are the OOM killer's first choice, before
+	// the agent's (and the host's).
+	var adj outcome
+	sb.call(map[string]any{"action": "read-file", "path": "/proc/self/oom_score_adj"}, &adj)
+	if strings.TrimSpace(adj.Data) != "1000" {
+		t.Errorf("the function's oom_score_adj is %q (%s), want 1000", adj.Data, adj.Error)
+	}
 	r := sb.invoke(map[string]any{"action": "alloc", "mb": 1024}, 60*time.Second)
 	t.Logf("alloc 1024 MB: %s %s %s", r.FunctionError, r.ErrorType, r.Payload)
 	if r.FunctionError != "Unhandled" || !r.Reset {

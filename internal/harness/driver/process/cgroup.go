@@ -19,8 +19,9 @@ const (
 	// agentHeadroomMB is added to Spec.MemoryMB because the agent (and the
 	// tiny init) live inside the sandbox's memory cgroup with the function:
 	// without headroom a function using exactly its MemoryMB would push the
-	// agent into the OOM killer's reach. The agent's oom_score_adj is -999
-	// so the kernel picks the runtime first anyway.
+	// agent into the OOM killer's reach. The runtime's processes have
+	// oom_score_adj 1000 (the agent's supervisor sets it), so the kernel
+	// picks them first anyway.
 	agentHeadroomMB = 32
 	// pidsMax is Lambda's limit of 1,024 processes plus threads per
 	// execution environment (the pids controller counts threads).

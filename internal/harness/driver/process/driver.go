@@ -139,10 +139,6 @@ func New(opts Options) (*Driver, error) {
 		d.degradations = append(d.degradations,
 			"not root: sandboxes run in a user namespace mapping the caller to root; the runtime cannot run as a separate user")
 	}
-	if !d.rootless && !hasCapability(capSysResource) {
-		d.degradations = append(d.degradations,
-			"no CAP_SYS_RESOURCE: the agent cannot be protected from the OOM killer (oom_score_adj)")
-	}
 	if opts.WarmSandboxes == 0 {
 		opts.WarmSandboxes = DefaultWarmSandboxes
 	}

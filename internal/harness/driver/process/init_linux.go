@@ -184,9 +184,10 @@ func setupSandbox(cfg *sandboxConfig, stagedTmp int) error {
 		}
 	}
 	// The agent must survive an OOM in the sandbox so that the harness
-	// learns what happened; it sets the runtime's score back to 0. Lowering the score needs
-	// CAP_SYS_RESOURCE, which a rootless sandbox (or a host that withholds
-	// it; New reports that) lacks: best effort.
+	// learns what happened. The runtime's processes carry the highest score
+	// (the agent sets it), so the kernel kills them first; lowering the
+	// agent's own as well needs CAP_SYS_RESOURCE, which a rootless sandbox
+	// (or a host that withholds it) lacks: best effort.
 	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("-999"), 0)
 	return nil
 }

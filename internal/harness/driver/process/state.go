@@ -6,8 +6,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 )
 
@@ -41,23 +39,4 @@ func removeStateDir(dir string) error {
 		return fmt.Errorf("removing state directory: %w", err)
 	}
 	return nil
-}
-
-// capSysResource is CAP_SYS_RESOURCE's bit number.
-const capSysResource = 24
-
-// hasCapability reports whether this process has capability bit c in its
-// effective set.
-func hasCapability(c uint) bool {
-	b, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			mask, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
-			return err == nil && mask&(1<<c) != 0
-		}
-	}
-	return false
 }
