@@ -277,7 +277,10 @@ func (s *supervisor) close() {
 // memory cgroup, or host-wide) kills the function's processes before the
 // agent and before anything of the host. Raising a score needs no
 // privilege, where protecting the agent with a negative one needs
-// CAP_SYS_RESOURCE, which some hosts withhold.
+// CAP_SYS_RESOURCE, which some hosts withhold. It is set right after the
+// exec (it is per process, so the forking thread cannot carry it as it
+// carries the CPUs): a child forked in those microseconds keeps the
+// agent's score.
 const runtimeOOMScoreAdj = 1000
 
 // limitRuntime applies Lambda's limits to a freshly started runtime: 1024
