@@ -227,7 +227,7 @@ func New(cfg Config) (*Harness, error) {
 		return nil, fmt.Errorf("harness: cache directory: %w", err)
 	}
 	cfg.CacheDir = abs
-	m, err := newMetrics(cfg.Metrics)
+	m, err := newMetrics(cfg.Metrics, cfg.Driver)
 	if err != nil {
 		return nil, fmt.Errorf("harness: registering metrics: %w", err)
 	}

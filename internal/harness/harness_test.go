@@ -775,3 +775,33 @@ func TestEmulatedInitLimit(t *testing.T) {
 		}
 	}
 }
+
+// collectingDriver is a driver with metrics of its own (driverMetrics).
+type collectingDriver struct {
+	*fakeDriver
+	c prometheus.Collector
+}
+
+func (d collectingDriver) Collector() prometheus.Collector { return d.c }
+
+// TestDriverMetrics: a driver's own metrics are registered with the
+// harness's.
+func TestDriverMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	own := prometheus.NewCounter(prometheus.CounterOpts{Name: "test_driver_things_total", Help: "Things."})
+	own.Add(3)
+	newTestEnv(t, func(c *Config) {
+		c.Metrics = reg
+		c.Driver = collectingDriver{fakeDriver: c.Driver.(*fakeDriver), c: own}
+	})
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == "test_driver_things_total" && f.Metric[0].Counter.GetValue() == 3 {
+			return
+		}
+	}
+	t.Errorf("the driver's counter is not among the harness's metrics")
+}

@@ -15,7 +15,14 @@ type metrics struct {
 	stats       *statsCollector
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+// driverMetrics is implemented by a Driver with metrics of its own (the
+// firecracker driver's, from Firecracker's metrics system): the harness
+// registers them with its own.
+type driverMetrics interface {
+	Collector() prometheus.Collector
+}
+
+func newMetrics(reg prometheus.Registerer, drv any) (*metrics, error) {
 	if reg == nil {
 		return nil, nil
 	}
@@ -35,7 +42,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		stats: &statsCollector{},
 	}
-	for _, c := range []prometheus.Collector{m.driverStart, m.init, m.invokeTime, m.stats} {
+	cs := []prometheus.Collector{m.driverStart, m.init, m.invokeTime, m.stats}
+	if dm, ok := drv.(driverMetrics); ok {
+		cs = append(cs, dm.Collector())
+	}
+	for _, c := range cs {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

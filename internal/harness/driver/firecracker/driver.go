@@ -155,6 +155,9 @@ type Driver struct {
 	mu          sync.Mutex // guards warnedNetwk and warnedCopy
 	warnedNetwk bool
 	warnedCopy  bool
+
+	// stats sums the VMs' metrics records (Collect).
+	stats hostMetrics
 }
 
 // New checks Firecracker (and the jailer), the kernel and the agent binary

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
@@ -318,6 +320,35 @@ func TestLoggerAndMetrics(t *testing.T) {
 	}
 	if n := strings.Count(out, "firecracker reports seccomp faults"); n != 1 {
 		t.Errorf("seccomp faults reported %d times, want once", n)
+	}
+	// The driver's Prometheus metrics sum the VMs' records.
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(e.d.Collector())
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		for _, m := range f.Metric {
+			key := f.GetName()
+			for _, l := range m.Label {
+				key += "," + l.GetValue()
+			}
+			got[key] = m.Counter.GetValue()
+		}
+	}
+	for key, want := range map[string]float64{
+		"invokex_firecracker_metrics_records_total":         1,
+		"invokex_firecracker_device_bytes_total,block,read": 100,
+		"invokex_firecracker_alarms_total,seccomp_faults":   1,
+		"invokex_firecracker_alarms_total,sigsegv":          0,
+		"invokex_firecracker_missed_total,log_lines":        0,
+		"invokex_firecracker_device_bytes_total,vsock,rx":   0,
+	} {
+		if v, ok := got[key]; !ok || v != want {
+			t.Errorf("%s = %v (present %v), want %v", key, v, ok, want)
+		}
 	}
 }
 

@@ -124,6 +124,7 @@ func (p *pipe) close() {
 // observer drains one VM's Firecracker logger and metrics.
 type observer struct {
 	log     *slog.Logger
+	host    *hostMetrics      // the driver's sums over its VMs (nil in tests)
 	lines   *hostproc.LineLog // the logger's lines
 	logs    *pipe
 	metrics *pipe
@@ -134,7 +135,7 @@ type observer struct {
 // draining them: Firecracker's log lines go to the harness's log at warn
 // (bounded like the console), its metrics are summed up per VM.
 func (i *instance) observe(uid, gid int) error {
-	o := &observer{log: i.Log().With("source", "firecracker")}
+	o := &observer{log: i.Log().With("source", "firecracker"), host: &i.d.stats}
 	o.lines = vmm.NewVMMLog(o.log, slog.LevelWarn)
 	var err error
 	if o.logs, err = openPipe(i.root, logFIFO, uid, gid, func(r io.Reader) { _, _ = io.Copy(o.lines, r) }); err != nil {
@@ -254,18 +255,23 @@ func (o *observer) readMetrics(r io.Reader) {
 			}
 			continue
 		}
-		o.totals.add(&f, o.log)
+		raised := o.totals.add(&f)
+		// A VMM that broke its own seccomp filter or crashed is worth an
+		// operator's attention, whatever the guest did.
+		for _, a := range raised {
+			o.log.Warn("firecracker reports "+strings.ReplaceAll(a.name, "_", " "), "count", a.value)
+		}
+		o.host.add(&f, raised)
 	}
 	if err := sc.Err(); err != nil && !errors.Is(err, os.ErrClosed) {
 		o.log.Warn("reading firecracker metrics", "err", err)
 	}
 }
 
-// add sums f into t and warns, once each, of seccomp faults and of the
-// deadly signals Firecracker caught: a VMM that broke its own seccomp
-// filter or crashed is worth an operator's attention, whatever the guest
-// did.
-func (t *fcMetrics) add(f *fcFlush, log *slog.Logger) {
+// add sums f's counters into t and returns the alarms f raises that t
+// has not seen yet: seccomp faults and the deadly signals Firecracker
+// caught, each once per VM.
+func (t *fcMetrics) add(f *fcFlush) (raised []alarm) {
 	t.Flushes++
 	t.VCPUFailures += f.VCPU.Failures
 	t.BlockReadBytes += f.Block.ReadBytes
@@ -276,18 +282,40 @@ func (t *fcMetrics) add(f *fcFlush, log *slog.Logger) {
 	t.VsockTxBytes += f.Vsock.TxBytes
 	t.MissedLogs += f.Logger.MissedLogs
 	t.MissedMetrics += f.Logger.MissedMetrics
-	alarms := map[string]uint64{"seccomp_faults": f.Seccomp.Faults}
-	for _, sig := range []string{"sigbus", "sigsegv", "sigill", "sigxfsz", "sigxcpu"} {
-		alarms[sig] = f.Signals[sig]
-	}
-	for name, n := range alarms {
-		if n == 0 || t.warned[name] {
+	for _, a := range f.alarms() {
+		if t.warned[a.name] {
 			continue
 		}
 		if t.warned == nil {
 			t.warned = map[string]bool{}
 		}
-		t.warned[name] = true
-		log.Warn("firecracker reports "+strings.ReplaceAll(name, "_", " "), "count", n)
+		t.warned[a.name] = true
+		raised = append(raised, a)
 	}
+	return raised
+}
+
+// alarm is a value Firecracker stores (not counts) that is non-zero once
+// the thing happened.
+type alarm struct {
+	name  string // "seccomp_faults", "sigsegv"...
+	value uint64
+}
+
+// deadlySignals are the signals whose handling Firecracker records
+// before it exits.
+var deadlySignals = []string{"sigbus", "sigsegv", "sigill", "sigxfsz", "sigxcpu"}
+
+// alarms are f's non-zero alarms.
+func (f *fcFlush) alarms() []alarm {
+	var as []alarm
+	if f.Seccomp.Faults > 0 {
+		as = append(as, alarm{"seccomp_faults", f.Seccomp.Faults})
+	}
+	for _, sig := range deadlySignals {
+		if n := f.Signals[sig]; n > 0 {
+			as = append(as, alarm{sig, n})
+		}
+	}
+	return as
 }
