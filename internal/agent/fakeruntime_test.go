@@ -280,3 +280,12 @@ func stdinIsDevNull() bool {
 	}
 	return st.Rdev == null.Rdev && st.Ino == null.Ino
 }
+
+// readOOMScoreAdj reads /proc/<pid>/oom_score_adj ("self" for the agent).
+func readOOMScoreAdj(pid string) (int, error) {
+	b, err := os.ReadFile("/proc/" + pid + "/oom_score_adj")
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}

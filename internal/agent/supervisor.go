@@ -309,15 +309,6 @@ func limitRuntime(pid int) error {
 	return errors.Join(errs...)
 }
 
-// readOOMScoreAdj reads /proc/<pid>/oom_score_adj ("self" for the agent).
-func readOOMScoreAdj(pid string) (int, error) {
-	b, err := os.ReadFile("/proc/" + pid + "/oom_score_adj")
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(strings.TrimSpace(string(b)))
-}
-
 // lookPath resolves a command without a slash in the runtime's PATH (from
 // its environment, else the agent's), as execve(2) does not search.
 func lookPath(name string, env []string) (string, error) {
