@@ -1,0 +1,240 @@
+package network
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// tableName is InvokeX's nftables table on the host (family inet, so that
+// its input and forward rules cover IPv4 and IPv6 alike).
+const tableName = "invokex"
+
+// rules is what the host's firewall must enforce for sandbox links. It is
+// the same for every harness on a host that uses the same Config, so
+// installing it again is harmless.
+type rules struct {
+	subnet netip.Prefix
+	// allow: destinations a sandbox may reach although they are in
+	// blocked (Config.Allow).
+	allow []netip.Prefix
+	// dns: the host's resolvers, reachable on port 53 only.
+	dns []netip.Addr
+	// blocked: private, shared, link-local and other non-internet ranges.
+	blocked []netip.Prefix
+	// dropOtherForwarding: the host did not route before InvokeX turned
+	// forwarding on, so nothing but sandbox traffic may be forwarded.
+	dropOtherForwarding bool
+}
+
+// blockedRanges are the destinations Lambda's functions (outside a VPC)
+// cannot reach either: the host's private networks, cloud metadata
+// services (169.254.169.254), carrier-grade NAT, loopback, multicast.
+var blockedRanges = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("224.0.0.0/3"), // multicast and reserved, to 255.255.255.255
+}
+
+// install replaces the table with r's rules in one transaction: a harness
+// starting beside running sandboxes never leaves them without rules.
+func install(r rules) error {
+	c, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("opening nftables: %w", err)
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName}
+	// Adding then deleting then adding makes the transaction valid whether
+	// or not the table existed.
+	c.AddTable(t)
+	c.DelTable(t)
+	c.AddTable(t)
+
+	accept := nftables.ChainPolicyAccept
+	// Before the host's own filters (priority 0), so that sandbox traffic
+	// is judged by these rules first.
+	prio := nftables.ChainPriorityRef(-1)
+	input := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: prio, Policy: &accept})
+	forward := c.AddChain(&nftables.Chain{Name: "forward", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: prio, Policy: &accept})
+	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+
+	add := func(ch *nftables.Chain, exprs ...[]expr.Any) {
+		var all []expr.Any
+		for _, e := range exprs {
+			all = append(all, e...)
+		}
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: all})
+	}
+	fromSandbox := ifname(unix.NFT_META_IIFNAME, true)
+	toSandbox := ifname(unix.NFT_META_OIFNAME, true)
+
+	// Nothing from a sandbox reaches the host itself: not its addresses,
+	// not the InvokeX API, not its other services.
+	add(input, fromSandbox, reject())
+
+	// Sandboxes do not reach each other.
+	add(forward, fromSandbox, toSandbox, reject())
+	// IPv4 only: sandboxes get no IPv6 address or route.
+	add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV6), reject())
+	// Only addresses of the sandbox subnet leave (a sandbox that changed
+	// its address is also stopped by rp_filter on its link).
+	add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), saddrNot(r.subnet), reject())
+	for _, a := range r.dns {
+		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+			add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), daddr(netip.PrefixFrom(a, a.BitLen())),
+				l4proto(proto), dport(53), verdict(expr.VerdictAccept))
+		}
+	}
+	for _, p := range r.allow {
+		add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), daddr(p), verdict(expr.VerdictAccept))
+	}
+	for _, p := range r.blocked {
+		add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), daddr(p), reject())
+	}
+	add(forward, fromSandbox, verdict(expr.VerdictAccept))
+	// Answers come back in; nothing else does.
+	add(forward, toSandbox, established(), verdict(expr.VerdictAccept))
+	add(forward, toSandbox, reject())
+	if r.dropOtherForwarding {
+		add(forward, verdict(expr.VerdictDrop))
+	}
+
+	// Sandbox connections leave with the host's address.
+	add(post, nfproto(unix.NFPROTO_IPV4), saddr(r.subnet), ifname(unix.NFT_META_OIFNAME, false), masq)
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("installing the %s nftables table: %w", tableName, err)
+	}
+	return nil
+}
+
+// uninstall deletes the table; a missing table is not an error.
+func uninstall() error {
+	c, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("opening nftables: %w", err)
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName}
+	c.AddTable(t)
+	c.DelTable(t)
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("removing the %s nftables table: %w", tableName, err)
+	}
+	return nil
+}
+
+var masq = []expr.Any{&expr.Masq{}}
+
+// ifname matches the input or output interface's name on LinkPrefix
+// (a prefix match, as nft's "invx*": only the prefix's bytes compared);
+// with eq false, anything but.
+func ifname(key expr.MetaKey, eq bool) []expr.Any {
+	op := expr.CmpOpEq
+	if !eq {
+		op = expr.CmpOpNeq
+	}
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Cmp{Op: op, Register: 1, Data: []byte(LinkPrefix)},
+	}
+}
+
+func nfproto(p byte) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
+	}
+}
+
+func l4proto(p byte) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
+	}
+}
+
+func dport(port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.BigEndian.AppendUint16(nil, port)},
+	}
+}
+
+// IPv4 header offsets of the source and destination addresses.
+const (
+	offSaddr = 12
+	offDaddr = 16
+)
+
+func saddr(p netip.Prefix) []expr.Any    { return addrMatch(offSaddr, p, expr.CmpOpEq) }
+func saddrNot(p netip.Prefix) []expr.Any { return addrMatch(offSaddr, p, expr.CmpOpNeq) }
+func daddr(p netip.Prefix) []expr.Any    { return addrMatch(offDaddr, p, expr.CmpOpEq) }
+
+// addrMatch compares the IPv4 address at off, masked to p's length, with
+// p. Callers match nfproto ipv4 first.
+func addrMatch(off uint32, p netip.Prefix, op expr.CmpOp) []expr.Any {
+	p = p.Masked()
+	mask := make([]byte, 4)
+	binary.BigEndian.PutUint32(mask, ^uint32(0)<<(32-p.Bits()))
+	if p.Bits() == 0 {
+		mask = []byte{0, 0, 0, 0}
+	}
+	a := p.Addr().As4()
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: 4},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: []byte{0, 0, 0, 0}},
+		&expr.Cmp{Op: op, Register: 1, Data: a[:]},
+	}
+}
+
+func established() []expr.Any {
+	bits := binary.NativeEndian.AppendUint32(nil, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED)
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: bits, Xor: []byte{0, 0, 0, 0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+	}
+}
+
+// reject answers at once (ICMP administratively prohibited; a TCP connect
+// fails with "no route to host") rather than dropping, so a function
+// learns immediately instead of waiting for its timeout.
+func reject() []expr.Any {
+	return []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}}
+}
+
+func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Kind: k}} }
+
+// natInside is the table in a VM's network namespace: the guest's traffic
+// leaves the namespace with the address of its veth (so every VM, and
+// every restore of a snapshot, can have the same guest address).
+func natInside(ns int, out string) error {
+	c, err := nftables.New(nftables.WithNetNSFd(ns))
+	if err != nil {
+		return fmt.Errorf("opening nftables in the vm's namespace: %w", err)
+	}
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName})
+	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+	c.AddRule(&nftables.Rule{Table: t, Chain: post, Exprs: append([]expr.Any{
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: append([]byte(out), 0)},
+	}, masq...)})
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("installing nat in the vm's namespace: %w", err)
+	}
+	return nil
+}
