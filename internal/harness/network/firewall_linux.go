@@ -4,15 +4,25 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
 
-// tableName is InvokeX's nftables table on the host (family inet, so that
-// its input and forward rules cover IPv4 and IPv6 alike).
-const tableName = "invokex"
+// tablePrefix begins the name of InvokeX's nftables tables on the host,
+// one per sandbox subnet (family inet, so that their input and forward
+// rules cover IPv4 and IPv6 alike). Rules about sandbox links in general
+// are the same in every table; rules about where sandboxes may go match
+// the table's subnet, so Managers with different subnets (and Allow
+// lists) can share a host.
+const tablePrefix = "invokex"
+
+// tableName is the table of subnet.
+func tableName(subnet netip.Prefix) string {
+	return tablePrefix + "-" + strings.NewReplacer(".", "-", "/", "-").Replace(subnet.String())
+}
 
 // rules is what the host's firewall must enforce for sandbox links. It is
 // the same for every harness on a host that uses the same Config, so
@@ -28,7 +38,7 @@ type rules struct {
 	blocked []netip.Prefix
 	// dropOtherForwarding: the host did not route before InvokeX turned
 	// forwarding on, so nothing but sandbox traffic may be forwarded.
-	dropOtherForwarding bool
+	dropOtherForwarding bool `json:"-"`
 }
 
 // blockedRanges are the destinations Lambda's functions (outside a VPC)
@@ -54,7 +64,7 @@ func install(r rules) error {
 	if err != nil {
 		return fmt.Errorf("opening nftables: %w", err)
 	}
-	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName(r.subnet)}
 	// Adding then deleting then adding makes the transaction valid whether
 	// or not the table existed.
 	c.AddTable(t)
@@ -90,48 +100,49 @@ func install(r rules) error {
 	add(forward, fromSandbox, toSandbox, reject())
 	// IPv4 only: sandboxes get no IPv6 address or route.
 	add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV6), reject())
-	// Only addresses of the sandbox subnet leave (a sandbox that changed
-	// its address is also stopped by rp_filter on its link).
-	add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), saddrNot(r.subnet), reject())
+	// From here on, this subnet's sandboxes (a sandbox that took another
+	// address is stopped by strict rp_filter on its link).
+	ours := func(then ...[]expr.Any) {
+		add(forward, append([][]expr.Any{fromSandbox, nfproto(unix.NFPROTO_IPV4), saddr(r.subnet)}, then...)...)
+	}
 	for _, a := range r.dns {
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
-			add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), daddr(netip.PrefixFrom(a, a.BitLen())),
-				l4proto(proto), dport(53), verdict(expr.VerdictAccept))
+			ours(daddr(netip.PrefixFrom(a, a.BitLen())), l4proto(proto), dport(53), verdict(expr.VerdictAccept))
 		}
 	}
 	for _, p := range r.allow {
-		add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), daddr(p), verdict(expr.VerdictAccept))
+		ours(daddr(p), verdict(expr.VerdictAccept))
 	}
 	for _, p := range r.blocked {
-		add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), daddr(p), reject())
+		ours(daddr(p), reject())
 	}
-	add(forward, fromSandbox, verdict(expr.VerdictAccept))
+	ours(verdict(expr.VerdictAccept))
 	// Answers come back in; nothing else does.
 	add(forward, toSandbox, established(), verdict(expr.VerdictAccept))
 	add(forward, toSandbox, reject())
 	if r.dropOtherForwarding {
-		add(forward, verdict(expr.VerdictDrop))
+		add(forward, ifname(unix.NFT_META_IIFNAME, false), ifname(unix.NFT_META_OIFNAME, false), verdict(expr.VerdictDrop))
 	}
 
 	// Sandbox connections leave with the host's address.
 	add(post, nfproto(unix.NFPROTO_IPV4), saddr(r.subnet), ifname(unix.NFT_META_OIFNAME, false), masq)
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("installing the %s nftables table: %w", tableName, err)
+		return fmt.Errorf("installing the %s nftables table: %w", t.Name, err)
 	}
 	return nil
 }
 
-// uninstall deletes the table; a missing table is not an error.
-func uninstall() error {
+// uninstall deletes subnet's table; a missing table is not an error.
+func uninstall(subnet netip.Prefix) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("opening nftables: %w", err)
 	}
-	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: tableName(subnet)}
 	c.AddTable(t)
 	c.DelTable(t)
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("removing the %s nftables table: %w", tableName, err)
+		return fmt.Errorf("removing the %s nftables table: %w", t.Name, err)
 	}
 	return nil
 }
@@ -179,9 +190,8 @@ const (
 	offDaddr = 16
 )
 
-func saddr(p netip.Prefix) []expr.Any    { return addrMatch(offSaddr, p, expr.CmpOpEq) }
-func saddrNot(p netip.Prefix) []expr.Any { return addrMatch(offSaddr, p, expr.CmpOpNeq) }
-func daddr(p netip.Prefix) []expr.Any    { return addrMatch(offDaddr, p, expr.CmpOpEq) }
+func saddr(p netip.Prefix) []expr.Any { return addrMatch(offSaddr, p, expr.CmpOpEq) }
+func daddr(p netip.Prefix) []expr.Any { return addrMatch(offDaddr, p, expr.CmpOpEq) }
 
 // addrMatch compares the IPv4 address at off, masked to p's length, with
 // p. Callers match nfproto ipv4 first.
@@ -226,7 +236,7 @@ func natInside(ns int, out string) error {
 	if err != nil {
 		return fmt.Errorf("opening nftables in the vm's namespace: %w", err)
 	}
-	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName})
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tablePrefix})
 	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
 	c.AddRule(&nftables.Rule{Table: t, Chain: post, Exprs: append([]expr.Any{

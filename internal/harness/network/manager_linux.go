@@ -3,6 +3,7 @@ package network
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -16,19 +17,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Host state shared by the Managers of a host.
+// Host state shared by the Managers of a host, in runDir (/run is
+// cleared at boot, as the kernel's forwarding setting and tables are).
+//
+// Locks: setupLock serializes setting up and tearing down. Every live
+// Manager holds usersLock shared, and its table's lock (tableLock) shared:
+// a Manager that can take one exclusively at Close is the last of the
+// host, or of its subnet, and undoes what they set up.
 const (
-	// runDir holds the lock and the forwarding marker; /run is cleared at
-	// boot, as the kernel's forwarding setting is.
-	runDir = "/run/invokex-network"
-	// lockName: every live Manager holds it shared; the one that can take
-	// it exclusively at Close is the last and removes the table.
-	lockName = "lock"
+	runDir    = "/run/invokex-network"
+	setupLock = "setup.lock"
+	usersLock = "users.lock"
+	ipForward = "/proc/sys/net/ipv4/ip_forward"
 	// forwardingMarker exists while InvokeX, not the host's owner, has
 	// turned IPv4 forwarding on; the last Manager turns it off again.
 	forwardingMarker = "forwarding-enabled-by-invokex"
-	ipForward        = "/proc/sys/net/ipv4/ip_forward"
 )
+
+// tableLock and tableConfig are a table's files in runDir.
+func tableLock(subnet netip.Prefix) string   { return tableName(subnet) + ".lock" }
+func tableConfig(subnet netip.Prefix) string { return tableName(subnet) + ".json" }
 
 // Manager gives sandboxes links (see the package documentation). Make one
 // per process with New; Close it after the last Link.
@@ -36,19 +44,24 @@ type Manager struct {
 	cfg   Config
 	dns   []netip.Addr
 	mtu   int
-	lock  *os.File
+	users *os.File // usersLock, held shared
+	table *os.File // tableLock, held shared
 	slots int
 
 	mu    sync.Mutex
 	inUse map[int]bool
-	links int
 	done  bool
 }
 
-// New measures the host and sets it up: forwarding on, the table
+// ErrConflict: another InvokeX on this host uses the same sandbox subnet
+// with other rules (Allow, name servers).
+var ErrConflict = errors.New("sandbox subnet in use with other rules")
+
+// New measures the host and sets it up: forwarding on, the subnet's table
 // installed. It returns an error wrapping ErrUnavailable when the host
-// cannot do this (not root, no nftables support), and a plain error for
-// a bad Config or a subnet the host already uses.
+// cannot do this (not root, no nftables support), ErrConflict when
+// another InvokeX uses the subnet with other rules, and a plain error for
+// a bad Config or a subnet the host already routes.
 func New(ctx context.Context, cfg Config) (*Manager, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
@@ -57,41 +70,84 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w: not root", ErrUnavailable)
 	}
-	if err := checkSubnetFree(cfg.Subnet); err != nil {
-		return nil, err
-	}
 	m := &Manager{cfg: cfg, slots: slots(cfg.Subnet), inUse: map[int]bool{}}
 	m.dns = readNameservers(cfg.ResolvConf)
 	m.mtu = uplinkMTU()
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	lock, err := os.OpenFile(filepath.Join(runDir, lockName), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	setup, err := lockFile(setupLock, unix.LOCK_EX)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
-	// Exclusive while setting up: two harnesses starting together must not
-	// both read forwarding as off and both think it theirs.
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("locking %s: %w", lock.Name(), err)
-	}
-	err = m.setupHost()
-	// Downgrade: other Managers may now start and share the host.
-	if lerr := unix.Flock(int(lock.Fd()), unix.LOCK_SH); lerr != nil && err == nil {
-		err = fmt.Errorf("locking %s: %w", lock.Name(), lerr)
-	}
-	if err != nil {
-		lock.Close()
 		return nil, err
 	}
-	m.lock = lock
+	defer setup.Close()
+	if err := checkSubnetFree(cfg.Subnet); err != nil {
+		return nil, err
+	}
+	if err := m.setupHost(); err != nil {
+		if m.users != nil {
+			m.users.Close()
+		}
+		if m.table != nil {
+			m.table.Close()
+		}
+		return nil, err
+	}
 	return m, nil
 }
 
+// lockFile opens runDir/name and flocks it with how.
+func lockFile(name string, how int) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(runDir, name), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if err := unix.Flock(int(f.Fd()), how); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+	}
+	return f, nil
+}
+
+// first reports whether no other Manager holds f, then holds it shared.
+func first(f *os.File) (bool, error) {
+	alone := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH); err != nil {
+		return false, fmt.Errorf("locking %s: %w", f.Name(), err)
+	}
+	return alone, nil
+}
+
 // setupHost turns forwarding on (noting when InvokeX did) and installs
-// the table. Called under the exclusive lock.
+// the subnet's table. Called under setupLock.
 func (m *Manager) setupHost() error {
+	var err error
+	if m.users, err = lockFile(usersLock, unix.LOCK_SH); err != nil {
+		return err
+	}
+	if m.table, err = lockFile(tableLock(m.cfg.Subnet), unix.LOCK_SH); err != nil {
+		return err
+	}
+	r := rules{subnet: m.cfg.Subnet, allow: m.cfg.Allow, dns: m.dns, blocked: blockedRanges}
+	want, _ := json.Marshal(struct {
+		Allow []netip.Prefix
+		DNS   []netip.Addr
+	}{r.allow, r.dns})
+	conf := filepath.Join(runDir, tableConfig(m.cfg.Subnet))
+	alone, err := first(m.table)
+	if err != nil {
+		return err
+	}
+	if !alone {
+		if have, err := os.ReadFile(conf); err == nil && string(have) != string(want) {
+			return fmt.Errorf("%w: another InvokeX on this host uses sandbox subnet %s with %s, this one asks for %s (give it another --sandbox-subnet)",
+				ErrConflict, m.cfg.Subnet, have, want)
+		}
+	}
+	if err := os.WriteFile(conf, want, 0o600); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+
 	marker := filepath.Join(runDir, forwardingMarker)
 	b, err := os.ReadFile(ipForward)
 	if err != nil {
@@ -107,17 +163,19 @@ func (m *Manager) setupHost() error {
 		}
 	}
 	_, ours := os.Stat(marker)
-	r := rules{subnet: m.cfg.Subnet, allow: m.cfg.Allow, dns: m.dns, blocked: blockedRanges,
-		dropOtherForwarding: ours == nil}
+	r.dropOtherForwarding = ours == nil
+	// Installing again while another Manager uses the table replaces it
+	// with the same rules in one transaction.
 	if err := install(r); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	return nil
 }
 
-// Close removes the host's table and turns forwarding back off if this is
-// the last Manager on the host and no sandbox link is left; otherwise it
-// only lets go. Links still open keep working until closed.
+// Close removes the subnet's table if this is its last Manager and no
+// link of the subnet is left, and turns forwarding back off if it was the
+// host's last Manager and InvokeX turned it on; otherwise it only lets go.
+// Links still open keep working until closed.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	if m.done {
@@ -126,25 +184,39 @@ func (m *Manager) Close() error {
 	}
 	m.done = true
 	m.mu.Unlock()
-	defer m.lock.Close()
-	if unix.Flock(int(m.lock.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
-		return nil // another Manager is alive
+	setup, err := lockFile(setupLock, unix.LOCK_EX)
+	if err != nil {
+		m.table.Close()
+		m.users.Close()
+		return err
 	}
-	if n, err := hostLinks(); err != nil || n > 0 {
-		return err // sandboxes still run (perhaps a crashed harness's)
-	}
+	defer setup.Close()
 	var errs []error
-	if err := uninstall(); err != nil {
-		errs = append(errs, err)
-	}
-	marker := filepath.Join(runDir, forwardingMarker)
-	if _, err := os.Stat(marker); err == nil {
-		if err := os.WriteFile(ipForward, []byte("0"), 0); err != nil {
-			errs = append(errs, fmt.Errorf("turning IPv4 forwarding off again: %w", err))
-		} else {
-			os.Remove(marker)
+	lastOfTable := unix.Flock(int(m.table.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil
+	if lastOfTable {
+		if n, err := hostLinks(m.cfg.Subnet); err != nil {
+			errs = append(errs, err)
+		} else if n == 0 { // else sandboxes still run (a crashed harness's)
+			if err := uninstall(m.cfg.Subnet); err != nil {
+				errs = append(errs, err)
+			}
+			os.Remove(filepath.Join(runDir, tableConfig(m.cfg.Subnet)))
 		}
 	}
+	m.table.Close()
+	if unix.Flock(int(m.users.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+		marker := filepath.Join(runDir, forwardingMarker)
+		if n, err := hostLinks(netip.Prefix{}); err == nil && n == 0 {
+			if _, err := os.Stat(marker); err == nil {
+				if err := os.WriteFile(ipForward, []byte("0"), 0); err != nil {
+					errs = append(errs, fmt.Errorf("turning IPv4 forwarding off again: %w", err))
+				} else {
+					os.Remove(marker)
+				}
+			}
+		}
+	}
+	m.users.Close()
 	return errors.Join(errs...)
 }
 
@@ -186,9 +258,6 @@ func (m *Manager) claim(create func(slot int) error) (int, error) {
 		}
 		err := create(slot)
 		if err == nil {
-			m.mu.Lock()
-			m.links++
-			m.mu.Unlock()
 			return slot, nil
 		}
 		m.mu.Lock()
@@ -205,7 +274,6 @@ func (m *Manager) claim(create func(slot int) error) (int, error) {
 func (m *Manager) release(slot int) {
 	m.mu.Lock()
 	delete(m.inUse, slot)
-	m.links--
 	m.mu.Unlock()
 }
 
@@ -237,16 +305,28 @@ func checkSubnetFree(subnet netip.Prefix) error {
 	return nil
 }
 
-// hostLinks counts the host's sandbox links.
-func hostLinks() (int, error) {
+// hostLinks counts the host's sandbox links, those with an address in
+// subnet if it is valid.
+func hostLinks(subnet netip.Prefix) (int, error) {
 	links, err := netlink.LinkList()
 	if err != nil {
 		return 0, fmt.Errorf("listing links: %w", err)
 	}
 	n := 0
 	for _, l := range links {
-		if strings.HasPrefix(l.Attrs().Name, LinkPrefix) {
+		if !strings.HasPrefix(l.Attrs().Name, LinkPrefix) {
+			continue
+		}
+		if !subnet.IsValid() {
 			n++
+			continue
+		}
+		addrs, _ := netlink.AddrList(l, unix.AF_INET)
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && subnet.Contains(ip) {
+				n++
+				break
+			}
 		}
 	}
 	return n, nil

@@ -1,8 +1,8 @@
 package network
 
 import (
-	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -12,8 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/invokex/invokex/internal/harness/network/networktest"
 )
 
 func TestSlotAddrs(t *testing.T) {
@@ -66,142 +69,7 @@ func TestReadNameservers(t *testing.T) {
 	}
 }
 
-// world is what a test of the rules needs around a Manager: an "outside"
-// network namespace standing for the internet (TEST-NET-3, and a private
-// network), reachable from the host through a veth whose host end is not
-// a sandbox link, with a server in it, and a server on the host.
-type world struct {
-	outside    netns.NsHandle
-	public     string // the outside server on a public address
-	private    string // the same server on a private address
-	hostServer string // port of a server on all the host's addresses
-}
-
-const (
-	outsideHost    = "ixtest-o"
-	outsidePeer    = "ixtest-p"
-	outsidePublic  = "203.0.113.2"
-	outsidePrivate = "10.99.0.2"
-)
-
-func needRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, links and nftables rules")
-	}
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		t.Skip("no /dev/net/tun")
-	}
-}
-
-func newWorld(t *testing.T) *world {
-	t.Helper()
-	needRoot(t)
-	if l, err := netlink.LinkByName(outsideHost); err == nil {
-		netlink.LinkDel(l)
-	}
-	ns, err := newNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ns.Close() })
-	la := netlink.NewLinkAttrs()
-	la.Name = outsideHost
-	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: la, PeerName: outsidePeer, PeerNamespace: netlink.NsFd(int(ns))}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if l, err := netlink.LinkByName(outsideHost); err == nil {
-			netlink.LinkDel(l)
-		}
-	})
-	host, _ := netlink.LinkByName(outsideHost)
-	for _, a := range []string{"203.0.113.1/24", "10.99.0.1/24"} {
-		addr, _ := netlink.ParseAddr(a)
-		if err := netlink.AddrAdd(host, addr); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := netlink.LinkSetUp(host); err != nil {
-		t.Fatal(err)
-	}
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	peer, err := h.LinkByName(outsidePeer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, a := range []string{outsidePublic + "/24", outsidePrivate + "/24"} {
-		addr, _ := netlink.ParseAddr(a)
-		if err := h.AddrAdd(peer, addr); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := h.LinkSetUp(peer); err != nil {
-		t.Fatal(err)
-	}
-	// The outside knows the way to the sandboxes (as a LAN host could):
-	// only the firewall keeps it out.
-	_, sub, _ := net.ParseCIDR(testConfig().Subnet.String())
-	if err := h.RouteAdd(&netlink.Route{LinkIndex: peer.Attrs().Index, Dst: sub, Gw: net.ParseIP("203.0.113.1")}); err != nil {
-		t.Fatal(err)
-	}
-	w := &world{outside: ns}
-	var ln net.Listener
-	if err := inNS(ns, func() error {
-		var err error
-		ln, err = net.Listen("tcp", ":0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	serve(t, ln, "outside")
-	port := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
-	w.public, w.private = net.JoinHostPort(outsidePublic, port), net.JoinHostPort(outsidePrivate, port)
-	hl, err := net.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	serve(t, hl, "host")
-	w.hostServer = fmt.Sprint(hl.Addr().(*net.TCPAddr).Port)
-	return w
-}
-
-// serve answers each connection with name and the address it came from.
-func serve(t *testing.T, ln net.Listener, name string) {
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
-			fmt.Fprintf(c, "%s %s\n", name, host)
-			c.Close()
-		}
-	}()
-}
-
-// dialFrom connects to addr from namespace ns and returns the server's
-// line, or the error.
-func dialFrom(ns netns.NsHandle, addr string) (string, error) {
-	var line string
-	err := inNS(ns, func() error {
-		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		line, err = bufio.NewReader(c).ReadString('\n')
-		return err
-	})
-	return strings.TrimSpace(line), err
-}
+func needRoot(t *testing.T) { networktest.Skip(t) }
 
 func testConfig() Config {
 	return Config{Subnet: netip.MustParsePrefix("10.214.0.0/24")}
@@ -242,7 +110,8 @@ func sandboxProcess(t *testing.T) (int, netns.NsHandle) {
 }
 
 func TestAttach(t *testing.T) {
-	w := newWorld(t)
+	w := networktest.New(t, testConfig().Subnet)
+	hostPort := networktest.HostServer(t)
 	m, err := New(context.Background(), testConfig())
 	if err != nil {
 		t.Fatal(err)
@@ -265,42 +134,42 @@ func TestAttach(t *testing.T) {
 	}
 
 	// The internet is reachable, and sees the host's address.
-	line, err := dialFrom(nsA, w.public)
+	line, err := networktest.Dial(nsA, w.PublicAddr)
 	if err != nil || line != "outside 203.0.113.1" {
 		t.Errorf("sandbox to the outside: %q, %v; want the outside server seeing the host's address", line, err)
 	}
 	// Nothing of the host is.
 	hostTargets := []string{
-		net.JoinHostPort(a.HostAddr.Addr().String(), w.hostServer),
-		net.JoinHostPort("203.0.113.1", w.hostServer),
+		net.JoinHostPort(a.HostAddr.Addr().String(), hostPort),
+		net.JoinHostPort("203.0.113.1", hostPort),
 	}
-	if ip := hostIPv4(); ip != "" {
-		hostTargets = append(hostTargets, net.JoinHostPort(ip, w.hostServer))
+	if ip := networktest.HostIPv4(); ip != "" {
+		hostTargets = append(hostTargets, net.JoinHostPort(ip, hostPort))
 	}
 	for _, addr := range hostTargets {
-		if line, err := dialFrom(nsA, addr); err == nil {
+		if line, err := networktest.Dial(nsA, addr); err == nil {
 			t.Errorf("sandbox reached the host at %s: %q", addr, line)
 		}
 	}
 	// Nor private networks, nor other sandboxes.
-	if line, err := dialFrom(nsA, w.private); err == nil {
-		t.Errorf("sandbox reached the private %s: %q", w.private, line)
+	if line, err := networktest.Dial(nsA, w.PrivateAddr); err == nil {
+		t.Errorf("sandbox reached the private %s: %q", w.PrivateAddr, line)
 	}
 	var lnB net.Listener
-	if err := inNS(nsB, func() error {
+	if err := networktest.InNS(nsB, func() error {
 		var err error
 		lnB, err = net.Listen("tcp", ":0")
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	serve(t, lnB, "sandbox-b")
+	networktest.Serve(t, lnB, "sandbox-b")
 	addrB := net.JoinHostPort(b.SandboxAddr.Addr().String(), fmt.Sprint(lnB.Addr().(*net.TCPAddr).Port))
-	if line, err := dialFrom(nsA, addrB); err == nil {
+	if line, err := networktest.Dial(nsA, addrB); err == nil {
 		t.Errorf("sandbox A reached sandbox B at %s: %q", addrB, line)
 	}
 	// Nothing from outside gets in.
-	if line, err := dialFrom(w.outside, addrB); err == nil {
+	if line, err := networktest.Dial(w.NS, addrB); err == nil {
 		t.Errorf("the outside reached sandbox B at %s: %q", addrB, line)
 	}
 
@@ -311,14 +180,14 @@ func TestAttach(t *testing.T) {
 	if _, err := netlink.LinkByName(a.HostName); err == nil {
 		t.Errorf("%s still exists after Close", a.HostName)
 	}
-	if _, err := dialFrom(nsA, w.public); err == nil {
+	if _, err := networktest.Dial(nsA, w.PublicAddr); err == nil {
 		t.Errorf("a closed link still reaches the outside")
 	}
 }
 
 func TestAllow(t *testing.T) {
-	w := newWorld(t)
-	cfg := testConfig()
+	w := networktest.New(t, testConfig().Subnet)
+	cfg := Config{Subnet: netip.MustParsePrefix("10.215.0.0/24")}
 	cfg.Allow = []netip.Prefix{netip.MustParsePrefix("10.99.0.0/24")}
 	m, err := New(context.Background(), cfg)
 	if err != nil {
@@ -331,7 +200,7 @@ func TestAllow(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	if line, err := dialFrom(ns, w.private); err != nil || !strings.HasPrefix(line, "outside ") {
+	if line, err := networktest.Dial(ns, w.PrivateAddr); err != nil || !strings.HasPrefix(line, "outside ") {
 		t.Errorf("an allowed private destination: %q, %v", line, err)
 	}
 }
@@ -386,7 +255,8 @@ func TestLinkGoesWithTheSandbox(t *testing.T) {
 }
 
 func TestVMNet(t *testing.T) {
-	w := newWorld(t)
+	w := networktest.New(t, testConfig().Subnet)
+	hostPort := networktest.HostServer(t)
 	m, err := New(context.Background(), testConfig())
 	if err != nil {
 		t.Fatal(err)
@@ -418,10 +288,10 @@ func TestVMNet(t *testing.T) {
 		t.Errorf("%s has %v, want %s", TapName, addrs, GuestGateway)
 	}
 	// The namespace's own traffic leaves as the sandbox's would.
-	if line, err := dialFrom(ns, w.public); err != nil || line != "outside 203.0.113.1" {
+	if line, err := networktest.Dial(ns, w.PublicAddr); err != nil || line != "outside 203.0.113.1" {
 		t.Errorf("vm namespace to the outside: %q, %v", line, err)
 	}
-	if line, err := dialFrom(ns, net.JoinHostPort(v.HostAddr.Addr().String(), w.hostServer)); err == nil {
+	if line, err := networktest.Dial(ns, net.JoinHostPort(v.HostAddr.Addr().String(), hostPort)); err == nil {
 		t.Errorf("vm namespace reached the host: %q", line)
 	}
 
@@ -455,13 +325,65 @@ func TestVMNet(t *testing.T) {
 	}
 }
 
-// hostIPv4 is one of the host's non-loopback IPv4 addresses, if any.
-func hostIPv4() string {
-	addrs, _ := net.InterfaceAddrs()
-	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.IsLoopback() {
-			return n.IP.String()
+// TestManagersShareAHost: harnesses on one host share the subnet's table;
+// the last to close removes it and puts forwarding back as it was.
+func TestManagersShareAHost(t *testing.T) {
+	w := networktest.New(t, testConfig().Subnet)
+	forwardBefore, _ := os.ReadFile(ipForward)
+	m1, err := New(context.Background(), testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m1.Close()
+	m2, err := New(context.Background(), testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	other := testConfig()
+	other.Allow = []netip.Prefix{netip.MustParsePrefix("10.99.0.0/24")}
+	if m3, err := New(context.Background(), other); !errors.Is(err, ErrConflict) {
+		if m3 != nil {
+			m3.Close()
+		}
+		t.Errorf("a second Manager with other rules for the subnet: %v, want ErrConflict", err)
+	}
+	if err := m1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	pid, ns := sandboxProcess(t)
+	l, err := m2.Attach(context.Background(), pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if line, err := networktest.Dial(ns, w.PublicAddr); err != nil || line != "outside "+networktest.HostPublic {
+		t.Errorf("after the first Manager closed: %q, %v", line, err)
+	}
+	l.Close()
+	if err := m2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if tableExists(t, testConfig().Subnet) {
+		t.Errorf("the table is left after the last Manager closed")
+	}
+	if after, _ := os.ReadFile(ipForward); string(after) != string(forwardBefore) {
+		t.Errorf("ip_forward %q after the last Manager closed, %q before", after, forwardBefore)
+	}
+}
+
+func tableExists(t *testing.T, subnet netip.Prefix) bool {
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tb := range tables {
+		if tb.Name == tableName(subnet) {
+			return true
 		}
 	}
-	return ""
+	return false
 }

@@ -32,6 +32,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/pool"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 var _ driver.Driver = (*Driver)(nil)
@@ -71,6 +72,12 @@ type Options struct {
 	// of need, once the first Start has run (see newWarmPool); 0 means
 	// DefaultWarmSandboxes, negative none.
 	WarmSandboxes int
+	// Network, if set, gives a sandbox whose Spec.Network is true a
+	// network namespace of its own with a link to the outside (package
+	// network: the internet, not the host). Without it such a sandbox
+	// shares the host's network namespace, loopback services included
+	// (Describe says so). The caller owns it and closes it after the driver.
+	Network *network.Manager
 }
 
 // DefaultWarmSandboxes is Options.WarmSandboxes's default: enough for
@@ -147,6 +154,10 @@ func New(opts Options) (*Driver, error) {
 	if d.tmp, why = newTmpDisks(opts.StateDir, d.rootless); d.tmp == nil {
 		d.degradations = append(d.degradations,
 			"/tmp is a tmpfs, whose every byte is memory charged to the sandbox ("+why+")")
+	}
+	if opts.Network == nil {
+		d.degradations = append(d.degradations,
+			"sandboxes with a network share the host's: they reach its loopback services, this server's API included")
 	}
 	d.cg = newCgroupManager(opts.CgroupRoot, opts.CgroupParent, !d.rootless)
 	d.degradations = append(d.degradations, d.cg.degradations...)

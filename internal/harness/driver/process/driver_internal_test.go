@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -356,13 +357,13 @@ func TestWarmSandboxes(t *testing.T) {
 // reads; a frame that claims too much or ends early is refused.
 func TestConfigFrame(t *testing.T) {
 	in := sandboxConfig{ID: "ix-1", Hostname: "sandbox-ix-1", Root: "/s/ix-1/root", CodeDir: "/c",
-		MemoryMB: 256, EphemeralMB: 512, OwnNetwork: true}
+		MemoryMB: 256, EphemeralMB: 512, OwnNetwork: true, Nameservers: []string{"192.0.2.53"}}
 	b, err := encodeConfig(&in)
 	if err != nil {
 		t.Fatal(err)
 	}
 	out, err := readConfig(bytes.NewReader(b))
-	if err != nil || *out != in {
+	if err != nil || !reflect.DeepEqual(*out, in) {
 		t.Fatalf("readConfig = %+v, %v; want %+v", out, err, in)
 	}
 	if _, err := readConfig(bytes.NewReader(b[:len(b)-1])); err == nil {

@@ -50,8 +50,12 @@ type sandboxConfig struct {
 	RuntimeDir  string `json:"runtime_dir,omitempty"`
 	MemoryMB    int    `json:"memory_mb"`
 	EphemeralMB int    `json:"ephemeral_mb"`
-	// OwnNetwork: the sandbox has its own network namespace (loopback only).
+	// OwnNetwork: the sandbox has its own network namespace: loopback
+	// only, or loopback and the link the harness gave it (Options.Network).
 	OwnNetwork bool `json:"own_network"`
+	// Nameservers, if not nil, are /etc/resolv.conf's (the sandbox's own
+	// network's); nil copies the host's file.
+	Nameservers []string `json:"nameservers,omitempty"`
 	// TmpImage is the ext4 image to mount as /tmp (see tmpdisk_linux.go);
 	// "" for a tmpfs of EphemeralMB. TmpStaged: it is the image the init
 	// was started with (tmpImageEnv), which it may have mounted already.

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -218,6 +219,18 @@ func buildEtc(cfg *sandboxConfig, etc string) error {
 		"hosts": "127.0.0.1\tlocalhost " + cfg.Hostname + "\n" +
 			"::1\tlocalhost ip6-localhost ip6-loopback\n",
 		"hostname": cfg.Hostname + "\n",
+	}
+	if cfg.Nameservers != nil {
+		// The host's file may name loopback resolvers (or be a link to
+		// one's), which the sandbox's own network cannot reach.
+		var b strings.Builder
+		for _, ns := range cfg.Nameservers {
+			b.WriteString("nameserver " + ns + "\n")
+		}
+		generated["resolv.conf"] = b.String()
+		if err := os.Remove(filepath.Join(etc, "resolv.conf")); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("replacing /etc/resolv.conf: %w", err)
+		}
 	}
 	for name, content := range generated {
 		if err := os.WriteFile(filepath.Join(etc, name), []byte(content), 0o644); err != nil {

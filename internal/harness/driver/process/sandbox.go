@@ -18,6 +18,7 @@ import (
 	"github.com/invokex/invokex/internal/cpuset"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // sandbox is a started init and what it holds on the host: its state
@@ -48,6 +49,9 @@ type sandbox struct {
 	cpus    []int // from d.cpus, given back at destroy
 	pinned  bool  // cpus applied (at fork, or by assign)
 	log     *slog.Logger
+
+	// link is the sandbox's network (Options.Network), nil without.
+	link *network.Link
 
 	rec    *record
 	cmd    *exec.Cmd
@@ -129,6 +133,13 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 	if err := hostproc.WriteRecord(sb.dir, sb.rec); err != nil {
 		return err
 	}
+	if sb.ownsNetwork() && sb.network {
+		// The link goes with the namespace, so Recover needs no record
+		// of it: killing the sandbox removes it.
+		if sb.link, err = d.opts.Network.Attach(ctx, sb.rec.PID); err != nil {
+			return fmt.Errorf("connecting the sandbox's network: %w", err)
+		}
+	}
 	// The init waits for its config before it allocates anything of
 	// note (its /tmp mount's few KiB aside), so joining here puts the
 	// whole sandbox under the limits.
@@ -155,7 +166,7 @@ func (sb *sandbox) startInit(sandboxEnd *os.File, tmpImage string) error {
 	// the waiter must never hang).
 	cmd.WaitDelay = time.Second
 	flags := uintptr(unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS)
-	if !sb.network {
+	if sb.ownsNetwork() {
 		flags |= unix.CLONE_NEWNET
 	}
 	// Setsid: a sandbox is its own session, so a terminal's Ctrl-C (sent to
@@ -228,7 +239,8 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 		ID: spec.ID, Hostname: hostname(spec.ID), Root: filepath.Join(sb.dir, rootDirName),
 		CodeDir: spec.CodeDir, RuntimeDir: spec.RuntimeDir,
 		MemoryMB: spec.MemoryMB, EphemeralMB: spec.EphemeralMB,
-		OwnNetwork: !spec.Network, TmpImage: tmpImage, TmpStaged: staged,
+		OwnNetwork: sb.ownsNetwork(), Nameservers: sb.nameservers(),
+		TmpImage: tmpImage, TmpStaged: staged,
 	})
 	if err != nil {
 		return err
@@ -237,6 +249,23 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 		return sb.withStderr(fmt.Errorf("sending the sandbox its config: %w", err))
 	}
 	return sb.waitReady(ctx)
+}
+
+// ownsNetwork: the sandbox has a network namespace of its own, with
+// loopback only or, with Network, its link.
+func (sb *sandbox) ownsNetwork() bool { return !sb.network || sb.d.opts.Network != nil }
+
+// nameservers are the resolvers the sandbox's resolv.conf lists: those of
+// its link (the host's, loopback ones left out); nil to copy the host's.
+func (sb *sandbox) nameservers() []string {
+	if sb.link == nil {
+		return nil
+	}
+	out := []string{}
+	for _, a := range sb.link.DNS {
+		out = append(out, a.String())
+	}
+	return out
 }
 
 // rename names a warm sandbox's state directory and cgroups after the
@@ -323,6 +352,9 @@ func (sb *sandbox) destroy(ctx context.Context, grace time.Duration) error {
 		}
 	}
 	if err := destroyCgroups(context.WithoutCancel(ctx), sb.cgroups, killTimeout); err != nil {
+		errs = append(errs, err)
+	}
+	if err := sb.link.Close(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := removeStateDir(sb.dir); err != nil {
