@@ -36,13 +36,15 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/network"
+	"github.com/invokex/invokex/internal/harness/network/networktest"
 	"github.com/invokex/invokex/internal/protocol"
 )
 
 // Options adapts the suite to a driver. The zero value is the strictest
 // suite, which the process driver passes.
 type Options struct {
-	// Unsupported names subtests (top-level names, e.g. "NetworkShared")
+	// Unsupported names subtests (top-level names, e.g. "NetworkEgress")
 	// the driver cannot pass yet, each with the reason; they are skipped
 	// with that reason, never silently. A name the suite does not have
 	// fails it, so a renamed subtest cannot hide a skip.
@@ -110,7 +112,7 @@ func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir s
 		{"ForkBomb", s.testForkBomb},
 		{"ReadOnlyRoot", s.testReadOnlyRoot},
 		{"NetworkIsolated", s.testNetworkIsolated},
-		{"NetworkShared", s.testNetworkShared},
+		{"NetworkEgress", s.testNetworkEgress},
 		{"Shutdown", s.testShutdown},
 		{"StopRemovesEverything", s.testStopRemovesEverything},
 		{"StopIdempotent", s.testStopIdempotent},
@@ -636,21 +638,43 @@ func (s *suite) testNetworkIsolated(t *testing.T) {
 	}
 }
 
-func (s *suite) testNetworkShared(t *testing.T) {
-	ip := hostIPv4()
-	if ip == "" {
-		t.Skip("the host has no non-loopback IPv4 address to reach")
-	}
-	addr := hostListener(t, ip)
+// testNetworkEgress: a sandbox with Network reaches the internet (the
+// stand-in of package networktest) and nothing of the host: not its
+// addresses, not its private networks. The driver must use the default
+// sandbox subnet (network.DefaultSubnet).
+func (s *suite) testNetworkEgress(t *testing.T) {
+	w := networktest.New(t, network.DefaultSubnet)
+	port := networktest.HostServer(t)
 	e := s.env(t)
 	sp := e.spec()
 	sp.Network = true
 	sb := e.start(t, sp)
 	sb.init()
+	dial := func(addr string) string {
+		var o outcome
+		sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
+		return o.Error
+	}
+	if err := dial(w.PublicAddr); err != "" {
+		t.Errorf("a sandbox with Network cannot reach the internet's %s: %s", w.PublicAddr, err)
+	}
+	unreachable := []string{
+		w.PrivateAddr,
+		net.JoinHostPort(networktest.HostPublic, port),
+		net.JoinHostPort(networktest.HostPrivate, port),
+	}
+	if ip := hostIPv4(); ip != "" {
+		unreachable = append(unreachable, net.JoinHostPort(ip, port))
+	}
+	for _, addr := range unreachable {
+		if dial(addr) == "" {
+			t.Errorf("a sandbox with Network reached %s (the host, or a private network)", addr)
+		}
+	}
 	var o outcome
-	sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
-	if o.Error != "" {
-		t.Errorf("a sandbox with Network cannot reach the host's %s: %s", addr, o.Error)
+	sb.call(map[string]any{"action": "read-file", "path": "/etc/resolv.conf"}, &o)
+	if strings.Contains(o.Data, "nameserver 127.") {
+		t.Errorf("the sandbox's resolv.conf names a loopback resolver, its own loopback:\n%s", o.Data)
 	}
 }
 

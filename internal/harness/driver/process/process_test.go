@@ -10,6 +10,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/process"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // TestMain makes the test binary the sandbox init, as the invokex CLI's
@@ -22,8 +23,22 @@ func TestMain(m *testing.M) {
 }
 
 func TestDriver(t *testing.T) {
+	var opts drivertest.Options
+	unsupported := func(name, why string) {
+		if opts.Unsupported == nil {
+			opts.Unsupported = map[string]string{}
+		}
+		opts.Unsupported[name] = why
+	}
+	// One network manager for the test process, as for a server.
+	nm, err := network.New(context.Background(), network.Config{})
+	if err != nil {
+		unsupported("NetworkEgress", err.Error())
+	} else {
+		t.Cleanup(func() { nm.Close() })
+	}
 	newDriver := func(t *testing.T, stateDir string) driver.Driver {
-		d, err := process.New(process.Options{StateDir: stateDir, Logger: hostproctest.Logger(t)})
+		d, err := process.New(process.Options{StateDir: stateDir, Logger: hostproctest.Logger(t), Network: nm})
 		if err != nil {
 			t.Fatalf("New: %v", err)
 		}
@@ -31,11 +46,10 @@ func TestDriver(t *testing.T) {
 	}
 	// A driver that cannot give /tmp a disk (rootless, no loop devices,
 	// state in memory) says so, and its /tmp is memory.
-	var opts drivertest.Options
 	probe := newDriver(t, t.TempDir()).(*process.Driver)
 	for _, s := range probe.Describe() {
 		if strings.Contains(s, "/tmp is a tmpfs") {
-			opts.Unsupported = map[string]string{"TmpBeyondMemory": s}
+			unsupported("TmpBeyondMemory", s)
 		}
 	}
 	if err := probe.Close(context.Background()); err != nil {
