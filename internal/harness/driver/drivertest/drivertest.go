@@ -119,6 +119,7 @@ func RunWith(t *testing.T, opts Options, newDriver func(t *testing.T, stateDir s
 		{"StopWhileBusy", s.testStopWhileBusy},
 		{"RecoverAfterCrash", s.testRecoverAfterCrash},
 		{"Snapshot", s.testSnapshot},
+		{"SnapshotEgress", s.testSnapshotEgress},
 	}
 	for name := range opts.Unsupported {
 		known := false

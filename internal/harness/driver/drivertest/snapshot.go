@@ -4,12 +4,15 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/network"
+	"github.com/invokex/invokex/internal/harness/network/networktest"
 	"github.com/invokex/invokex/internal/protocol"
 )
 
@@ -92,5 +95,67 @@ func (s *suite) testSnapshot(t *testing.T) {
 
 	if _, err := sn.Restore(ctx, e.spec(), filepath.Join(t.TempDir(), "none")); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("Restore from no snapshot: %v, want ErrNotFound", err)
+	}
+}
+
+// testSnapshotEgress: instances restored from a snapshot of an instance
+// with Network reach the internet, two at once (every restore has the
+// saved guest's network configuration, so each must get a network of its
+// own that fits it), and still not the host.
+func (s *suite) testSnapshotEgress(t *testing.T) {
+	e := s.env(t)
+	sn, ok := e.d.(driver.Snapshotter)
+	if !ok {
+		t.Skipf("skipping: the %s driver takes no snapshots", e.d.Name())
+	}
+	w := networktest.New(t, network.DefaultSubnet)
+	port := networktest.HostServer(t)
+	spec := e.spec()
+	spec.Network, spec.ForSnapshot = true, true
+	orig := e.start(t, spec)
+	orig.init()
+	dir := filepath.Join(t.TempDir(), "snap")
+	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StartTimeout)
+	defer cancel()
+	if err := sn.Snapshot(ctx, spec.ID, dir); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	var restored []*sandbox
+	for k := 0; k < 2; k++ {
+		rs := e.spec()
+		rs.Network = true
+		inst, err := sn.Restore(ctx, rs, dir)
+		if err != nil {
+			t.Fatalf("Restore %d: %v", k, err)
+		}
+		t.Cleanup(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
+			defer cancel()
+			if err := e.d.Stop(sctx, rs.ID); err != nil {
+				t.Errorf("Stop(%s): %v", rs.ID, err)
+			}
+		})
+		sb := e.sandbox(t, rs, inst)
+		if err := sb.conn.WriteFrame(protocol.TypeRestore, protocol.Restore{Seed: make([]byte, 32), Hostname: "sandbox-" + rs.ID}); err != nil {
+			t.Fatalf("sending Restore: %v", err)
+		}
+		var done protocol.RestoreDone
+		if err := sb.read(protocol.TypeRestoreDone).Decode(&done); err != nil || done.Error != nil {
+			t.Fatalf("RestoreDone: %+v %v", done.Error, err)
+		}
+		restored = append(restored, sb)
+	}
+	for k, sb := range restored {
+		var o outcome
+		sb.call(map[string]any{"action": "dial", "addr": w.PublicAddr}, &o)
+		if o.Error != "" {
+			t.Errorf("restored instance %d cannot reach the internet's %s: %s", k, w.PublicAddr, o.Error)
+		}
+		o = outcome{}
+		addr := net.JoinHostPort(networktest.HostPublic, port)
+		sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
+		if o.Error == "" {
+			t.Errorf("restored instance %d reached the host's %s", k, addr)
+		}
 	}
 }

@@ -55,7 +55,8 @@ func TestDriver(t *testing.T) {
 	agent := agentBinary(t)
 	opts := drivertest.Options{
 		Unsupported: map[string]string{
-			"NetworkShared": "the test configures no tap device (Options.TapName)",
+			"NetworkEgress":  "the test configures no tap device (Options.TapName)",
+			"SnapshotEgress": "the test configures no tap device (Options.TapName)",
 		},
 		// The first Start builds the runtime's root image.
 		StartTimeout: 5 * time.Minute,

@@ -34,6 +34,7 @@ func TestDriver(t *testing.T) {
 	nm, err := network.New(context.Background(), network.Config{})
 	if err != nil {
 		unsupported("NetworkEgress", err.Error())
+		unsupported("SnapshotEgress", err.Error())
 	} else {
 		t.Cleanup(func() { nm.Close() })
 	}

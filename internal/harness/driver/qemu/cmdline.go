@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // Files in the instance directory. The driver creates all of them (QEMU
@@ -72,9 +74,13 @@ type vmConfig struct {
 	// clock from it (the RTC has only whole seconds), so deadlines the
 	// harness computes hold inside to the millisecond.
 	ClockUnixMs int64
-	// Network gives the guest a NIC on QEMU's user-mode network (see
-	// guestNet); without it the guest has loopback only.
+	// Network gives the guest a NIC: on a tap in a namespace of the VM's
+	// own (Tap; package network) or, without, on QEMU's user-mode network
+	// (see guestNet); without Network the guest has loopback only.
 	Network bool
+	Tap     bool   `json:",omitempty"`
+	TapFD   int    `json:"-"`
+	DNS     string `json:",omitempty"`
 	// Spare boots a spare VM (vmm.SpareMachine): its code disk is a
 	// placeholder of vmm.SpareCodeBytes (no descriptor) until assignment.
 	Spare bool `json:",omitempty"`
@@ -114,6 +120,13 @@ const (
 func guestNetParam() string {
 	// ip=client:server:gateway:netmask:hostname:device:autoconf:dns0
 	return "ip=" + guestNetIP + "::" + guestNetGateway + ":" + guestNetMask + "::eth0:off:" + guestNetDNS
+}
+
+// tapNetParam is ip= for a guest on its namespace's tap: the same address
+// in every VM (network.GuestAddr), dns the name server, if any.
+func tapNetParam(dns string) string {
+	mask := net.IP(net.CIDRMask(network.GuestPrefixLen, 32)).String()
+	return "ip=" + network.GuestAddr.String() + "::" + network.GuestGateway.String() + ":" + mask + "::eth0:off:" + dns
 }
 
 // kernelCmdline is the guest's kernel command line. The tuning follows
@@ -159,7 +172,9 @@ func (c vmConfig) kernelCmdline() string {
 	if c.ClockUnixMs > 0 {
 		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
 	}
-	if c.Network {
+	if c.Network && c.Tap {
+		parts = append(parts, tapNetParam(c.DNS))
+	} else if c.Network {
 		parts = append(parts, guestNetParam())
 	}
 	if c.AgentCPU {
@@ -225,7 +240,11 @@ func (c vmConfig) args() []string {
 		// by an idle agent, a runtime's freed heap) go back to the host.
 		"-device", "virtio-balloon-device,free-page-reporting=on",
 	}
-	if c.Network {
+	if c.Network && c.Tap {
+		a = append(a,
+			"-netdev", "tap,id=net,fd="+strconv.Itoa(c.TapFD),
+			"-device", "virtio-net-device,netdev=net,mac="+network.GuestMAC())
+	} else if c.Network {
 		a = append(a,
 			"-netdev", "user,id=net,ipv6=off,net="+guestNetIP+"/24,host="+guestNetGateway+",dns="+guestNetDNS,
 			"-device", "virtio-net-device,netdev=net")

@@ -33,13 +33,16 @@
 // # Network
 //
 // A VM has loopback only unless Spec.Network is set; then it gets a
-// virtio-net NIC on QEMU's user-mode network (slirp), configured by the
-// kernel (ip=) before init runs. Its connections leave as connections of
-// its QEMU process (so, like the process sandbox with Network, they can
-// reach the host's loopback services through the gateway address);
-// nothing can connect into the VM and VMs cannot reach each other. Slirp
-// costs CPU per packet; a tap-and-bridge setup would be faster but needs
-// host network configuration the driver does not make.
+// virtio-net NIC, configured by the kernel (ip=) before init runs. With
+// Options.Network (package network) the NIC's backend is a tap in a
+// network namespace of the VM's own, linked to the host, which forwards
+// and masquerades its traffic to the internet and keeps it from the host,
+// private networks and other VMs; the namespace (tap and link) goes when
+// QEMU exits. Every guest has the same address (network.GuestAddr), so a
+// snapshot's guest keeps working when restored into a new namespace.
+// Without Options.Network the backend is QEMU's user-mode network (slirp):
+// connections leave as QEMU's own, which can reach the host's loopback
+// services through the gateway address.
 //
 // # Recovery
 //
@@ -64,6 +67,7 @@ import (
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -133,6 +137,13 @@ type Options struct {
 	// only: memory of every VM traded for speed (see DefaultTCGCacheMB).
 	// 0: DefaultTCGCacheMB.
 	TCGCacheMB int
+	// Network, if set, gives a VM whose Spec.Network is true a network
+	// namespace of its own with a tap for its NIC and a link to the
+	// outside (package network: the internet, not the host). Without it
+	// such a VM's NIC is on QEMU's user-mode network, whose connections
+	// are QEMU's own and reach the host's services (Describe says so).
+	// The caller owns it and closes it after the driver.
+	Network *network.Manager
 }
 
 // DefaultTCGCacheMB is Options.TCGCacheMB's default. Under TCG every
@@ -310,6 +321,9 @@ func (d *Driver) Describe() []string {
 	}
 	if d.asRoot != "" && os.Geteuid() == 0 {
 		s = append(s, "qemu runs as root, not as a user per vm: "+d.asRoot)
+	}
+	if d.opts.Network == nil {
+		s = append(s, "vms with a network use qemu's user-mode network: they reach the host's services, this server's API included")
 	}
 	return s
 }

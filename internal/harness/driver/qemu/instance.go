@@ -14,6 +14,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // instance is one VM: the state every VM has (vmm.Instance) and QEMU's
@@ -30,6 +31,9 @@ type instance struct {
 	launched vmDisks
 	// rec is the VM's record, which Assign rewrites.
 	rec *record
+	// net is the VM's network namespace and tap (Options.Network and
+	// Spec.Network), nil without; Release closes it.
+	net *network.VMNet
 }
 
 var _ vmm.SpareMachine = (*instance)(nil)
@@ -78,6 +82,9 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 		MemoryMB: spec.MemoryMB, VCPUs: d.host.VCPUs(spec.MemoryMB), AgentCPU: d.host.AgentCPU(),
 		TSCkHz: d.tscKHz, KernelHz: d.kernelHz, TCGCacheMB: d.opts.TCGCacheMB,
 		Network: spec.Network, Spare: spare,
+	}
+	if err := i.connect(ctx, &cfg); err != nil {
+		return err
 	}
 	launched := time.Now()
 	var ram *os.File
@@ -264,6 +271,13 @@ func (i *instance) launch(cfg vmConfig, disks vmDisks, rec *vmm.Record, state, r
 		cfg.RAMFD = 3 + len(files)
 		files = append(files, ram)
 	}
+	if i.net != nil && i.net.Tap != nil {
+		// The tap lives while QEMU holds it (and its namespace until
+		// Release): the driver's copy is closed with the others.
+		cfg.TapFD = 3 + len(files)
+		files = append(files, i.net.Tap)
+		i.net.Tap = nil
+	}
 
 	cfg.ClockUnixMs = time.Now().UnixMilli()
 	cmd := exec.Command(d.opts.QEMUPath, cfg.args()...)
@@ -325,6 +339,34 @@ func (i *instance) Ask(ctx context.Context, grace time.Duration) {
 	}
 }
 
-// Release has nothing to do: all a VM holds besides its QEMU is in the
+// Release closes the VM's network (its namespace goes once QEMU, holding
+// the tap, has exited); all else a VM holds besides its QEMU is in the
 // instance directory, and its user is its slot's.
-func (i *instance) Release(context.Context) error { return nil }
+func (i *instance) Release(context.Context) error {
+	if i.net == nil {
+		return nil
+	}
+	err := i.net.Close()
+	i.net = nil
+	return err
+}
+
+// connect gives a VM whose cfg asks for a network its namespace and tap
+// when the driver has a network manager (else the VM uses QEMU's
+// user-mode network, which reaches the host).
+func (i *instance) connect(ctx context.Context, cfg *vmConfig) error {
+	mgr := i.d.opts.Network
+	if !cfg.Network || mgr == nil {
+		cfg.Tap = false
+		return nil
+	}
+	v, err := mgr.NewVMNet(ctx, network.TapOptions{})
+	if err != nil {
+		return fmt.Errorf("connecting the vm's network: %w", err)
+	}
+	i.net, cfg.Tap, cfg.DNS = v, true, ""
+	if dns := mgr.DNS(); len(dns) > 0 {
+		cfg.DNS = dns[0].String()
+	}
+	return nil
+}

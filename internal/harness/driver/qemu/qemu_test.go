@@ -17,6 +17,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
+	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/protocol"
 	"github.com/invokex/invokex/internal/runtimes"
 )
@@ -60,6 +61,13 @@ func TestDriver(t *testing.T) {
 			})
 		},
 	}
+	// One network manager for the test process, as for a server.
+	nm, err := network.New(context.Background(), network.Config{})
+	if err != nil {
+		opts.Unsupported = map[string]string{"NetworkEgress": err.Error(), "SnapshotEgress": err.Error()}
+	} else {
+		t.Cleanup(func() { nm.Close() })
+	}
 	drivertest.RunWith(t, opts, func(t *testing.T, stateDir string) driver.Driver {
 		d, err := qemu.New(qemu.Options{
 			StateDir:   stateDir,
@@ -68,6 +76,7 @@ func TestDriver(t *testing.T) {
 			KernelPath: kernel,
 			AgentBin:   agent,
 			Logger:     hostproctest.Logger(t),
+			Network:    nm,
 		})
 		if err != nil {
 			t.Fatalf("qemu.New: %v", err)

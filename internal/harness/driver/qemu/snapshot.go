@@ -205,6 +205,16 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	defer state.Close() // QEMU has its own copy
 	cfg := src.meta.Config
 	cfg.ID, cfg.Incoming = spec.ID, true
+	if cfg.Network && cfg.Tap {
+		// Every VM's guest side is the same (network.GuestAddr): the
+		// restored guest's configuration holds on a namespace of its own.
+		if i.d.opts.Network == nil {
+			return fmt.Errorf("the snapshot's vm had a tap network and this driver has no network manager")
+		}
+		if err := i.connect(ctx, &cfg); err != nil {
+			return err
+		}
+	}
 	var ram *os.File
 	if cfg.RAMFile {
 		ram, err = os.Open(filepath.Join(src.dir, snapRAM))
