@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"github.com/invokex/invokex/internal/harness/network"
 	"os"
 	"path/filepath"
 	"time"
@@ -23,6 +24,8 @@ type serverFlags struct {
 	jailer         string
 	warm           int
 	tcgCacheMB     int
+	sandboxSubnet  string
+	sandboxAllow   []string
 }
 
 func (f *serverFlags) register(cmd *cobra.Command) {
@@ -31,7 +34,9 @@ func (f *serverFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.driver, "driver", "auto", "sandbox driver: auto (the strongest isolation that works here: firecracker microVMs where KVM and firecracker are, else qemu microVMs where QEMU and a guest kernel are, else process), process, qemu or firecracker (VMs need `invokex guest kernel`)")
 	cmd.Flags().DurationVar(&f.keepAlive, "keep-alive", 10*time.Minute, "stop instances idle this long (scale to zero)")
 	cmd.Flags().IntVar(&f.concurrency, "default-concurrency", 100, "concurrent executions per function without reserved concurrency")
-	cmd.Flags().BoolVar(&f.sandboxNetwork, "sandbox-network", false, "give sandboxes the host's network (default: loopback only, so functions cannot reach this server or the host's services)")
+	cmd.Flags().BoolVar(&f.sandboxNetwork, "sandbox-network", false, "give functions a network as Lambda's (outside a VPC): the internet, but not this host, its private networks or other sandboxes (root; default: loopback only)")
+	cmd.Flags().StringVar(&f.sandboxSubnet, "sandbox-subnet", "", "with --sandbox-network: IPv4 network of the sandboxes' links, a /30 each (default "+network.DefaultSubnet.String()+")")
+	cmd.Flags().StringSliceVar(&f.sandboxAllow, "sandbox-allow", nil, "with --sandbox-network: private networks functions may reach anyway (CIDR, repeatable)")
 	cmd.Flags().IntVar(&f.warm, "warm-sandboxes", 0, "sandboxes the driver keeps started ahead of need, so cold starts skip the start: warm sandboxes (process driver, default 2) or spare VMs booted for the shape asked for last (qemu, firecracker; default 1, each costs what an idle VM does); -1 for none")
 	cmd.Flags().IntVar(&f.tcgCacheMB, "tcg-cache-mb", 0, "qemu driver under software emulation (no KVM): MiB of translated code each VM keeps, each MiB a MiB of every VM's host memory; smaller evicts more and translates again (default 24)")
 	cmd.Flags().IntVar(&f.asyncWorkers, "async-workers", 8, "workers running Event invocations")
@@ -47,6 +52,8 @@ func (f *serverFlags) config(g *globals) server.Config {
 		KeepAlive:          f.keepAlive,
 		DefaultConcurrency: f.concurrency,
 		SandboxNetwork:     f.sandboxNetwork,
+		SandboxSubnet:      f.sandboxSubnet,
+		SandboxAllow:       f.sandboxAllow,
 		AsyncWorkers:       f.asyncWorkers,
 		FirecrackerPath:    f.firecracker,
 		JailerPath:         f.jailer,

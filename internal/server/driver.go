@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"errors"
+	"net/netip"
 	"fmt"
 	"log/slog"
 	"os"
@@ -16,6 +18,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/process"
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // newDriver creates the sandbox driver cfg.Driver names. "auto" picks the
@@ -24,7 +27,7 @@ import (
 // microVMs when QEMU, a guest kernel and a static agent are there (KVM or,
 // failing that, software emulation), else the process sandbox. The choice
 // and the reason for it are logged once.
-func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver, error) {
+func newDriver(ctx context.Context, cfg Config, nm *network.Manager, log *slog.Logger) (driver.Driver, error) {
 	agent, err := findAgent(ctx, cfg, log)
 	if err != nil {
 		return nil, err
@@ -32,9 +35,9 @@ func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver
 	dlog := cfg.Logger.With("component", "driver")
 	switch cfg.Driver {
 	case "process":
-		return newProcessDriver(cfg, agent, dlog)
+		return newProcessDriver(cfg, agent, nm, dlog)
 	case "qemu":
-		return newQEMUDriver(cfg, agent, dlog)
+		return newQEMUDriver(cfg, agent, nm, dlog)
 	case "firecracker":
 		return newFirecrackerDriver(cfg, agent, dlog)
 	case "auto":
@@ -48,12 +51,12 @@ func newDriver(ctx context.Context, cfg Config, log *slog.Logger) (driver.Driver
 		}
 		if why := qemuMissing(agent); why != "" {
 			log.Info("driver auto: process sandbox", "reason", why)
-			return newProcessDriver(cfg, agent, dlog)
+			return newProcessDriver(cfg, agent, nm, dlog)
 		}
-		d, err := newQEMUDriver(cfg, agent, dlog)
+		d, err := newQEMUDriver(cfg, agent, nm, dlog)
 		if err != nil {
 			log.Warn("driver auto: qemu unusable, falling back to the process sandbox", "err", err)
-			return newProcessDriver(cfg, agent, dlog)
+			return newProcessDriver(cfg, agent, nm, dlog)
 		}
 		log.Info("driver auto: qemu microVMs", "describe", describe(d))
 		return d, nil
@@ -151,11 +154,12 @@ func ProcessStateDir(dataDir string) string { return filepath.Join(dataDir, "san
 // QEMUStateDir is the qemu driver's state directory under dataDir.
 func QEMUStateDir(dataDir string) string { return filepath.Join(dataDir, "vms") }
 
-func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
+func newProcessDriver(cfg Config, agent string, nm *network.Manager, log *slog.Logger) (driver.Driver, error) {
 	d, err := process.New(process.Options{
 		StateDir:      ProcessStateDir(cfg.DataDir),
 		InitCommand:   []string{agent, process.InitArg},
 		WarmSandboxes: cfg.WarmSandboxes,
+		Network:       nm,
 		Logger:        log,
 	})
 	if err != nil {
@@ -164,18 +168,53 @@ func newProcessDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver
 	return d, nil
 }
 
-func newQEMUDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
+func newQEMUDriver(cfg Config, agent string, nm *network.Manager, log *slog.Logger) (driver.Driver, error) {
 	d, err := qemu.New(qemu.Options{
 		StateDir:   QEMUStateDir(cfg.DataDir),
 		SpareVMs:   cfg.WarmSandboxes,
 		TCGCacheMB: cfg.TCGCacheMB,
 		AgentBin:   agent,
+		Network:    nm,
 		Logger:     log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating qemu driver: %w", err)
 	}
 	return d, nil
+}
+
+// newNetwork makes the sandboxes' network manager when cfg asks for
+// networking; nil when it does not, or when the host cannot (not root):
+// then sandboxes with a network share the host's, which is warned about.
+func newNetwork(ctx context.Context, cfg Config, log *slog.Logger) (*network.Manager, error) {
+	if !cfg.SandboxNetwork {
+		return nil, nil
+	}
+	var ncfg network.Config
+	if cfg.SandboxSubnet != "" {
+		p, err := netip.ParsePrefix(cfg.SandboxSubnet)
+		if err != nil {
+			return nil, fmt.Errorf("--sandbox-subnet: %w", err)
+		}
+		ncfg.Subnet = p
+	}
+	for _, a := range cfg.SandboxAllow {
+		p, err := netip.ParsePrefix(a)
+		if err != nil {
+			return nil, fmt.Errorf("--sandbox-allow: %w", err)
+		}
+		ncfg.Allow = append(ncfg.Allow, p)
+	}
+	nm, err := network.New(ctx, ncfg)
+	if errors.Is(err, network.ErrUnavailable) {
+		log.Warn("sandboxes share the host's network: functions can reach this server's API and every loopback service, including other sandboxes' Runtime APIs; use only with trusted functions", "reason", err)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sandbox network: %w", err)
+	}
+	log.Info("sandbox network", "describe", nm.Describe())
+	return nm, nil
 }
 
 func describe(d driver.Driver) string {

@@ -52,8 +52,14 @@ type Config struct {
 	KeepAlive time.Duration
 	// DefaultConcurrency caps a function without reserved concurrency.
 	DefaultConcurrency int
-	// SandboxNetwork gives sandboxes the host's network (off: loopback only).
+	// SandboxNetwork gives sandboxes a network of their own with the
+	// internet behind it (package network; off: loopback only), or, where
+	// the host cannot (not root), the host's network.
 	SandboxNetwork bool
+	// SandboxSubnet ("" for network.DefaultSubnet) and SandboxAllow (CIDR
+	// networks) configure it.
+	SandboxSubnet string
+	SandboxAllow  []string
 	// WarmSandboxes is how many sandboxes the driver keeps started ahead
 	// of need (process.Options.WarmSandboxes, the VM drivers' SpareVMs):
 	// 0 the driver's default, negative none.
@@ -130,7 +136,15 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 		return fmt.Errorf("opening blob store: %w", err)
 	}
 
-	drv, err := newDriver(ctx, cfg, log)
+	nm, err := newNetwork(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	if nm != nil {
+		// Closed after the driver (closers run in reverse).
+		closers = append(closers, func(context.Context) error { return nm.Close() })
+	}
+	drv, err := newDriver(ctx, cfg, nm, log)
 	if err != nil {
 		return err
 	}
@@ -138,9 +152,6 @@ func Run(ctx context.Context, cfg Config) (retErr error) {
 		closers = append(closers, c.Close)
 	}
 
-	if cfg.SandboxNetwork {
-		log.Warn("sandboxes share the host's network: functions can reach this server's API and every loopback service, including other sandboxes' Runtime APIs; use only with trusted functions")
-	}
 	reg := prometheus.NewRegistry()
 	h, err := harness.New(harness.Config{
 		Driver:             drv,
