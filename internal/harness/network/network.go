@@ -56,6 +56,15 @@ var (
 	GuestPrefixLen = 30
 )
 
+// KernelIP is the guest kernel's ip= parameter for a VM on its
+// namespace's tap (CONFIG_IP_PNP: eth0 configured before init runs), with
+// dns its name server ("" for none).
+func KernelIP(dns string) string {
+	mask := net.IP(net.CIDRMask(GuestPrefixLen, 32)).String()
+	// ip=client:server:gateway:netmask:hostname:device:autoconf:dns0
+	return "ip=" + GuestAddr.String() + "::" + GuestGateway.String() + ":" + mask + "::eth0:off:" + dns
+}
+
 // TapName is the tap in a VM's namespace.
 const TapName = "tap0"
 

@@ -28,10 +28,21 @@ type Forker struct {
 }
 
 type forkReq struct {
-	cmd  *exec.Cmd
-	cpus []int
-	nice int
-	err  chan error
+	cmd *exec.Cmd
+	Placement
+	err chan error
+}
+
+// Placement is where a child starts: what it inherits from the forking
+// thread at clone, before it runs any code.
+type Placement struct {
+	// CPUs is its CPU affinity (nil: the process's).
+	CPUs []int
+	// Nice is its CPU priority (see StartNice).
+	Nice int
+	// NetNS, if > 0, is a descriptor of the network namespace it starts
+	// in (the thread joins it for the clone and goes back).
+	NetNS int
 }
 
 // NewForker starts the Forker's thread.
@@ -46,7 +57,9 @@ func (f *Forker) loop() {
 	for r := range f.reqs {
 		// The child inherits the thread's narrowed mask and its nice
 		// value at clone.
-		r.err <- cpuset.OnThread(r.cpus, func() error { return withNice(r.nice, r.cmd.Start) })
+		r.err <- cpuset.OnThread(r.CPUs, func() error {
+			return withNice(r.Nice, func() error { return withNetNS(r.NetNS, r.cmd.Start) })
+		})
 	}
 	// Every child is gone (see Close): hand the thread back to the
 	// runtime instead of ending it.
@@ -64,8 +77,16 @@ func (f *Forker) Start(cmd *exec.Cmd) error {
 // and children have it; setting it from outside afterwards would race with
 // the threads the child's runtime starts.
 func (f *Forker) StartOn(cmd *exec.Cmd, cpus []int) error {
+	return f.StartPlaced(cmd, Placement{CPUs: cpus})
+}
+
+// StartPlaced is Start with the child placed as p says.
+func (f *Forker) StartPlaced(cmd *exec.Cmd, p Placement) error {
+	if p.Nice != 0 && !canRenice() {
+		p.Nice = 0
+	}
 	ch := make(chan error, 1)
-	f.reqs <- forkReq{cmd: cmd, cpus: cpus, err: ch}
+	f.reqs <- forkReq{cmd: cmd, Placement: p, err: ch}
 	return <-ch
 }
 
@@ -76,12 +97,7 @@ func (f *Forker) StartOn(cmd *exec.Cmd, cpus []int) error {
 // CAP_SYS_NICE (root), since the thread's priority must be restored;
 // without it the child runs at normal priority.
 func (f *Forker) StartNice(cmd *exec.Cmd, nice int) error {
-	if !canRenice() {
-		nice = 0
-	}
-	ch := make(chan error, 1)
-	f.reqs <- forkReq{cmd: cmd, nice: nice, err: ch}
-	return <-ch
+	return f.StartPlaced(cmd, Placement{Nice: nice})
 }
 
 // Close ends the Forker; Start must not be called afterwards. Calling
@@ -112,6 +128,30 @@ func withNice(nice int, fn func() error) error {
 	ferr := fn()
 	if err := unix.Setpriority(unix.PRIO_PROCESS, tid, 20-old); err != nil {
 		panic(fmt.Sprintf("hostproc: restoring the fork thread's priority: %v", err))
+	}
+	return ferr
+}
+
+// withNetNS runs fn with the calling (locked) thread in the network
+// namespace ns (a descriptor; <= 0: as is), then puts it back. A thread
+// that could not go back would start every later child there: that
+// panics, as withNice does. Threads the runtime starts meanwhile come
+// from its template thread (the caller is locked), not from this one.
+func withNetNS(ns int, fn func() error) error {
+	if ns <= 0 {
+		return fn()
+	}
+	orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening the fork thread's network namespace: %w", err)
+	}
+	defer unix.Close(orig)
+	if err := unix.Setns(ns, unix.CLONE_NEWNET); err != nil {
+		return fmt.Errorf("entering the child's network namespace: %w", err)
+	}
+	ferr := fn()
+	if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
+		panic(fmt.Sprintf("hostproc: returning the fork thread to its network namespace: %v", err))
 	}
 	return ferr
 }

@@ -207,3 +207,53 @@ func TestForkerStartNice(t *testing.T) {
 		t.Errorf("after Renice(0) the child runs at nice %d", got)
 	}
 }
+
+// TestForkerStartInNetNS: a child placed in a network namespace starts
+// there, and the Forker's next child in the process's own again.
+func TestForkerStartInNetNS(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: entering a network namespace needs root")
+	}
+	holder := exec.Command("unshare", "--net", "sleep", "60")
+	if err := holder.Start(); err != nil {
+		t.Skipf("unshare: %v", err)
+	}
+	defer func() { holder.Process.Kill(); holder.Wait() }()
+	self, _ := os.Readlink("/proc/self/ns/net")
+	nsPath := fmt.Sprintf("/proc/%d/ns/net", holder.Process.Pid)
+	var want string
+	for range 200 {
+		if want, _ = os.Readlink(nsPath); want != "" && want != self {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if want == self {
+		t.Fatal("unshare never left the process's namespace")
+	}
+	ns, err := os.Open(nsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	f := NewForker()
+	defer f.Close()
+	start := func(p Placement) string {
+		c := exec.Command("sleep", "30")
+		if err := f.StartPlaced(c, p); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { c.Process.Kill(); c.Wait() }()
+		got, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", c.Process.Pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if got := start(Placement{NetNS: int(ns.Fd())}); got != want {
+		t.Errorf("child placed in %s runs in %s", want, got)
+	}
+	if got := start(Placement{}); got != self {
+		t.Errorf("the next child runs in %s, not the process's %s", got, self)
+	}
+}

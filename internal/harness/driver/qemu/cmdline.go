@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -122,13 +121,6 @@ func guestNetParam() string {
 	return "ip=" + guestNetIP + "::" + guestNetGateway + ":" + guestNetMask + "::eth0:off:" + guestNetDNS
 }
 
-// tapNetParam is ip= for a guest on its namespace's tap: the same address
-// in every VM (network.GuestAddr), dns the name server, if any.
-func tapNetParam(dns string) string {
-	mask := net.IP(net.CIDRMask(network.GuestPrefixLen, 32)).String()
-	return "ip=" + network.GuestAddr.String() + "::" + network.GuestGateway.String() + ":" + mask + "::eth0:off:" + dns
-}
-
 // kernelCmdline is the guest's kernel command line. The tuning follows
 // what was measured under TCG (docs in shared/reference/qemu-tcg.md):
 // quiet, no keyboard controller probing, the TSC trusted and its rate
@@ -173,7 +165,7 @@ func (c vmConfig) kernelCmdline() string {
 		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
 	}
 	if c.Network && c.Tap {
-		parts = append(parts, tapNetParam(c.DNS))
+		parts = append(parts, network.KernelIP(c.DNS))
 	} else if c.Network {
 		parts = append(parts, guestNetParam())
 	}

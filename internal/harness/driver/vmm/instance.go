@@ -44,6 +44,9 @@ type Instance struct {
 
 	stopOnce sync.Once
 	stopErr  error
+	// netns is the network namespace Launch starts the VMM in (0: the
+	// harness's).
+	netns int
 }
 
 // hostRef is what an Instance needs of its Host, which is generic.
@@ -136,11 +139,11 @@ func (i *Instance) Launch(cmd *exec.Cmd, rec *Record) error {
 	cmd.Stderr = i.stderr
 	// Bounds cmd.Wait if something kept the pipes open after the VMM died.
 	cmd.WaitDelay = time.Second
-	start := i.host.forker().Start
+	place := hostproc.Placement{NetNS: i.netns}
 	if i.spare {
-		start = func(cmd *exec.Cmd) error { return i.host.forker().StartNice(cmd, SpareNice) }
+		place.Nice = SpareNice
 	}
-	if err := start(cmd); err != nil {
+	if err := i.host.forker().StartPlaced(cmd, place); err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
 	i.cmd = cmd
@@ -158,6 +161,11 @@ func (i *Instance) Launch(cmd *exec.Cmd, rec *Record) error {
 	rec.PID, rec.StartTime = p.PID, p.StartTime
 	return nil
 }
+
+// StartInNetNS makes Launch start the VMM in the network namespace ns (a
+// descriptor the machine keeps open until the VMM has started), for a VMM
+// that opens its tap by name (package network's VM namespaces).
+func (i *Instance) StartInNetNS(ns int) { i.netns = ns }
 
 // WithOutput adds what the VMM and the guest's console said last to err,
 // an error of the VM's start, first waiting a moment (Config.ExitWait)
