@@ -39,11 +39,11 @@ func newDriver(ctx context.Context, cfg Config, nm *network.Manager, log *slog.L
 	case "qemu":
 		return newQEMUDriver(cfg, agent, nm, dlog)
 	case "firecracker":
-		return newFirecrackerDriver(cfg, agent, dlog)
+		return newFirecrackerDriver(cfg, agent, nm, dlog)
 	case "auto":
 		if why := firecrackerMissing(ctx, cfg, agent); why != "" {
 			log.Info("driver auto: not firecracker", "reason", why)
-		} else if d, err := newFirecrackerDriver(cfg, agent, dlog); err != nil {
+		} else if d, err := newFirecrackerDriver(cfg, agent, nm, dlog); err != nil {
 			log.Warn("driver auto: firecracker unusable", "err", err)
 		} else {
 			log.Info("driver auto: firecracker microVMs", "describe", describe(d))
@@ -132,13 +132,14 @@ func firecrackerMissing(ctx context.Context, cfg Config, agent string) string {
 	return ""
 }
 
-func newFirecrackerDriver(cfg Config, agent string, log *slog.Logger) (driver.Driver, error) {
+func newFirecrackerDriver(cfg Config, agent string, nm *network.Manager, log *slog.Logger) (driver.Driver, error) {
 	d, err := firecracker.New(firecracker.Options{
 		StateDir:        filepath.Join(cfg.DataDir, "firecracker"),
 		FirecrackerPath: cfg.FirecrackerPath,
 		JailerPath:      cfg.JailerPath,
 		SpareVMs:        cfg.WarmSandboxes,
 		AgentBin:        agent,
+		Network:         nm,
 		Logger:          log,
 	})
 	if err != nil {

@@ -56,13 +56,22 @@ var (
 	GuestPrefixLen = 30
 )
 
-// KernelIP is the guest kernel's ip= parameter for a VM on its
-// namespace's tap (CONFIG_IP_PNP: eth0 configured before init runs), with
-// dns its name server ("" for none).
+// KernelIP is the value of the guest kernel's ip= parameter for a VM on
+// its namespace's tap (CONFIG_IP_PNP: eth0 configured before init runs),
+// with dns its name server ("" for none).
 func KernelIP(dns string) string {
 	mask := net.IP(net.CIDRMask(GuestPrefixLen, 32)).String()
-	// ip=client:server:gateway:netmask:hostname:device:autoconf:dns0
-	return "ip=" + GuestAddr.String() + "::" + GuestGateway.String() + ":" + mask + "::eth0:off:" + dns
+	// client:server:gateway:netmask:hostname:device:autoconf:dns0
+	return GuestAddr.String() + "::" + GuestGateway.String() + ":" + mask + "::eth0:off:" + dns
+}
+
+// FirstDNS is the first of dns as text, "" if none: the one name server a
+// VM's kernel takes from ip=.
+func FirstDNS(dns []netip.Addr) string {
+	if len(dns) == 0 {
+		return ""
+	}
+	return dns[0].String()
 }
 
 // TapName is the tap in a VM's namespace.

@@ -61,6 +61,7 @@ import (
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/runtimes"
 )
 
@@ -143,6 +144,13 @@ type Options struct {
 	// VM, with "{slot}" replaced as in TapName, e.g.
 	// "172.16.{slot}.2::172.16.{slot}.1:255.255.255.0::eth0:off".
 	GuestIP string
+	// Network, instead of TapName and NetNS, has the driver make each
+	// such VM's network itself (package network): a namespace of the VM's
+	// own with a tap (owned by the jailed user) and a link to the outside,
+	// Firecracker started in it. Such VMs can be snapshotted: every guest
+	// has the same address. The caller owns it and closes it after the
+	// driver.
+	Network *network.Manager
 }
 
 // Driver is the Firecracker driver. See package driver for the contract.
@@ -222,6 +230,9 @@ func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 	} else if opts.NetNS != "" {
 		return nil, fmt.Errorf("firecracker driver: NetNS needs the jailer: %w", errdefs.ErrInvalidParameter)
 	}
+	if opts.Network != nil && (opts.TapName != "" || opts.NetNS != "") {
+		return nil, fmt.Errorf("firecracker driver: Network makes the VMs' namespaces and taps; TapName and NetNS are for taps made by the operator: %w", errdefs.ErrInvalidParameter)
+	}
 	if err := vmm.CheckKernel("firecracker", opts.KernelPath); err != nil {
 		return nil, err
 	}
@@ -275,7 +286,7 @@ func (d *Driver) Describe() []string {
 	} else if d.cgroups.Version == 0 {
 		s = append(s, "jailed vms have no cgroup limits: "+d.cgroups.why)
 	}
-	if d.opts.TapName == "" {
+	if d.opts.TapName == "" && d.opts.Network == nil {
 		s = append(s, "no guest network: Spec.Network is ignored (no TapName configured) and VMs have loopback only")
 	}
 	return s

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,6 +19,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
@@ -157,7 +160,32 @@ func fakeFirecracker(args []string) int {
 	}
 }
 
+// openTap attaches to the tap name in the stand-in's network namespace as
+// Firecracker does (its flags; usable by the stand-in's user), and keeps
+// it open. The tap must exist: Firecracker as root would create a missing
+// one, which would hide a driver that made none.
+func (v *fakeVM) openTap(name string) error {
+	if _, err := net.InterfaceByName(name); err != nil {
+		return fmt.Errorf("Could not create the network device: %s: %v", name, err)
+	}
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err == nil {
+		var ifr *unix.Ifreq
+		if ifr, err = unix.NewIfreq(name); err == nil {
+			ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+			err = unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("Could not create the network device: Open tap device failed: %s: %v", name, err)
+	}
+	v.tapFD = fd
+	return nil
+}
+
 type fakeVM struct {
+	tapFD         int    // mode "tap": the tap it opened
+	tap           string // the network interface's host_dev_name
 	id, mode, log string
 	resolve       func(string) string
 	quit          chan int
@@ -360,6 +388,12 @@ func (v *fakeVM) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case strings.HasPrefix(path, "/network-interfaces/"):
 		if err = checkSchema("NetworkInterface", body); err == nil && body["iface_id"] != strings.TrimPrefix(path, "/network-interfaces/") {
 			err = fmt.Errorf("the id from the path does not match the id from the body")
+		}
+		if err == nil && v.mode == "tap" {
+			err = v.openTap(body["host_dev_name"].(string))
+		}
+		if err == nil {
+			v.tap = body["host_dev_name"].(string)
 		}
 	case path == "/logger":
 		if err = checkSchema("Logger", body); err == nil {
@@ -674,9 +708,17 @@ func fakeJailer(args []string) int {
 	b, _ := json.Marshal(args)
 	os.WriteFile(filepath.Join(chroot, fakeJailerArgs), b, 0o600)
 	if ns := opts["--netns"]; ns != "" {
-		if _, err := os.Stat(ns); err != nil {
+		// As the jailer does: this thread joins the namespace and execs
+		// Firecracker from it.
+		f, err := os.Open(ns)
+		if err != nil {
 			return fail("netns: %v", err)
 		}
+		runtime.LockOSThread()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			return fail("netns: %v", err)
+		}
+		f.Close()
 	}
 	if len(cgroups) > 0 {
 		ver, _ := strconv.Atoi(opts["--cgroup-version"])

@@ -37,6 +37,9 @@ type fakeState struct {
 	Drives   map[string]string `json:"drives"` // drive id -> path_on_host
 	UDSPath  string            `json:"uds_path"`
 	MemMiB   int               `json:"mem_mib"`
+	// Tap is the network interface's host_dev_name, "" without one: a
+	// load opens it again, as Firecracker does.
+	Tap string `json:"tap,omitempty"`
 	// Requests is what the VM was sent up to the snapshot (its own
 	// request log goes with its instance directory).
 	Requests []loggedRequest `json:"requests"`
@@ -128,7 +131,7 @@ func (v *fakeVM) createSnapshot(req map[string]any) error {
 	if v.mode == "snapfail" {
 		return fmt.Errorf("Cannot create snapshot: fake failure")
 	}
-	st := fakeState{ID: v.id, BootArgs: v.bootArgs, Drives: v.paths, UDSPath: v.udsPath, MemMiB: v.memMiB, Requests: v.history}
+	st := fakeState{ID: v.id, BootArgs: v.bootArgs, Drives: v.paths, UDSPath: v.udsPath, MemMiB: v.memMiB, Tap: v.tap, Requests: v.history}
 	if v.restored {
 		st.ID = v.from
 	}
@@ -184,6 +187,11 @@ func (v *fakeVM) loadSnapshot(req map[string]any) error {
 	for id, p := range st.Drives {
 		if _, err := os.Stat(v.resolve(p)); err != nil {
 			return fmt.Errorf("Failed to restore block device %s: %v", id, err)
+		}
+	}
+	if st.Tap != "" {
+		if err := v.openTap(st.Tap); err != nil {
+			return err
 		}
 	}
 	l, err := listenUnixLong(v.resolve(st.UDSPath))

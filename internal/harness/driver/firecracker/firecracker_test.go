@@ -14,6 +14,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/firecracker"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 )
 
@@ -54,12 +55,15 @@ func TestDriver(t *testing.T) {
 	}
 	agent := agentBinary(t)
 	opts := drivertest.Options{
-		Unsupported: map[string]string{
-			"NetworkEgress":  "the test configures no tap device (Options.TapName)",
-			"SnapshotEgress": "the test configures no tap device (Options.TapName)",
-		},
 		// The first Start builds the runtime's root image.
 		StartTimeout: 5 * time.Minute,
+	}
+	// One network manager for the test process, as for a server.
+	nm, err := network.New(context.Background(), network.Config{})
+	if err != nil {
+		opts.Unsupported = map[string]string{"NetworkEgress": err.Error(), "SnapshotEgress": err.Error()}
+	} else {
+		t.Cleanup(func() { nm.Close() })
 	}
 	drivertest.RunWith(t, opts, func(t *testing.T, stateDir string) driver.Driver {
 		d, err := firecracker.New(firecracker.Options{
@@ -70,6 +74,7 @@ func TestDriver(t *testing.T) {
 			KernelPath:      kernel,
 			AgentBin:        agent,
 			Logger:          hostproctest.Logger(t),
+			Network:         nm,
 		})
 		if err != nil {
 			t.Fatalf("firecracker.New: %v", err)

@@ -2,6 +2,7 @@ package firecracker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // instance is one VM: the state every VM has (vmm.Instance) and
@@ -47,6 +49,9 @@ type instance struct {
 	// obs drains Firecracker's logger and metrics pipes (observe.go); set
 	// by Boot before Firecracker starts, closed by Release after it ended.
 	obs *observer
+	// vnet is the VM's namespace and tap (Options.Network), nil without;
+	// Release closes it.
+	vnet *network.VMNet
 }
 
 var _ vmm.SpareMachine = (*instance)(nil)
@@ -98,7 +103,7 @@ func (i *instance) BootSpare(ctx context.Context, spec driver.Spec) error {
 func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error {
 	d := i.d
 	i.spec = spec
-	if spec.Network && d.opts.TapName == "" {
+	if spec.Network && d.opts.TapName == "" && d.opts.Network == nil {
 		d.warnOnce(&d.warnedNetwk, "sandbox network requested but no tap is configured: vms get loopback only")
 	}
 	i.rec = &record{Record: vmm.NewRecord(spec), Firecracker: d.opts.FirecrackerPath, Jailer: d.opts.JailerPath}
@@ -135,6 +140,9 @@ func (i *instance) boot(ctx context.Context, spec driver.Spec, spare bool) error
 		uid, gid = i.jail.UID, i.jail.GID
 	}
 	if err := i.observe(uid, gid); err != nil {
+		return err
+	}
+	if err := i.connect(ctx, spec, uid, gid); err != nil {
 		return err
 	}
 	launched := time.Now()
@@ -391,7 +399,12 @@ func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles, s
 	d := i.d
 	boot := bootConfig{ID: spec.ID, AgentCPU: d.host.AgentCPU(), Spare: spare}
 	var nic *networkInterface
-	if spec.Network && d.opts.TapName != "" {
+	switch {
+	case i.vnet != nil:
+		nic = &networkInterface{IfaceID: "eth0", HostDevName: network.TapName, GuestMAC: network.GuestMAC()}
+		boot.IP = network.KernelIP(network.FirstDNS(i.vnet.DNS))
+		i.nic = true
+	case spec.Network && d.opts.TapName != "":
 		nic = &networkInterface{IfaceID: "eth0", HostDevName: slotString(d.opts.TapName, i.Slot()), GuestMAC: guestMAC(i.Slot())}
 		boot.IP = slotString(d.opts.GuestIP, i.Slot())
 		i.nic = true
@@ -506,5 +519,39 @@ func (i *instance) Release(ctx context.Context) error {
 	// which lets its pipes end.
 	err := removeCgroups(context.WithoutCancel(ctx), i.cgroups)
 	i.stopObserving()
+	if i.vnet != nil {
+		// Firecracker is gone: the namespace goes with this descriptor,
+		// and with it the persistent tap.
+		err = errors.Join(err, i.vnet.Close())
+		i.vnet = nil
+	}
 	return err
+}
+
+// connect makes the VM's network (Options.Network) when it has one: a
+// fresh VM whose spec asks for it, a restored one whose snapshot had it.
+// Firecracker opens its tap by name, so it starts in the namespace: the
+// jailer joins it (--netns), else the driver's fork thread does.
+func (i *instance) connect(ctx context.Context, spec driver.Spec, uid, gid int) error {
+	mgr := i.d.opts.Network
+	want := spec.Network
+	if i.from != nil {
+		want = i.from.meta.Network
+	}
+	if !want || mgr == nil {
+		return nil
+	}
+	// Persistent: Firecracker opens the tap itself, after the driver has
+	// let go of its descriptor; the tap goes with the namespace.
+	v, err := mgr.NewVMNet(ctx, network.TapOptions{Persistent: true, Owner: uid, Group: gid})
+	if err != nil {
+		return fmt.Errorf("connecting the vm's network: %w", err)
+	}
+	i.vnet = v
+	if i.jail != nil {
+		i.jail.NetNS = v.NSPath()
+	} else {
+		i.StartInNetNS(v.NSFD())
+	}
+	return nil
 }

@@ -57,6 +57,9 @@ type snapMeta struct {
 	MemoryMB    int  `json:"memory_mb"`
 	EphemeralMB int  `json:"ephemeral_mb"`
 	VCPUs       int  `json:"vcpus"`
+	// Network: the VM had a network of the driver's making (its tap,
+	// network.TapName, in a namespace of its own); a restore gets one.
+	Network bool `json:"network,omitempty"`
 	// Firecracker is the binary that took it (its state file's format is
 	// that version's; a newer one may refuse to load it).
 	Firecracker string    `json:"firecracker"`
@@ -95,10 +98,11 @@ func (d *Driver) Snapshot(ctx context.Context, id, dir string) (err error) {
 			_ = os.RemoveAll(dir)
 		}
 	}()
-	if i.nic {
-		// Its tap and guest address belong to its slot; a restore gets
-		// another slot, and the guest's address is in its memory.
-		return errdefs.Invalid("snapshot of vm %s: the firecracker driver takes no snapshots of vms with a network interface", id)
+	if i.nic && i.vnet == nil {
+		// An operator's tap and guest address belong to its slot; a
+		// restore gets another slot, and the guest's address is in its
+		// memory. (With Options.Network every VM's are the same.)
+		return errdefs.Invalid("snapshot of vm %s: the firecracker driver takes no snapshots of vms on operator-made taps (Options.TapName)", id)
 	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -167,7 +171,7 @@ func (i *instance) snapshot(ctx context.Context, dir string) error {
 	meta := snapMeta{
 		Format: snapFormat, Jailed: i.jail != nil,
 		MemoryMB: i.spec.MemoryMB, EphemeralMB: i.spec.EphemeralMB, VCPUs: i.vcpus,
-		Firecracker: i.d.opts.FirecrackerPath, Created: time.Now().UTC(),
+		Network: i.vnet != nil, Firecracker: i.d.opts.FirecrackerPath, Created: time.Now().UTC(),
 	}
 	b, err := json.Marshal(meta)
 	if err != nil {
@@ -207,8 +211,9 @@ func readSnapshot(dir string) (*snapSource, error) {
 }
 
 // Restore starts spec.ID from the snapshot in dir; see
-// driver.Snapshotter. A restored VM has no network interface: the driver
-// takes no snapshots of VMs with one.
+// driver.Snapshotter. A restored VM has a network if the snapshot's had
+// one (Options.Network: a new namespace with the same tap and guest
+// address); the driver takes no snapshots of VMs on operator-made taps.
 func (d *Driver) Restore(ctx context.Context, spec driver.Spec, dir string) (driver.Instance, error) {
 	src, err := readSnapshot(dir)
 	if err != nil {
@@ -223,6 +228,8 @@ func (d *Driver) Restore(ctx context.Context, spec driver.Spec, dir string) (dri
 			spec.ID, src.meta.MemoryMB, src.meta.EphemeralMB, spec.MemoryMB, spec.EphemeralMB)
 	case spec.Network && d.opts.TapName != "":
 		return nil, errdefs.Invalid("restoring %s: restored vms have no network interface", spec.ID)
+	case src.meta.Network && d.opts.Network == nil:
+		return nil, errdefs.Invalid("restoring %s: the snapshot's vm had a network and the driver makes none (Options.Network)", spec.ID)
 	}
 	return d.host.StartFresh(ctx, spec, func(base *vmm.Instance) *instance {
 		i := d.newInstance(base)

@@ -165,7 +165,7 @@ func (c vmConfig) kernelCmdline() string {
 		parts = append(parts, "invokex.clock="+strconv.FormatInt(c.ClockUnixMs, 10))
 	}
 	if c.Network && c.Tap {
-		parts = append(parts, network.KernelIP(c.DNS))
+		parts = append(parts, "ip="+network.KernelIP(c.DNS))
 	} else if c.Network {
 		parts = append(parts, guestNetParam())
 	}

@@ -364,9 +364,6 @@ func (i *instance) connect(ctx context.Context, cfg *vmConfig) error {
 	if err != nil {
 		return fmt.Errorf("connecting the vm's network: %w", err)
 	}
-	i.net, cfg.Tap, cfg.DNS = v, true, ""
-	if dns := mgr.DNS(); len(dns) > 0 {
-		cfg.DNS = dns[0].String()
-	}
+	i.net, cfg.Tap, cfg.DNS = v, true, network.FirstDNS(mgr.DNS())
 	return nil
 }
