@@ -3,9 +3,9 @@ package server
 import (
 	"context"
 	"errors"
-	"net/netip"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"

@@ -14,8 +14,8 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/firecracker"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
-	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
+	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // Environment of the real tests: where Firecracker (and, to test jailed
