@@ -155,14 +155,16 @@ func New(opts Options) (*Driver, error) {
 		d.degradations = append(d.degradations,
 			"/tmp is a tmpfs, whose every byte is memory charged to the sandbox ("+why+")")
 	}
-	if opts.Network == nil {
-		d.degradations = append(d.degradations,
-			"sandboxes with a network share the host's: they reach its loopback services, this server's API included")
-	}
 	d.cg = newCgroupManager(opts.CgroupRoot, opts.CgroupParent, !d.rootless)
 	d.degradations = append(d.degradations, d.cg.degradations...)
 	for _, s := range d.degradations {
 		d.log.Warn("process sandbox isolation degraded", "reason", s)
+	}
+	if opts.Network == nil {
+		// Described, not warned: it matters only to a caller that asks for
+		// networks, which warns when it could not make a manager.
+		d.degradations = append(d.degradations,
+			"sandboxes with a network share the host's: they reach its loopback services, this server's API included")
 	}
 	return d, nil
 }
