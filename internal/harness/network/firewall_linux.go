@@ -55,6 +55,9 @@ var blockedRanges = []netip.Prefix{
 	netip.MustParsePrefix("192.168.0.0/16"),
 	netip.MustParsePrefix("198.18.0.0/15"),
 	netip.MustParsePrefix("224.0.0.0/3"), // multicast and reserved, to 255.255.255.255
+	// Azure's WireServer: a platform endpoint at a public address that
+	// hands out host configuration, as metadata services do.
+	netip.MustParsePrefix("168.63.129.16/32"),
 }
 
 // install replaces the table with r's rules in one transaction: a harness
@@ -81,6 +84,8 @@ func install(r rules) error {
 		Hooknum: nftables.ChainHookForward, Priority: prio, Policy: &accept})
 	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+	pre := c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle, Policy: &accept})
 
 	add := func(ch *nftables.Chain, exprs ...[]expr.Any) {
 		var all []expr.Any
@@ -91,6 +96,17 @@ func install(r rules) error {
 	}
 	fromSandbox := ifname(unix.NFT_META_IIFNAME, true)
 	toSandbox := ifname(unix.NFT_META_OIFNAME, true)
+
+	// A packet from a sandbox must come from the address routed to its
+	// link (nft's "fib saddr . iif oif missing drop"): the rules below
+	// judge sandboxes by their source address, and a forged one would
+	// slip past them (or have answers delivered to another sandbox). This
+	// is strict reverse-path filtering that the host's rp_filter settings
+	// (the kernel takes the looser of "all" and the link's) cannot weaken.
+	add(pre, fromSandbox, []expr.Any{
+		&expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, ResultOIF: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0, 0, 0}},
+	}, verdict(expr.VerdictDrop))
 
 	// Nothing from a sandbox reaches the host itself: not its addresses,
 	// not the InvokeX API, not its other services.
@@ -121,7 +137,8 @@ func install(r rules) error {
 	add(forward, toSandbox, established(), verdict(expr.VerdictAccept))
 	add(forward, toSandbox, reject())
 	if r.dropOtherForwarding {
-		add(forward, ifname(unix.NFT_META_IIFNAME, false), ifname(unix.NFT_META_OIFNAME, false), verdict(expr.VerdictDrop))
+		// IPv4 only: ip_forward, which InvokeX turned on, is IPv4's.
+		add(forward, nfproto(unix.NFPROTO_IPV4), ifname(unix.NFT_META_IIFNAME, false), ifname(unix.NFT_META_OIFNAME, false), verdict(expr.VerdictDrop))
 	}
 
 	// Sandbox connections leave with the host's address.
@@ -148,6 +165,10 @@ func uninstall(subnet netip.Prefix) error {
 }
 
 var masq = []expr.Any{&expr.Masq{}}
+
+// ifnameBytes is an interface name as the kernel compares it in full
+// (with its terminating NUL).
+func ifnameBytes(name string) []byte { return append([]byte(name), 0) }
 
 // ifname matches the input or output interface's name on LinkPrefix
 // (a prefix match, as nft's "invx*": only the prefix's bytes compared);
@@ -230,19 +251,44 @@ func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Ki
 
 // natInside is the table in a VM's network namespace: the guest's traffic
 // leaves the namespace with the address of its veth (so every VM, and
-// every restore of a snapshot, can have the same guest address).
-func natInside(ns int, out string) error {
+// every restore of a snapshot, can have the same guest address). Only
+// the guest's own address is forwarded, and never a packet conntrack
+// cannot place (those are not translated, so they would leave with
+// whatever source the guest wrote).
+func natInside(ns int, tap, out string) error {
 	c, err := nftables.New(nftables.WithNetNSFd(ns))
 	if err != nil {
 		return fmt.Errorf("opening nftables in the vm's namespace: %w", err)
 	}
-	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tablePrefix})
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: tablePrefix})
 	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
-	c.AddRule(&nftables.Rule{Table: t, Chain: post, Exprs: append([]expr.Any{
-		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: append([]byte(out), 0)},
-	}, masq...)})
+	drop := nftables.ChainPolicyDrop
+	forward := c.AddChain(&nftables.Chain{Name: "forward", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &drop})
+	name := func(key expr.MetaKey, n string) []expr.Any {
+		return []expr.Any{
+			&expr.Meta{Key: key, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: append([]byte(n), 0)},
+		}
+	}
+	rule := func(ch *nftables.Chain, parts ...[]expr.Any) {
+		var all []expr.Any
+		for _, p := range parts {
+			all = append(all, p...)
+		}
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: all})
+	}
+	invalid := []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binary.NativeEndian.AppendUint32(nil, expr.CtStateBitINVALID), Xor: []byte{0, 0, 0, 0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+	}
+	rule(forward, invalid, verdict(expr.VerdictDrop))
+	rule(forward, name(expr.MetaKeyIIFNAME, tap), name(expr.MetaKeyOIFNAME, out), nfproto(unix.NFPROTO_IPV4),
+		saddr(netip.PrefixFrom(GuestAddr, 32)), verdict(expr.VerdictAccept))
+	rule(forward, name(expr.MetaKeyOIFNAME, tap), established(), verdict(expr.VerdictAccept))
+	rule(post, name(expr.MetaKeyOIFNAME, out), masq)
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("installing nat in the vm's namespace: %w", err)
 	}

@@ -230,7 +230,7 @@ func (v *VMNet) setupInside(ns netns.NsHandle, opts TapOptions) error {
 		v.Tap.Close()
 		v.Tap = nil
 	}
-	return natInside(int(ns), "veth0")
+	return natInside(int(ns), TapName, "veth0")
 }
 
 // openTap creates the tap name in the calling thread's namespace.

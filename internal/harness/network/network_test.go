@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -386,4 +387,85 @@ func tableExists(t *testing.T, subnet netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// TestSpoofedSourceDropped: a sandbox that takes another address (here:
+// adds one to its eth0 and connects from it) gets nowhere, even with the
+// link's rp_filter off (a host whose "all" setting is loose makes it
+// loose): the table checks the source against the link's route itself.
+func TestSpoofedSourceDropped(t *testing.T) {
+	w := networktest.New(t, testConfig().Subnet)
+	m, err := New(context.Background(), testConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	pidA, nsA := sandboxProcess(t)
+	pidB, _ := sandboxProcess(t)
+	a, err := m.Attach(context.Background(), pidA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := m.Attach(context.Background(), pidB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+a.HostName+"/rp_filter", []byte("0"), 0); err != nil {
+		t.Fatal(err)
+	}
+	h, err := netlink.NewHandleAt(nsA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another sandbox's address, and one outside the subnet; UDP, so that
+	// what arrives is seen whether or not an answer could come back.
+	send := func(from netip.Addr, payload string) {
+		t.Helper()
+		err := networktest.InNS(nsA, func() error {
+			c, err := net.DialUDP("udp4", &net.UDPAddr{IP: from.AsSlice()}, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(w.UDPAddr)))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			_, err = c.Write([]byte(payload))
+			return err
+		})
+		if err != nil {
+			t.Fatalf("sending from %s: %v", from, err)
+		}
+	}
+	for _, forged := range []netip.Addr{b.SandboxAddr.Addr(), netip.MustParseAddr("198.51.100.77")} {
+		if err := h.AddrAdd(eth0, &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(forged, 32))}); err != nil {
+			t.Fatal(err)
+		}
+		send(forged, "forged "+forged.String())
+	}
+	// Then one from its own address, which arrives (masqueraded) after
+	// any that went before it on the same path.
+	send(a.SandboxAddr.Addr(), "honest")
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.ContainsFunc(w.Datagrams(), func(d networktest.Datagram) bool { return d.Payload == "honest" }) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sandbox's own datagram never arrived: %v", w.Datagrams())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, d := range w.Datagrams() {
+		if d.Payload != "honest" {
+			t.Errorf("a datagram with a forged source arrived: %+v", d)
+		} else if d.From != networktest.HostPublic {
+			t.Errorf("the sandbox's datagram arrived from %s, not masqueraded to the host's %s", d.From, networktest.HostPublic)
+		}
+	}
+	// The sandbox's own address still works.
+	if line, err := networktest.Dial(nsA, w.PublicAddr); err != nil || !strings.HasPrefix(line, "outside ") {
+		t.Errorf("from the sandbox's own address: %q, %v", line, err)
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -40,6 +41,24 @@ type World struct {
 	NS netns.NsHandle
 	// PublicAddr and PrivateAddr are the outside server's host:port.
 	PublicAddr, PrivateAddr string
+	// UDPAddr is a UDP sink on the public address; Datagrams lists what
+	// reached it.
+	UDPAddr string
+
+	mu        sync.Mutex
+	datagrams []Datagram
+}
+
+// Datagram is one that reached the UDP sink: its source and payload.
+type Datagram struct {
+	From, Payload string
+}
+
+// Datagrams is what reached the UDP sink so far.
+func (w *World) Datagrams() []Datagram {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return append([]Datagram(nil), w.datagrams...)
 }
 
 // Skip skips t unless it can build a World.
@@ -133,6 +152,29 @@ func New(t testing.TB, sandboxes netip.Prefix) *World {
 	Serve(t, ln, "outside")
 	port := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
 	w.PublicAddr, w.PrivateAddr = net.JoinHostPort(Public, port), net.JoinHostPort(Private, port)
+	var pc net.PacketConn
+	if err := InNS(ns, func() error {
+		var err error
+		pc, err = net.ListenPacket("udp4", net.JoinHostPort(Public, "0"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	w.UDPAddr = pc.LocalAddr().String()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			host, _, _ := net.SplitHostPort(from.String())
+			w.mu.Lock()
+			w.datagrams = append(w.datagrams, Datagram{From: host, Payload: string(buf[:n])})
+			w.mu.Unlock()
+		}
+	}()
 	return w
 }
 
