@@ -14,17 +14,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Attach gives the network namespace of process pid (a sandbox's init,
-// cloned with CLONE_NEWNET) a link to the outside: a veth whose end in
-// the namespace is eth0, with SandboxAddr, a default route through
-// HostAddr and loopback up. The link goes away with the namespace.
-func (m *Manager) Attach(ctx context.Context, pid int) (*Link, error) {
-	ns, err := netns.GetFromPid(pid)
-	if err != nil {
-		return nil, fmt.Errorf("opening the network namespace of %d: %w", pid, err)
-	}
-	defer ns.Close()
-	l, err := m.veth(ctx, ns, "eth0")
+// Attach gives the network namespace ns (a descriptor of a sandbox's,
+// e.g. its init's /proc/PID/ns/net: cloned with CLONE_NEWNET) a link to
+// the outside: a veth whose end in the namespace is eth0, with
+// SandboxAddr, a default route through HostAddr and loopback up. The link
+// goes away with the namespace. The caller keeps ns.
+func (m *Manager) Attach(ctx context.Context, ns int) (*Link, error) {
+	l, err := m.veth(ctx, netns.NsHandle(ns), "eth0")
 	if err != nil {
 		return nil, err
 	}
@@ -38,13 +34,29 @@ func (m *Manager) veth(ctx context.Context, ns netns.NsHandle, inside string) (*
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.done {
+		return nil, fmt.Errorf("sandbox network: manager closed")
+	}
+	if err := m.ensureTable(); err != nil {
+		return nil, fmt.Errorf("sandbox network: restoring the host's rules: %w", err)
+	}
 	l := &Link{m: m, DNS: m.dns, MTU: m.mtu, nsFD: -1}
 	slot, err := m.claim(func(slot int) error {
 		la := netlink.NewLinkAttrs()
 		la.Name = linkName(slot)
 		la.MTU = m.mtu
 		v := &netlink.Veth{LinkAttrs: la, PeerName: inside, PeerMTU: uint32(m.mtu), PeerNamespace: netlink.NsFd(int(ns))}
-		if err := netlink.LinkAdd(v); err != nil {
+		err := netlink.LinkAdd(v)
+		if errors.Is(err, unix.EEXIST) {
+			if _, lerr := netlink.LinkByName(la.Name); lerr != nil {
+				// Not the slot's name but the namespace's end: no other
+				// slot would do better.
+				return fmt.Errorf("creating veth %s: the sandbox's namespace has a %s already", la.Name, inside)
+			}
+		}
+		if err != nil {
 			return fmt.Errorf("creating veth %s: %w", la.Name, err)
 		}
 		return nil
@@ -70,8 +82,12 @@ func (l *Link) configure(ns netns.NsHandle, inside string) error {
 	// could reach the host by) and strict reverse-path filtering (packets
 	// from the sandbox must come from its own address).
 	l.hostIndex = host.Attrs().Index
-	if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+l.HostName+"/rp_filter", []byte("1"), 0); err != nil {
-		return fmt.Errorf("configuring %s: %w", l.HostName, err)
+	// Strict reverse-path filtering (the table checks it too) and ARP
+	// answers only for the link's own address, not the host's others.
+	for k, v := range map[string]string{"rp_filter": "1", "arp_ignore": "1"} {
+		if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+l.HostName+"/"+k, []byte(v), 0); err != nil {
+			return fmt.Errorf("configuring %s: %w", l.HostName, err)
+		}
 	}
 	// A host without IPv6 has no such file, and nothing to disable.
 	if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+l.HostName+"/disable_ipv6", []byte("1"), 0); err != nil && !os.IsNotExist(err) {

@@ -12,7 +12,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -44,24 +46,33 @@ type Manager struct {
 	cfg   Config
 	dns   []netip.Addr
 	mtu   int
+	rules rules
 	users *os.File // usersLock, held shared
 	table *os.File // tableLock, held shared
 	slots int
 
+	// life is held shared by every link being made and exclusively by
+	// Close, so that Close never removes the table under a new link.
+	life sync.RWMutex
+	done bool // under life
+
 	mu    sync.Mutex
 	inUse map[int]bool
-	done  bool
 }
 
 // ErrConflict: another InvokeX on this host uses the same sandbox subnet
-// with other rules (Allow, name servers).
+// with other rules (Allow, name servers), or an overlapping one.
 var ErrConflict = errors.New("sandbox subnet in use with other rules")
 
-// New measures the host and sets it up: forwarding on, the subnet's table
-// installed. It returns an error wrapping ErrUnavailable when the host
-// cannot do this (not root, no nftables support), ErrConflict when
-// another InvokeX uses the subnet with other rules, and a plain error for
-// a bad Config or a subnet the host already routes.
+// lockWait bounds the wait for another Manager's setup or teardown.
+const lockWait = 30 * time.Second
+
+// New measures the host and sets it up: the subnet's table installed,
+// then forwarding on. It returns an error wrapping ErrUnavailable when the
+// host cannot do this (not root, no nftables support), ErrConflict when
+// another InvokeX uses the subnet with other rules or an overlapping
+// subnet, and a plain error for a bad Config or a subnet the host already
+// routes. On error the host is as it was.
 func New(ctx context.Context, cfg Config) (*Manager, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
@@ -72,11 +83,18 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	m := &Manager{cfg: cfg, slots: slots(cfg.Subnet), inUse: map[int]bool{}}
 	m.dns = readNameservers(cfg.ResolvConf)
+	if len(m.dns) == 0 && cfg.ResolvConf == defaultResolvConf {
+		// systemd-resolved's stub (127.0.0.53) is the host's own; the
+		// servers it forwards to are listed here.
+		m.dns = readNameservers(resolvedConf)
+	}
 	m.mtu = uplinkMTU()
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	setup, err := lockFile(setupLock, unix.LOCK_EX)
+	ctx, cancel := context.WithTimeout(ctx, lockWait)
+	defer cancel()
+	setup, err := lockFile(ctx, setupLock, unix.LOCK_EX)
 	if err != nil {
 		return nil, err
 	}
@@ -84,7 +102,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if err := checkSubnetFree(cfg.Subnet); err != nil {
 		return nil, err
 	}
-	if err := m.setupHost(); err != nil {
+	if err := m.setupHost(ctx); err != nil {
 		if m.users != nil {
 			m.users.Close()
 		}
@@ -96,20 +114,35 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	return m, nil
 }
 
-// lockFile opens runDir/name and flocks it with how.
-func lockFile(name string, how int) (*os.File, error) {
+// lockFile opens runDir/name and flocks it with how, waiting until ctx
+// is done at most.
+func lockFile(ctx context.Context, name string, how int) (*os.File, error) {
 	f, err := os.OpenFile(filepath.Join(runDir, name), os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	if err := unix.Flock(int(f.Fd()), how); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+	for {
+		err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("locking %s (another InvokeX is setting up or tearing down its sandbox network): %w", f.Name(), context.Cause(ctx))
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
-	return f, nil
 }
 
 // first reports whether no other Manager holds f, then holds it shared.
+// Converting a flock is not atomic (a failed upgrade may drop the shared
+// lock for a moment): callers hold setupLock, so no other Manager looks
+// meanwhile.
 func first(f *os.File) (bool, error) {
 	alone := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH); err != nil {
@@ -118,21 +151,29 @@ func first(f *os.File) (bool, error) {
 	return alone, nil
 }
 
-// setupHost turns forwarding on (noting when InvokeX did) and installs
-// the subnet's table. Called under setupLock.
-func (m *Manager) setupHost() error {
+// tableState is what runDir records of a subnet's table: a second Manager
+// must ask for the same rules, and no other subnet may overlap it.
+type tableState struct {
+	Subnet netip.Prefix
+	Allow  []netip.Prefix
+	DNS    []netip.Addr
+}
+
+// setupHost installs the subnet's table, then turns forwarding on (noting
+// when InvokeX did). Called under setupLock.
+func (m *Manager) setupHost(ctx context.Context) error {
 	var err error
-	if m.users, err = lockFile(usersLock, unix.LOCK_SH); err != nil {
+	if m.users, err = lockFile(ctx, usersLock, unix.LOCK_SH); err != nil {
 		return err
 	}
-	if m.table, err = lockFile(tableLock(m.cfg.Subnet), unix.LOCK_SH); err != nil {
+	if err := checkOverlaps(ctx, m.cfg.Subnet); err != nil {
+		return err
+	}
+	if m.table, err = lockFile(ctx, tableLock(m.cfg.Subnet), unix.LOCK_SH); err != nil {
 		return err
 	}
 	r := rules{subnet: m.cfg.Subnet, allow: m.cfg.Allow, dns: m.dns, blocked: blockedRanges}
-	want, _ := json.Marshal(struct {
-		Allow []netip.Prefix
-		DNS   []netip.Addr
-	}{r.allow, r.dns})
+	want, _ := json.Marshal(tableState{Subnet: r.subnet, Allow: r.allow, DNS: r.dns})
 	conf := filepath.Join(runDir, tableConfig(m.cfg.Subnet))
 	alone, err := first(m.table)
 	if err != nil {
@@ -144,32 +185,96 @@ func (m *Manager) setupHost() error {
 				ErrConflict, m.cfg.Subnet, have, want)
 		}
 	}
-	if err := os.WriteFile(conf, want, 0o600); err != nil {
-		return fmt.Errorf("%w: %v", ErrUnavailable, err)
-	}
 
 	marker := filepath.Join(runDir, forwardingMarker)
 	b, err := os.ReadFile(ipForward)
 	if err != nil {
 		return fmt.Errorf("%w: reading %s: %v", ErrUnavailable, ipForward, err)
 	}
-	if strings.TrimSpace(string(b)) != "1" {
-		if err := os.WriteFile(marker, nil, 0o600); err != nil {
-			return fmt.Errorf("%w: %v", ErrUnavailable, err)
-		}
-		if err := os.WriteFile(ipForward, []byte("1"), 0); err != nil {
-			os.Remove(marker)
-			return fmt.Errorf("%w: turning on IPv4 forwarding: %v", ErrUnavailable, err)
-		}
-	}
-	_, ours := os.Stat(marker)
-	r.dropOtherForwarding = ours == nil
-	// Installing again while another Manager uses the table replaces it
-	// with the same rules in one transaction.
+	off := strings.TrimSpace(string(b)) != "1"
+	_, merr := os.Stat(marker)
+	r.dropOtherForwarding = off || merr == nil
+	// The table first: forwarding never runs without it. Installing again
+	// while another Manager uses the table replaces it with the same
+	// rules in one transaction.
 	if err := install(r); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
+	m.rules = r
+	if err := os.WriteFile(conf, want, 0o600); err != nil {
+		return m.undoSetup(alone, fmt.Errorf("%w: %v", ErrUnavailable, err))
+	}
+	if off {
+		if err := os.WriteFile(marker, nil, 0o600); err != nil {
+			return m.undoSetup(alone, fmt.Errorf("%w: %v", ErrUnavailable, err))
+		}
+		if err := os.WriteFile(ipForward, []byte("1"), 0); err != nil {
+			os.Remove(marker)
+			return m.undoSetup(alone, fmt.Errorf("%w: turning on IPv4 forwarding: %v", ErrUnavailable, err))
+		}
+	}
 	return nil
+}
+
+// undoSetup removes the table a failed New installed, if no other
+// Manager uses it, and returns err.
+func (m *Manager) undoSetup(alone bool, err error) error {
+	if alone {
+		if uerr := uninstall(m.cfg.Subnet); uerr != nil {
+			err = errors.Join(err, uerr)
+		}
+		os.Remove(filepath.Join(runDir, tableConfig(m.cfg.Subnet)))
+	}
+	return err
+}
+
+// checkOverlaps refuses a subnet that overlaps another live Manager's
+// (two links holding the same /30 would get each other's traffic).
+// Records of Managers that are gone are removed. Called under setupLock.
+func checkOverlaps(ctx context.Context, subnet netip.Prefix) error {
+	files, _ := filepath.Glob(filepath.Join(runDir, tablePrefix+"-*.json"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		var st tableState
+		if json.Unmarshal(b, &st) != nil || !st.Subnet.IsValid() || st.Subnet == subnet || !st.Subnet.Overlaps(subnet) {
+			continue
+		}
+		lock, err := lockFile(ctx, tableLock(st.Subnet), unix.LOCK_SH)
+		if err != nil {
+			return err
+		}
+		alone := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil
+		lock.Close()
+		if alone {
+			os.Remove(f) // its Managers are gone (they crashed)
+			continue
+		}
+		return fmt.Errorf("%w: sandbox subnet %s overlaps %s, which another InvokeX on this host uses", ErrConflict, subnet, st.Subnet)
+	}
+	return nil
+}
+
+// ensureTable puts the subnet's table back if something removed it (a
+// firewall reload that flushes the ruleset): without it sandboxes would
+// reach the host.
+func (m *Manager) ensureTable() error {
+	c, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("opening nftables: %w", err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("listing nftables tables: %w", err)
+	}
+	for _, t := range tables {
+		if t.Name == tableName(m.cfg.Subnet) {
+			return nil
+		}
+	}
+	return install(m.rules)
 }
 
 // Close removes the subnet's table if this is its last Manager and no
@@ -177,14 +282,16 @@ func (m *Manager) setupHost() error {
 // host's last Manager and InvokeX turned it on; otherwise it only lets go.
 // Links still open keep working until closed.
 func (m *Manager) Close() error {
-	m.mu.Lock()
+	m.life.Lock()
 	if m.done {
-		m.mu.Unlock()
+		m.life.Unlock()
 		return nil
 	}
 	m.done = true
-	m.mu.Unlock()
-	setup, err := lockFile(setupLock, unix.LOCK_EX)
+	m.life.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), lockWait)
+	defer cancel()
+	setup, err := lockFile(ctx, setupLock, unix.LOCK_EX)
 	if err != nil {
 		m.table.Close()
 		m.users.Close()
@@ -205,6 +312,9 @@ func (m *Manager) Close() error {
 	}
 	m.table.Close()
 	if unix.Flock(int(m.users.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+		// Forwarding back off only if InvokeX turned it on. (A tool that
+		// started meanwhile and found it on, rather than turning it on
+		// itself, would lose it: docs/architecture.md says so.)
 		marker := filepath.Join(runDir, forwardingMarker)
 		if n, err := hostLinks(netip.Prefix{}); err == nil && n == 0 {
 			if _, err := os.Stat(marker); err == nil {
@@ -238,12 +348,6 @@ func (m *Manager) DNS() []netip.Addr { return m.dns }
 // claim takes a free slot by creating its host link with create; it
 // returns the slot and what create made.
 func (m *Manager) claim(create func(slot int) error) (int, error) {
-	m.mu.Lock()
-	if m.done {
-		m.mu.Unlock()
-		return 0, fmt.Errorf("network manager closed")
-	}
-	m.mu.Unlock()
 	start := rand.IntN(m.slots)
 	for i := range m.slots {
 		slot := (start + i) % m.slots

@@ -90,6 +90,13 @@ type Config struct {
 	ResolvConf string
 }
 
+// Resolver configurations: the host's, and systemd-resolved's list of the
+// servers its loopback stub forwards to.
+const (
+	defaultResolvConf = "/etc/resolv.conf"
+	resolvedConf      = "/run/systemd/resolve/resolv.conf"
+)
+
 // ErrUnavailable: the host cannot give sandboxes their own network
 // (not root, no nftables, no veth).
 var ErrUnavailable = errors.New("isolated sandbox networking is unavailable")
@@ -150,7 +157,7 @@ func (c Config) withDefaults() Config {
 	}
 	c.Subnet = c.Subnet.Masked()
 	if c.ResolvConf == "" {
-		c.ResolvConf = "/etc/resolv.conf"
+		c.ResolvConf = defaultResolvConf
 	}
 	return c
 }

@@ -136,8 +136,8 @@ func (sb *sandbox) spawn(ctx context.Context) error {
 	if sb.ownsNetwork() && sb.network {
 		// The link goes with the namespace, so Recover needs no record
 		// of it: killing the sandbox removes it.
-		if sb.link, err = d.opts.Network.Attach(ctx, sb.rec.PID); err != nil {
-			return fmt.Errorf("connecting the sandbox's network: %w", err)
+		if err := sb.connect(ctx); err != nil {
+			return sb.withStderr(err)
 		}
 	}
 	// The init waits for its config before it allocates anything of
@@ -249,6 +249,25 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 		return sb.withStderr(fmt.Errorf("sending the sandbox its config: %w", err))
 	}
 	return sb.waitReady(ctx)
+}
+
+// connect attaches the sandbox's network namespace to the outside
+// (Options.Network). The namespace is opened through the init's pid and
+// then checked to be the init's: had the init died and its pid been
+// reused, the link would go to a stranger.
+func (sb *sandbox) connect(ctx context.Context) error {
+	ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/net", sb.rec.PID))
+	if err != nil {
+		return fmt.Errorf("opening the sandbox's network namespace: %w", err)
+	}
+	defer ns.Close()
+	if p, err := hostproc.Lookup(sb.rec.PID); err != nil || p.StartTime != sb.rec.StartTime {
+		return fmt.Errorf("opening the sandbox's network namespace: its init is gone")
+	}
+	if sb.link, err = sb.d.opts.Network.Attach(ctx, int(ns.Fd())); err != nil {
+		return fmt.Errorf("connecting the sandbox's network: %w", err)
+	}
+	return nil
 }
 
 // ownsNetwork: the sandbox has a network namespace of its own, with
