@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -185,8 +184,8 @@ func newQEMUDriver(cfg Config, agent string, nm *network.Manager, log *slog.Logg
 }
 
 // newNetwork makes the sandboxes' network manager when cfg asks for
-// networking; nil when it does not, or when the host cannot (not root):
-// then sandboxes with a network share the host's, which is warned about.
+// networking; nil when it does not, or when not root: then sandboxes
+// with a network share the host's, which is warned about.
 func newNetwork(ctx context.Context, cfg Config, log *slog.Logger) (*network.Manager, error) {
 	if !cfg.SandboxNetwork {
 		return nil, nil
@@ -206,11 +205,15 @@ func newNetwork(ctx context.Context, cfg Config, log *slog.Logger) (*network.Man
 		}
 		ncfg.Allow = append(ncfg.Allow, p)
 	}
-	nm, err := network.New(ctx, ncfg)
-	if errors.Is(err, network.ErrUnavailable) {
-		log.Warn("sandboxes share the host's network: functions can reach this server's API and every loopback service, including other sandboxes' Runtime APIs; use only with trusted functions", "reason", err)
+	if os.Geteuid() != 0 {
+		// Without root there is no isolated network to give; the rootless
+		// process sandbox shares the host's.
+		log.Warn("sandboxes share the host's network: functions can reach this server's API and every loopback service, including other sandboxes' Runtime APIs; use only with trusted functions", "reason", "not root")
 		return nil, nil
 	}
+	// As root, a failure is an error: falling back would hand functions
+	// the host's network on a host that was meant to isolate them.
+	nm, err := network.New(ctx, ncfg)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox network: %w", err)
 	}

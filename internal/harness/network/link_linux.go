@@ -128,6 +128,10 @@ func (l *Link) configure(ns netns.NsHandle, inside string) error {
 	return nil
 }
 
+// HostIndex is the host end's interface index (names are reused by later
+// links, indexes not soon).
+func (l *Link) HostIndex() int { return l.hostIndex }
+
 // Close deletes the link (the veth pair, and for a VM the namespace with
 // its tap once the VMM has let go of it) and frees its slot. Idempotent.
 func (l *Link) Close() error {

@@ -39,6 +39,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 )
 
 // LinkPrefix begins the name of every host link of a sandbox.
@@ -58,20 +59,21 @@ var (
 
 // KernelIP is the value of the guest kernel's ip= parameter for a VM on
 // its namespace's tap (CONFIG_IP_PNP: eth0 configured before init runs),
-// with dns its name server ("" for none).
+// with dns its name servers (KernelDNS; "" for none).
 func KernelIP(dns string) string {
 	mask := net.IP(net.CIDRMask(GuestPrefixLen, 32)).String()
-	// client:server:gateway:netmask:hostname:device:autoconf:dns0
+	// client:server:gateway:netmask:hostname:device:autoconf:dns0:dns1
 	return GuestAddr.String() + "::" + GuestGateway.String() + ":" + mask + "::eth0:off:" + dns
 }
 
-// FirstDNS is the first of dns as text, "" if none: the one name server a
-// VM's kernel takes from ip=.
-func FirstDNS(dns []netip.Addr) string {
-	if len(dns) == 0 {
-		return ""
+// KernelDNS is dns as the kernel's ip= takes it (dns0:dns1, at most
+// two), "" if none.
+func KernelDNS(dns []netip.Addr) string {
+	var out []string
+	for _, a := range dns[:min(len(dns), 2)] {
+		out = append(out, a.String())
 	}
-	return dns[0].String()
+	return strings.Join(out, ":")
 }
 
 // TapName is the tap in a VM's namespace.

@@ -2,6 +2,7 @@ package firecracker_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"strings"
@@ -60,6 +61,9 @@ func TestDriver(t *testing.T) {
 	}
 	// One network manager for the test process, as for a server.
 	nm, err := network.New(context.Background(), network.Config{})
+	if err != nil && !errors.Is(err, network.ErrUnavailable) {
+		t.Fatalf("network.New: %v", err)
+	}
 	if err != nil {
 		opts.Unsupported = map[string]string{"NetworkEgress": err.Error(), "SnapshotEgress": err.Error()}
 	} else {

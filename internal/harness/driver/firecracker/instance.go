@@ -402,7 +402,7 @@ func (i *instance) configure(ctx context.Context, spec driver.Spec, f vmFiles, s
 	switch {
 	case i.vnet != nil:
 		nic = &networkInterface{IfaceID: "eth0", HostDevName: network.TapName, GuestMAC: network.GuestMAC()}
-		boot.IP = network.KernelIP(network.FirstDNS(i.vnet.DNS))
+		boot.IP = network.KernelIP(network.KernelDNS(i.vnet.DNS))
 		i.nic = true
 	case spec.Network && d.opts.TapName != "":
 		nic = &networkInterface{IfaceID: "eth0", HostDevName: slotString(d.opts.TapName, i.Slot()), GuestMAC: guestMAC(i.Slot())}

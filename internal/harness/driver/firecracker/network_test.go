@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
 	"github.com/invokex/invokex/internal/harness/network"
@@ -50,7 +52,7 @@ func TestManagedNetwork(t *testing.T) {
 			sp.Network = true
 			inst := startSpec(t, e, sp)
 			checkManagedNIC(t, inst)
-			host := inst.vnet.HostName
+			host := inst.vnet.Link
 
 			dir := filepath.Join(t.TempDir(), "snap")
 			if err := e.d.Snapshot(context.Background(), sp.ID, dir); err != nil {
@@ -79,7 +81,7 @@ func TestManagedNetwork(t *testing.T) {
 				if got := fcNetNS(t, r); got == selfNetNS(t) {
 					t.Errorf("restored %s's firecracker runs in the harness's namespace", r.ID())
 				}
-				host := r.vnet.HostName
+				host := r.vnet.Link
 				if err := e.d.Stop(context.Background(), r.ID()); err != nil {
 					t.Fatal(err)
 				}
@@ -137,15 +139,15 @@ func selfNetNS(t *testing.T) string {
 
 // waitLinkGone waits for the host link of a stopped VM's namespace to go
 // (the kernel removes a dead namespace's links in the background).
-func waitLinkGone(t *testing.T, name string) {
+func waitLinkGone(t *testing.T, l *network.Link) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if _, err := os.Stat("/sys/class/net/" + name); errors.Is(err, os.ErrNotExist) {
+		if _, err := netlink.LinkByIndex(l.HostIndex()); err != nil {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("link %s outlived its vm", name)
+			t.Fatalf("link %s outlived its vm", l.HostName)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -2,6 +2,7 @@ package process_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -32,6 +33,9 @@ func TestDriver(t *testing.T) {
 	}
 	// One network manager for the test process, as for a server.
 	nm, err := network.New(context.Background(), network.Config{})
+	if err != nil && !errors.Is(err, network.ErrUnavailable) {
+		t.Fatalf("network.New: %v", err)
+	}
 	if err != nil {
 		unsupported("NetworkEgress", err.Error())
 		unsupported("SnapshotEgress", err.Error())

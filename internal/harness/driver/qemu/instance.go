@@ -364,6 +364,6 @@ func (i *instance) connect(ctx context.Context, cfg *vmConfig) error {
 	if err != nil {
 		return fmt.Errorf("connecting the vm's network: %w", err)
 	}
-	i.net, cfg.Tap, cfg.DNS = v, true, network.FirstDNS(mgr.DNS())
+	i.net, cfg.Tap, cfg.DNS = v, true, network.KernelDNS(mgr.DNS())
 	return nil
 }

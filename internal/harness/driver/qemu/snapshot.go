@@ -205,6 +205,11 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	defer state.Close() // QEMU has its own copy
 	cfg := src.meta.Config
 	cfg.ID, cfg.Incoming = spec.ID, true
+	if cfg.Network && !cfg.Tap && i.d.opts.Network != nil {
+		// Taken on QEMU's user-mode network, which reaches the host:
+		// this driver isolates networks, so it boots instead.
+		return fmt.Errorf("the snapshot's vm is on qemu's user-mode network and this driver isolates vm networks")
+	}
 	if cfg.Network && cfg.Tap {
 		// Every VM's guest side is the same (network.GuestAddr): the
 		// restored guest's configuration holds on a namespace of its own.
