@@ -134,25 +134,32 @@ func (l *Link) HostIndex() int { return l.hostIndex }
 
 // Close deletes the link (the veth pair, and for a VM the namespace with
 // its tap once the VMM has let go of it) and frees its slot. Idempotent.
+// The deletion runs in the background (the kernel takes tens of
+// milliseconds to unregister a device): a stopping sandbox does not wait
+// for it. Manager.Close waits for every deletion and reports its errors.
 func (l *Link) Close() error {
 	if l == nil || l.closed {
 		return nil
 	}
 	l.closed = true
-	var err error
-	// By index, not name: if the namespace died and took the link with it,
-	// another harness may have claimed the name since.
-	if host, lerr := netlink.LinkByIndex(l.hostIndex); lerr == nil && l.hostIndex > 0 && host.Attrs().Name == l.HostName {
-		if derr := netlink.LinkDel(host); derr != nil && !errors.Is(derr, unix.ENODEV) {
-			err = fmt.Errorf("deleting %s: %w", l.HostName, derr)
+	m := l.m
+	m.deleting.Add(1)
+	go func() {
+		defer m.deleting.Done()
+		// By index, not name: if the namespace died and took the link
+		// with it, another harness may have claimed the name since.
+		if host, lerr := netlink.LinkByIndex(l.hostIndex); lerr == nil && l.hostIndex > 0 && host.Attrs().Name == l.HostName {
+			if err := netlink.LinkDel(host); err != nil && !errors.Is(err, unix.ENODEV) {
+				m.deleteFailed(fmt.Errorf("deleting %s: %w", l.HostName, err))
+			}
 		}
-	}
-	if l.nsFD >= 0 {
-		unix.Close(l.nsFD)
-		l.nsFD = -1
-	}
-	l.m.release(l.Slot)
-	return err
+		if l.nsFD >= 0 {
+			unix.Close(l.nsFD)
+			l.nsFD = -1
+		}
+		m.release(l.Slot)
+	}()
+	return nil
 }
 
 // VMNet is a VM's network: its namespace's link to the host and the tap

@@ -58,6 +58,16 @@ type Manager struct {
 
 	mu    sync.Mutex
 	inUse map[int]bool
+	// deleting counts links Close is deleting in the background;
+	// deleteErrs are their failures, for Manager.Close.
+	deleting   sync.WaitGroup
+	deleteErrs []error
+}
+
+func (m *Manager) deleteFailed(err error) {
+	m.mu.Lock()
+	m.deleteErrs = append(m.deleteErrs, err)
+	m.mu.Unlock()
 }
 
 // ErrConflict: another InvokeX on this host uses the same sandbox subnet
@@ -289,6 +299,10 @@ func (m *Manager) Close() error {
 	}
 	m.done = true
 	m.life.Unlock()
+	m.deleting.Wait()
+	m.mu.Lock()
+	errs := m.deleteErrs
+	m.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), lockWait)
 	defer cancel()
 	setup, err := lockFile(ctx, setupLock, unix.LOCK_EX)
@@ -298,7 +312,6 @@ func (m *Manager) Close() error {
 		return err
 	}
 	defer setup.Close()
-	var errs []error
 	lastOfTable := unix.Flock(int(m.table.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil
 	if lastOfTable {
 		if n, err := hostLinks(m.cfg.Subnet); err != nil {
