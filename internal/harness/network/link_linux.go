@@ -191,8 +191,25 @@ type TapOptions struct {
 
 // NewVMNet makes a VM's network: a namespace holding tap0 (GuestGateway,
 // the guest's gateway) and a veth to the host (veth0), IPv4 forwarding
-// on and the guest's traffic masqueraded to the veth's address.
+// on and the guest's traffic masqueraded to the veth's address. It takes
+// one made ahead of need if there is one (Config.SpareVMNets) and has
+// another made in the background.
 func (m *Manager) NewVMNet(ctx context.Context, opts TapOptions) (*VMNet, error) {
+	v, ok := m.spares.Take(struct{}{}, func(ctx context.Context, _ string) (*VMNet, error) { return m.newVMNet(ctx) })
+	if !ok {
+		var err error
+		if v, err = m.newVMNet(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if err := v.adapt(opts); err != nil {
+		return nil, errors.Join(err, v.Close())
+	}
+	return v, nil
+}
+
+// newVMNet makes a VM network with a non-persistent tap held open.
+func (m *Manager) newVMNet(ctx context.Context) (*VMNet, error) {
 	ns, err := newNS()
 	if err != nil {
 		return nil, err
@@ -204,10 +221,30 @@ func (m *Manager) NewVMNet(ctx context.Context, opts TapOptions) (*VMNet, error)
 	}
 	l.nsFD = int(ns)
 	v := &VMNet{Link: l}
-	if err := v.setupInside(ns, opts); err != nil {
+	if err := v.setupInside(ns); err != nil {
 		return nil, errors.Join(err, v.Close())
 	}
 	return v, nil
+}
+
+// adapt makes v's tap what opts ask for: persistent (and its owner's)
+// for a VMM that opens it by name, through the descriptor v holds.
+func (v *VMNet) adapt(opts TapOptions) error {
+	if !opts.Persistent {
+		return nil
+	}
+	fd := int(v.Tap.Fd())
+	for _, c := range []struct {
+		req uint
+		v   int
+	}{{unix.TUNSETOWNER, opts.Owner}, {unix.TUNSETGROUP, opts.Group}, {unix.TUNSETPERSIST, 1}} {
+		if err := unix.IoctlSetInt(fd, c.req, c.v); err != nil {
+			return fmt.Errorf("configuring tap %s: %w", TapName, err)
+		}
+	}
+	v.Tap.Close()
+	v.Tap = nil
+	return nil
 }
 
 // Close closes the tap descriptor if still open and the link.
@@ -219,12 +256,12 @@ func (v *VMNet) Close() error {
 	return v.Link.Close()
 }
 
-func (v *VMNet) setupInside(ns netns.NsHandle, opts TapOptions) error {
+func (v *VMNet) setupInside(ns netns.NsHandle) error {
 	err := inNS(ns, func() error {
 		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0); err != nil {
 			return fmt.Errorf("turning on forwarding in the vm's namespace: %w", err)
 		}
-		tap, err := openTap(TapName, opts)
+		tap, err := openTap(TapName)
 		if err != nil {
 			return err
 		}
@@ -253,15 +290,12 @@ func (v *VMNet) setupInside(ns netns.NsHandle, opts TapOptions) error {
 	if err := h.LinkSetUp(tap); err != nil {
 		return fmt.Errorf("bringing up %s: %w", TapName, err)
 	}
-	if opts.Persistent {
-		v.Tap.Close()
-		v.Tap = nil
-	}
 	return natInside(int(ns), TapName, "veth0")
 }
 
-// openTap creates the tap name in the calling thread's namespace.
-func openTap(name string, opts TapOptions) (*os.File, error) {
+// openTap creates the tap name in the calling thread's namespace, with
+// the flags Firecracker and QEMU attach with.
+func openTap(name string) (*os.File, error) {
 	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("opening /dev/net/tun: %w", err)
@@ -276,17 +310,6 @@ func openTap(name string, opts TapOptions) (*os.File, error) {
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("creating tap %s: %w", name, err)
-	}
-	if opts.Persistent {
-		for _, c := range []struct {
-			req uint
-			v   int
-		}{{unix.TUNSETOWNER, opts.Owner}, {unix.TUNSETGROUP, opts.Group}, {unix.TUNSETPERSIST, 1}} {
-			if err := unix.IoctlSetInt(fd, c.req, c.v); err != nil {
-				f.Close()
-				return nil, fmt.Errorf("configuring tap %s: %w", name, err)
-			}
-		}
 	}
 	return f, nil
 }

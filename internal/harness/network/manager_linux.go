@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+
+	"github.com/invokex/invokex/internal/harness/driver/pool"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -62,6 +64,9 @@ type Manager struct {
 	// deleteErrs are their failures, for Manager.Close.
 	deleting   sync.WaitGroup
 	deleteErrs []error
+
+	// spares are VM networks made ahead of need (Config.SpareVMNets).
+	spares *pool.Pool[struct{}, *VMNet]
 }
 
 func (m *Manager) deleteFailed(err error) {
@@ -92,6 +97,15 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("%w: not root", ErrUnavailable)
 	}
 	m := &Manager{cfg: cfg, slots: slots(cfg.Subnet), inUse: map[int]bool{}}
+	spares := cfg.SpareVMNets
+	if spares == 0 {
+		spares = 1
+	}
+	m.spares = pool.New[struct{}](pool.Config[*VMNet]{
+		Size: spares, Prefix: "vmnet-", Kind: "spare vm network",
+		Name:    func(v *VMNet) string { return v.HostName },
+		Destroy: func(_ context.Context, v *VMNet) error { return v.Close() },
+	})
 	m.dns = readNameservers(cfg.ResolvConf)
 	if len(m.dns) == 0 && cfg.ResolvConf == defaultResolvConf {
 		// systemd-resolved's stub (127.0.0.53) is the host's own; the
@@ -299,10 +313,14 @@ func (m *Manager) Close() error {
 	}
 	m.done = true
 	m.life.Unlock()
+	perr := m.spares.Close(context.Background())
 	m.deleting.Wait()
 	m.mu.Lock()
 	errs := m.deleteErrs
 	m.mu.Unlock()
+	if perr != nil {
+		errs = append(errs, perr)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), lockWait)
 	defer cancel()
 	setup, err := lockFile(ctx, setupLock, unix.LOCK_EX)

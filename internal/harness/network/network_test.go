@@ -298,11 +298,25 @@ func TestVMNet(t *testing.T) {
 		t.Errorf("vm namespace reached the host: %q", line)
 	}
 
-	// A persistent tap (Firecracker's) outlives its descriptor and goes
-	// with the namespace.
+	// After the first, one is made ahead of need; the next takes it, and
+	// a persistent tap (Firecracker's) is made of it, which outlives its
+	// descriptor and goes with the namespace.
+	var spare string
+	deadline := time.Now().Add(10 * time.Second)
+	for spare == "" {
+		if idle := m.spares.Idle(); len(idle) == 1 {
+			spare = idle[0].HostName
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no spare vm network made: %v", idle)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	p, err := m.NewVMNet(context.Background(), TapOptions{Persistent: true, Owner: 1234, Group: 1234})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if p.HostName != spare {
+		t.Errorf("NewVMNet made %s instead of taking the spare %s", p.HostName, spare)
 	}
 	if p.Tap != nil {
 		t.Errorf("a persistent tap's descriptor was kept")
@@ -551,28 +565,51 @@ func TestTableRestored(t *testing.T) {
 	}
 }
 
-// BenchmarkNewVMNet: what a VM's network adds to its start (on a
-// restore's path; boots and spares make it ahead of need). The links are
-// closed after the timed part: deleting one takes the kernel tens of
+// BenchmarkNewVMNet: what a VM's network adds to its start when none was
+// made ahead of need, and when one was ("spare"). The links are closed
+// after the timed part: deleting one takes the kernel tens of
 // milliseconds, in the background.
 func BenchmarkNewVMNet(b *testing.B) {
 	networktest.Skip(b)
-	m, err := New(context.Background(), testConfig())
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	var made []*VMNet
-	defer func() {
-		for _, v := range made {
-			v.Close()
-		}
-	}()
-	for b.Loop() {
-		v, err := m.NewVMNet(context.Background(), TapOptions{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		made = append(made, v)
+	for _, spare := range []bool{false, true} {
+		b.Run(map[bool]string{false: "fresh", true: "spare"}[spare], func(b *testing.B) {
+			cfg := testConfig()
+			cfg.SpareVMNets = -1
+			if spare {
+				cfg.SpareVMNets = 1
+			}
+			m, err := New(context.Background(), cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer m.Close()
+			var made []*VMNet
+			defer func() {
+				for _, v := range made {
+					v.Close()
+				}
+			}()
+			if spare {
+				v, err := m.NewVMNet(context.Background(), TapOptions{}) // the pool learns
+				if err != nil {
+					b.Fatal(err)
+				}
+				made = append(made, v)
+			}
+			for b.Loop() {
+				if spare {
+					b.StopTimer()
+					for len(m.spares.Idle()) == 0 {
+						time.Sleep(time.Millisecond)
+					}
+					b.StartTimer()
+				}
+				v, err := m.NewVMNet(context.Background(), TapOptions{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				made = append(made, v)
+			}
+		})
 	}
 }
