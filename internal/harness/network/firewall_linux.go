@@ -114,6 +114,10 @@ func install(r rules) error {
 
 	// Sandboxes do not reach each other.
 	add(forward, fromSandbox, toSandbox, reject())
+	// Packets conntrack cannot place (a late RST, one after its entry
+	// expired) are never translated: they would leave with the sandbox's
+	// own address.
+	add(forward, fromSandbox, ctInvalid(), verdict(expr.VerdictDrop))
 	// IPv4 only: sandboxes get no IPv6 address or route.
 	add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV6), reject())
 	// From here on, this subnet's sandboxes (a sandbox that took another
@@ -231,8 +235,13 @@ func addrMatch(off uint32, p netip.Prefix, op expr.CmpOp) []expr.Any {
 	}
 }
 
-func established() []expr.Any {
-	bits := binary.NativeEndian.AppendUint32(nil, expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED)
+func established() []expr.Any { return ctState(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED) }
+
+func ctInvalid() []expr.Any { return ctState(expr.CtStateBitINVALID) }
+
+// ctState matches a conntrack state among bits.
+func ctState(bits32 uint32) []expr.Any {
+	bits := binary.NativeEndian.AppendUint32(nil, bits32)
 	return []expr.Any{
 		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: bits, Xor: []byte{0, 0, 0, 0}},
@@ -279,12 +288,7 @@ func natInside(ns int, tap, out string) error {
 		}
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: all})
 	}
-	invalid := []expr.Any{
-		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binary.NativeEndian.AppendUint32(nil, expr.CtStateBitINVALID), Xor: []byte{0, 0, 0, 0}},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
-	}
-	rule(forward, invalid, verdict(expr.VerdictDrop))
+	rule(forward, ctInvalid(), verdict(expr.VerdictDrop))
 	rule(forward, name(expr.MetaKeyIIFNAME, tap), name(expr.MetaKeyOIFNAME, out), nfproto(unix.NFPROTO_IPV4),
 		saddr(netip.PrefixFrom(GuestAddr, 32)), verdict(expr.VerdictAccept))
 	rule(forward, name(expr.MetaKeyOIFNAME, tap), established(), verdict(expr.VerdictAccept))

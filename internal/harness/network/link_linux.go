@@ -67,7 +67,7 @@ func (m *Manager) veth(ctx context.Context, ns netns.NsHandle, inside string) (*
 	l.Slot, l.HostName = slot, linkName(slot)
 	l.HostAddr, l.SandboxAddr = slotAddrs(m.cfg.Subnet, slot)
 	if err := l.configure(ns, inside); err != nil {
-		return nil, errors.Join(err, l.Close())
+		return nil, errors.Join(err, l.closeLocked())
 	}
 	return l, nil
 }
@@ -138,26 +138,47 @@ func (l *Link) HostIndex() int { return l.hostIndex }
 // milliseconds to unregister a device): a stopping sandbox does not wait
 // for it. Manager.Close waits for every deletion and reports its errors.
 func (l *Link) Close() error {
-	if l == nil || l.closed {
+	if l == nil {
 		return nil
 	}
-	l.closed = true
+	l.m.life.RLock()
+	defer l.m.life.RUnlock()
+	return l.closeLocked()
+}
+
+// closeLocked is Close for a caller holding m.life shared.
+func (l *Link) closeLocked() error {
+	if !l.closed.CompareAndSwap(false, true) {
+		return nil
+	}
 	m := l.m
-	m.deleting.Add(1)
-	go func() {
-		defer m.deleting.Done()
+	nsFD := l.nsFD
+	del := func() error {
+		var err error
 		// By index, not name: if the namespace died and took the link
 		// with it, another harness may have claimed the name since.
 		if host, lerr := netlink.LinkByIndex(l.hostIndex); lerr == nil && l.hostIndex > 0 && host.Attrs().Name == l.HostName {
-			if err := netlink.LinkDel(host); err != nil && !errors.Is(err, unix.ENODEV) {
-				m.deleteFailed(fmt.Errorf("deleting %s: %w", l.HostName, err))
+			if derr := netlink.LinkDel(host); derr != nil && !errors.Is(derr, unix.ENODEV) {
+				err = fmt.Errorf("deleting %s: %w", l.HostName, derr)
 			}
 		}
-		if l.nsFD >= 0 {
-			unix.Close(l.nsFD)
-			l.nsFD = -1
+		if nsFD >= 0 {
+			unix.Close(nsFD)
 		}
 		m.release(l.Slot)
+		return err
+	}
+	if m.done {
+		// The Manager has closed (and waited for its deletions): nothing
+		// would wait for this one.
+		return del()
+	}
+	m.deleting.Add(1)
+	go func() {
+		defer m.deleting.Done()
+		if err := del(); err != nil {
+			m.deleteFailed(err)
+		}
 	}()
 	return nil
 }
@@ -177,7 +198,8 @@ type VMNet struct {
 // VMM started in it (setns, or the jailer's --netns).
 func (v *VMNet) NSPath() string { return fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), v.nsFD) }
 
-// NSFD is the VM's namespace (a descriptor this process holds).
+// NSFD is the VM's namespace (a descriptor this process holds until
+// Close).
 func (v *VMNet) NSFD() int { return v.nsFD }
 
 // TapOptions are NewVMNet's.
@@ -195,6 +217,9 @@ type TapOptions struct {
 // one made ahead of need if there is one (Config.SpareVMNets) and has
 // another made in the background.
 func (m *Manager) NewVMNet(ctx context.Context, opts TapOptions) (*VMNet, error) {
+	if err := m.Check(); err != nil {
+		return nil, err
+	}
 	v, ok := m.spares.Take(struct{}{}, func(ctx context.Context, _ string) (*VMNet, error) { return m.newVMNet(ctx) })
 	if !ok {
 		var err error

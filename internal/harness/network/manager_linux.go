@@ -67,6 +67,8 @@ type Manager struct {
 
 	// spares are VM networks made ahead of need (Config.SpareVMNets).
 	spares *pool.Pool[struct{}, *VMNet]
+	// watchStop ends watch; watchDone is closed when it has.
+	watchStop, watchDone chan struct{}
 }
 
 func (m *Manager) deleteFailed(err error) {
@@ -112,6 +114,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		// servers it forwards to are listed here.
 		m.dns = readNameservers(resolvedConf)
 	}
+	m.dns = withoutHostAddrs(m.dns)
 	m.mtu = uplinkMTU()
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
@@ -135,7 +138,43 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 		return nil, err
 	}
+	m.watchStop, m.watchDone = make(chan struct{}), make(chan struct{})
+	go m.watch()
 	return m, nil
+}
+
+// watchEvery is how often a Manager checks that its table is still
+// installed (a firewall reload that flushes the ruleset removes it).
+const watchEvery = time.Second
+
+// watch puts the table back whenever it finds it gone, until Close.
+func (m *Manager) watch() {
+	defer close(m.watchDone)
+	t := time.NewTicker(watchEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.watchStop:
+			return
+		case <-t.C:
+			_ = m.Check() // an error now is an error at the next link
+		}
+	}
+}
+
+// Check makes sure the subnet's table is installed, putting it back if
+// something removed it; the Manager also checks every watchEvery. Callers
+// check before handing out a link made ahead of need.
+func (m *Manager) Check() error {
+	m.life.RLock()
+	defer m.life.RUnlock()
+	if m.done {
+		return fmt.Errorf("sandbox network: manager closed")
+	}
+	if err := m.ensureTable(); err != nil {
+		return fmt.Errorf("sandbox network: restoring the host's rules: %w", err)
+	}
+	return nil
 }
 
 // lockFile opens runDir/name and flocks it with how, waiting until ctx
@@ -313,6 +352,8 @@ func (m *Manager) Close() error {
 	}
 	m.done = true
 	m.life.Unlock()
+	close(m.watchStop)
+	<-m.watchDone
 	perr := m.spares.Close(context.Background())
 	m.deleting.Wait()
 	m.mu.Lock()
@@ -368,7 +409,7 @@ func (m *Manager) Describe() string {
 		s += fmt.Sprintf("; allowed: %v", m.cfg.Allow)
 	}
 	if len(m.dns) == 0 {
-		s += "; no name server: the host's are all loopback addresses"
+		s += "; no name server: the host's are all its own addresses, which sandboxes cannot reach"
 	}
 	return s + ")"
 }
@@ -487,6 +528,28 @@ func readNameservers(path string) []netip.Addr {
 			continue
 		}
 		out = append(out, a)
+	}
+	return out
+}
+
+// withoutHostAddrs leaves out name servers that are the host's own
+// addresses: sandboxes cannot reach the host.
+func withoutHostAddrs(dns []netip.Addr) []netip.Addr {
+	addrs, err := netlink.AddrList(nil, unix.AF_INET)
+	if err != nil {
+		return dns
+	}
+	var out []netip.Addr
+	for _, d := range dns {
+		own := false
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip == d {
+				own = true
+			}
+		}
+		if !own {
+			out = append(out, d)
+		}
 	}
 	return out
 }

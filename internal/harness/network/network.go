@@ -7,8 +7,9 @@
 // to the host by a veth pair: the host end is named LinkPrefix + slot and
 // has the first address of the slot's /30 in Config.Subnet, the end in the
 // namespace the second. The host forwards and masquerades the subnet's
-// traffic and enforces the rules above with one nftables table, "invokex"
-// (family inet).
+// traffic and enforces the rules above with one nftables table per subnet,
+// "invokex-<subnet>" (family inet), which the Manager puts back if a
+// firewall reload removes it.
 //
 //   - A process sandbox's own namespace (its init was cloned with
 //     CLONE_NEWNET) gets the veth as eth0: Manager.Attach.
@@ -23,8 +24,9 @@
 // exits (for a VM, when QEMU or Firecracker exits, holding the tap), the
 // kernel deletes the namespace and with it the veth pair and the tap. A
 // crashed harness therefore leaves nothing once its sandboxes are gone,
-// and the drivers' Recover kills those. Link.Close deletes the link at
-// once. The table is removed by the last Manager on the host to close.
+// and the drivers' Recover kills those. Link.Close deletes the link in the
+// background (the kernel takes tens of milliseconds); Manager.Close waits
+// for that. A subnet's table is removed by its last Manager to close.
 //
 // # Concurrency
 //
@@ -40,6 +42,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 )
 
 // LinkPrefix begins the name of every host link of a sandbox.
@@ -122,7 +125,7 @@ type Link struct {
 
 	m         *Manager
 	hostIndex int
-	closed    bool
+	closed    atomic.Bool
 	// nsFD holds a VM's namespace (NewVMNet) until Close; -1 for a process
 	// sandbox's, which its processes hold.
 	nsFD int

@@ -2,6 +2,7 @@ package network
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -358,6 +359,7 @@ func waitGone(t *testing.T, l *Link) {
 // the last to close removes it and puts forwarding back as it was.
 func TestManagersShareAHost(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
+	othersBefore := othersAlive(t)
 	forwardBefore, _ := os.ReadFile(ipForward)
 	m1, err := New(context.Background(), testConfig())
 	if err != nil {
@@ -396,7 +398,7 @@ func TestManagersShareAHost(t *testing.T) {
 		t.Errorf("the table is left after the last Manager closed")
 	}
 	// Only meaningful if no other test process runs a Manager meanwhile.
-	if othersAlive(t) {
+	if othersBefore || othersAlive(t) {
 		t.Logf("another Manager runs on this host: not checking ip_forward")
 	} else if after, _ := os.ReadFile(ipForward); string(after) != string(forwardBefore) {
 		t.Errorf("ip_forward %q after the last Manager closed, %q before", after, forwardBefore)
@@ -404,8 +406,14 @@ func TestManagersShareAHost(t *testing.T) {
 }
 
 // othersAlive reports whether some Manager (another test process's) holds
-// the host's users lock.
+// the host's users lock. It looks under the setup lock, as Managers do, so
+// that a Manager closing meanwhile does not take the probe for a user.
 func othersAlive(t *testing.T) bool {
+	setup, err := lockFile(context.Background(), setupLock, unix.LOCK_EX)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer setup.Close()
 	f, err := os.Open(filepath.Join(runDir, usersLock))
 	if err != nil {
 		return false
@@ -545,6 +553,18 @@ func TestTableRestored(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
+	// The Manager notices by itself.
+	if err := uninstall(testConfig().Subnet); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * watchEvery)
+	for !tableExists(t, testConfig().Subnet) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the table was not put back within %v", 10*watchEvery)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// And a new link checks first.
 	if err := uninstall(testConfig().Subnet); err != nil {
 		t.Fatal(err)
 	}
@@ -612,4 +632,88 @@ func BenchmarkNewVMNet(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestVMNetForwardsOnlyTheGuest: frames written to a VM network's tap, as
+// a guest sends them, leave for the outside masqueraded when they come
+// from GuestAddr, and not at all from another address.
+func TestVMNetForwardsOnlyTheGuest(t *testing.T) {
+	w := networktest.New(t, testConfig().Subnet)
+	cfg := testConfig()
+	cfg.SpareVMNets = -1
+	m, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	v, err := m.NewVMNet(context.Background(), TapOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	h, err := netlink.NewHandleAt(netns.NsHandle(v.NSFD()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	tap, err := h.LinkByName(TapName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := netip.MustParseAddrPort(w.UDPAddr)
+	send := func(src netip.Addr, payload string) {
+		t.Helper()
+		frame := udpFrame(tap.Attrs().HardwareAddr, guestMAC, src, dst, payload)
+		if _, err := v.Tap.Write(frame); err != nil {
+			t.Fatalf("writing to the tap: %v", err)
+		}
+	}
+	send(netip.MustParseAddr("169.254.213.3"), "forged")
+	send(netip.MustParseAddr("198.51.100.9"), "forged")
+	send(GuestAddr, "honest")
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.ContainsFunc(w.Datagrams(), func(d networktest.Datagram) bool { return d.Payload == "honest" }) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest's datagram never arrived: %v", w.Datagrams())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, d := range w.Datagrams() {
+		if d.Payload != "honest" {
+			t.Errorf("a datagram from a forged guest address arrived: %+v", d)
+		} else if d.From != networktest.HostPublic {
+			t.Errorf("the guest's datagram arrived from %s, not masqueraded to the host's %s", d.From, networktest.HostPublic)
+		}
+	}
+}
+
+// udpFrame is an Ethernet frame carrying a UDP datagram, after the
+// virtio-net header a tap opened with IFF_VNET_HDR expects (10 bytes, no
+// offloads).
+func udpFrame(dstMAC, srcMAC net.HardwareAddr, src netip.Addr, dst netip.AddrPort, payload string) []byte {
+	b := make([]byte, 10) // struct virtio_net_hdr, zeroed
+	b = append(b, dstMAC...)
+	b = append(b, srcMAC...)
+	b = append(b, 0x08, 0x00)
+	ip := make([]byte, 20)
+	ip[0], ip[8], ip[9] = 0x45, 64, 17
+	binary.BigEndian.PutUint16(ip[2:], uint16(20+8+len(payload)))
+	s4, d4 := src.As4(), dst.Addr().As4()
+	copy(ip[12:], s4[:])
+	copy(ip[16:], d4[:])
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	binary.BigEndian.PutUint16(ip[10:], ^uint16(sum))
+	udp := make([]byte, 8)
+	binary.BigEndian.PutUint16(udp[0:], 40000)
+	binary.BigEndian.PutUint16(udp[2:], dst.Port())
+	binary.BigEndian.PutUint16(udp[4:], uint16(8+len(payload)))
+	b = append(b, ip...)
+	b = append(b, udp...)
+	return append(b, payload...)
 }

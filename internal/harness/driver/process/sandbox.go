@@ -205,6 +205,13 @@ func (sb *sandbox) assign(ctx context.Context, spec driver.Spec) error {
 			return err
 		}
 	}
+	if sb.link != nil {
+		// Made when the sandbox was forked: the host's rules must still
+		// be there (a firewall reload removes them) before it serves.
+		if err := d.opts.Network.Check(); err != nil {
+			return err
+		}
+	}
 	if sb.memoryMB != spec.MemoryMB {
 		if err := d.cg.setMemory(sb.cgroups, sb.memoryMB, spec.MemoryMB); err != nil {
 			return err
