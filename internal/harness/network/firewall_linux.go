@@ -36,6 +36,10 @@ type rules struct {
 	dns []netip.Addr
 	// blocked: private, shared, link-local and other non-internet ranges.
 	blocked []netip.Prefix
+	// maxFlows caps each sandbox's connections (conntrack entries) out:
+	// the host's table of them is shared, and one sandbox must not fill
+	// it for everyone (Config.MaxFlows).
+	maxFlows int
 	// dropOtherForwarding: the host did not route before InvokeX turned
 	// forwarding on, so nothing but sandbox traffic may be forwarded.
 	dropOtherForwarding bool `json:"-"`
@@ -118,6 +122,20 @@ func install(r rules) error {
 	// expired) are never translated: they would leave with the sandbox's
 	// own address.
 	add(forward, fromSandbox, ctInvalid(), verdict(expr.VerdictDrop))
+	// At most maxFlows connections per sandbox ("add @flows { ip saddr
+	// ct count over N }"): a sandbox sending to many destinations cannot
+	// fill the host's conntrack table, which would cut the host off.
+	if r.maxFlows > 0 {
+		flows := &nftables.Set{Table: t, Name: "flows", KeyType: nftables.TypeIPAddr, Dynamic: true}
+		if err := c.AddSet(flows, nil); err != nil {
+			return fmt.Errorf("adding the flows set: %w", err)
+		}
+		add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV4), ctState(expr.CtStateBitNEW), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offSaddr, Len: 4},
+			&expr.Dynset{SrcRegKey: 1, SetName: flows.Name, SetID: flows.ID, Operation: unix.NFT_DYNSET_OP_ADD,
+				Exprs: []expr.Any{&expr.Connlimit{Count: uint32(r.maxFlows), Flags: connlimitOver}}},
+		}, reject())
+	}
 	// IPv4 only: sandboxes get no IPv6 address or route.
 	add(forward, fromSandbox, nfproto(unix.NFPROTO_IPV6), reject())
 	// From here on, this subnet's sandboxes (a sandbox that took another
@@ -169,6 +187,10 @@ func uninstall(subnet netip.Prefix) error {
 }
 
 var masq = []expr.Any{&expr.Masq{}}
+
+// connlimitOver is NFT_CONNLIMIT_F_INV: the connlimit matches when the
+// count is over its limit.
+const connlimitOver = 1
 
 // ifnameBytes is an interface name as the kernel compares it in full
 // (with its terminating NUL).

@@ -217,9 +217,10 @@ func first(f *os.File) (bool, error) {
 // tableState is what runDir records of a subnet's table: a second Manager
 // must ask for the same rules, and no other subnet may overlap it.
 type tableState struct {
-	Subnet netip.Prefix
-	Allow  []netip.Prefix
-	DNS    []netip.Addr
+	Subnet   netip.Prefix
+	Allow    []netip.Prefix
+	DNS      []netip.Addr
+	MaxFlows int
 }
 
 // setupHost installs the subnet's table, then turns forwarding on (noting
@@ -235,8 +236,8 @@ func (m *Manager) setupHost(ctx context.Context) error {
 	if m.table, err = lockFile(ctx, tableLock(m.cfg.Subnet), unix.LOCK_SH); err != nil {
 		return err
 	}
-	r := rules{subnet: m.cfg.Subnet, allow: m.cfg.Allow, dns: m.dns, blocked: blockedRanges}
-	want, _ := json.Marshal(tableState{Subnet: r.subnet, Allow: r.allow, DNS: r.dns})
+	r := rules{subnet: m.cfg.Subnet, allow: m.cfg.Allow, dns: m.dns, blocked: blockedRanges, maxFlows: max(m.cfg.MaxFlows, 0)}
+	want, _ := json.Marshal(tableState{Subnet: r.subnet, Allow: r.allow, DNS: r.dns, MaxFlows: r.maxFlows})
 	conf := filepath.Join(runDir, tableConfig(m.cfg.Subnet))
 	alone, err := first(m.table)
 	if err != nil {
@@ -405,6 +406,9 @@ func (m *Manager) Close() error {
 // Describe says what sandboxes can reach, for the driver's Describe.
 func (m *Manager) Describe() string {
 	s := fmt.Sprintf("isolated egress (subnet %s; host, private networks and other sandboxes unreachable", m.cfg.Subnet)
+	if m.rules.maxFlows > 0 {
+		s += fmt.Sprintf("; at most %d connections per sandbox", m.rules.maxFlows)
+	}
 	if len(m.cfg.Allow) > 0 {
 		s += fmt.Sprintf("; allowed: %v", m.cfg.Allow)
 	}

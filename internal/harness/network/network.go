@@ -48,6 +48,12 @@ import (
 // LinkPrefix begins the name of every host link of a sandbox.
 const LinkPrefix = "invx"
 
+// DefaultMaxFlows is Config.MaxFlows's default: four times what
+// Lambda's 1,024 descriptors allow a function in TCP connections, and
+// room for UDP flows, while 64 sandboxes at their cap fill no more than a
+// host's default conntrack table (262,144 entries).
+const DefaultMaxFlows = 4096
+
 // DefaultSubnet is Config.Subnet's default: 16,384 sandboxes.
 var DefaultSubnet = netip.MustParsePrefix("10.213.0.0/16")
 
@@ -93,6 +99,10 @@ type Config struct {
 	// ResolvConf is the host's resolver configuration (default
 	// /etc/resolv.conf): its non-loopback name servers are the sandboxes'.
 	ResolvConf string
+	// MaxFlows caps the connections (conntrack entries: TCP connections,
+	// UDP and ICMP flows) each sandbox has open to the outside at once;
+	// further ones are refused. 0 means DefaultMaxFlows, negative no cap.
+	MaxFlows int
 	// SpareVMNets is how many VM networks the Manager keeps made ahead of
 	// need once NewVMNet has been called (making one takes ~4 ms, on the
 	// path of a snapshot restore): 0 means 1, negative none.
@@ -167,6 +177,9 @@ func (c Config) withDefaults() Config {
 	c.Subnet = c.Subnet.Masked()
 	if c.ResolvConf == "" {
 		c.ResolvConf = defaultResolvConf
+	}
+	if c.MaxFlows == 0 {
+		c.MaxFlows = DefaultMaxFlows
 	}
 	return c
 }

@@ -717,3 +717,46 @@ func udpFrame(dstMAC, srcMAC net.HardwareAddr, src netip.Addr, dst netip.AddrPor
 	b = append(b, udp...)
 	return append(b, payload...)
 }
+
+// TestMaxFlows: a sandbox has at most MaxFlows connections out at once;
+// the ones beyond are refused, so it cannot fill the host's conntrack
+// table.
+func TestMaxFlows(t *testing.T) {
+	const maxFlows, tries = 40, 100
+	w := networktest.New(t, netip.MustParsePrefix("10.218.0.0/24"))
+	m, err := New(context.Background(), Config{Subnet: netip.MustParsePrefix("10.218.0.0/24"), MaxFlows: maxFlows})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ns := sandboxProcess(t)
+	l, err := m.Attach(context.Background(), int(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	err = networktest.InNS(ns, func() error {
+		for i := range tries {
+			// A socket of its own each: a new flow each. A write may
+			// report an ICMP error (a refusal) and is not checked.
+			c, err := net.Dial("udp4", w.UDPAddr)
+			if err != nil {
+				return err
+			}
+			c.Write([]byte(fmt.Sprint("flow ", i)))
+			c.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(w.Datagrams()) < maxFlows && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // stragglers, if the cap failed
+	if got := len(w.Datagrams()); got < maxFlows/2 || got > maxFlows+1 {
+		t.Errorf("%d of %d flows arrived, want about %d (the cap)", got, tries, maxFlows)
+	}
+}
