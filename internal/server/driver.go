@@ -188,6 +188,11 @@ func newQEMUDriver(cfg Config, agent string, nm *network.Manager, log *slog.Logg
 // with a network share the host's, which is warned about.
 func newNetwork(ctx context.Context, cfg Config, log *slog.Logger) (*network.Manager, error) {
 	if !cfg.SandboxNetwork {
+		// A server that crashed with networks up left its table and
+		// forwarding; undo them if nothing else uses them.
+		if err := network.Sweep(ctx); err != nil {
+			log.Warn("removing a crashed server's sandbox network", "err", err)
+		}
 		return nil, nil
 	}
 	var ncfg network.Config

@@ -577,3 +577,61 @@ func uplinkMTU() int {
 	}
 	return 1500
 }
+
+// Sweep undoes what Managers that are gone without closing (their
+// process crashed, or was killed) left on the host: tables of subnets no
+// live Manager uses and whose links are gone, and forwarding InvokeX
+// turned on. A server that gives sandboxes no network calls it at start;
+// New does the same work for its own subnet. Without root, or while any
+// Manager runs, it does nothing.
+func Sweep(ctx context.Context) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	if _, err := os.Stat(runDir); err != nil {
+		return nil // no Manager ever ran since boot
+	}
+	ctx, cancel := context.WithTimeout(ctx, lockWait)
+	defer cancel()
+	setup, err := lockFile(ctx, setupLock, unix.LOCK_EX)
+	if err != nil {
+		return err
+	}
+	defer setup.Close()
+	users, err := lockFile(ctx, usersLock, unix.LOCK_SH)
+	if err != nil {
+		return err
+	}
+	defer users.Close()
+	if alone, err := first(users); err != nil || !alone {
+		return err
+	}
+	var errs []error
+	files, _ := filepath.Glob(filepath.Join(runDir, tablePrefix+"-*.json"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		var st tableState
+		if err != nil || json.Unmarshal(b, &st) != nil || !st.Subnet.IsValid() {
+			continue
+		}
+		if n, err := hostLinks(st.Subnet); err != nil || n > 0 {
+			continue // its sandboxes still run
+		}
+		if err := uninstall(st.Subnet); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		os.Remove(f)
+	}
+	marker := filepath.Join(runDir, forwardingMarker)
+	if _, err := os.Stat(marker); err == nil {
+		if n, err := hostLinks(netip.Prefix{}); err == nil && n == 0 {
+			if err := os.WriteFile(ipForward, []byte("0"), 0); err != nil {
+				errs = append(errs, fmt.Errorf("turning IPv4 forwarding off again: %w", err))
+			} else {
+				os.Remove(marker)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -760,3 +760,39 @@ func TestMaxFlows(t *testing.T) {
 		t.Errorf("%d of %d flows arrived, want about %d (the cap)", got, tries, maxFlows)
 	}
 }
+
+// TestSweep: what a Manager that died without closing left (its table,
+// forwarding turned on) is undone by Sweep once no Manager runs.
+func TestSweep(t *testing.T) {
+	needRoot(t)
+	if othersAlive(t) {
+		t.Skip("another Manager runs on this host: Sweep must leave it alone")
+	}
+	forwardBefore, _ := os.ReadFile(ipForward)
+	_, staleMarker := os.Stat(filepath.Join(runDir, forwardingMarker))
+	sub := netip.MustParsePrefix("10.219.0.0/24")
+	m, err := New(context.Background(), Config{Subnet: sub, SpareVMNets: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As if its process died: the kernel drops its locks, nothing else.
+	close(m.watchStop)
+	<-m.watchDone
+	m.users.Close()
+	m.table.Close()
+	if !tableExists(t, sub) {
+		t.Fatal("no table to sweep")
+	}
+	if err := Sweep(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if tableExists(t, sub) {
+		t.Errorf("the dead Manager's table is left after Sweep")
+	}
+	if othersAlive(t) || staleMarker == nil {
+		return // forwarding was someone else's, or a dead Manager's
+	}
+	if after, _ := os.ReadFile(ipForward); string(after) != string(forwardBefore) {
+		t.Errorf("ip_forward %q after Sweep, %q before the Manager", after, forwardBefore)
+	}
+}
