@@ -2,12 +2,16 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/lambda"
+	"github.com/google/nftables"
 
 	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/harness/network/networktest"
@@ -63,4 +67,80 @@ func sandboxNetwork(t *testing.T, driver string) {
 	if log := s.log(); !strings.Contains(log, "isolated egress") {
 		t.Errorf("the server's log does not describe the sandbox network:\n%.2000s", log)
 	}
+}
+
+// TestSandboxNetworkAfterACrash: a server SIGKILLed with networked
+// sandboxes leaves no link once they are gone, and the next server (here
+// one without networks) removes its table.
+func TestSandboxNetworkAfterACrash(t *testing.T) {
+	networktest.Skip(t)
+	dataDir := t.TempDir()
+	// A subnet of its own: other tests' servers and drivers may run
+	// beside this one, with links and tables of theirs.
+	subnet := netip.MustParsePrefix("10.220.0.0/24")
+	s := startServer(t, dataDir, "--sandbox-network", "--sandbox-subnet", subnet.String())
+	createProbe(t, s, "net")
+	invoke(t, s, "net", map[string]any{"action": "echo"}, false)
+	if n := sandboxLinks(t, subnet); n == 0 {
+		t.Fatal("no sandbox link while a networked instance is warm; the checks below would prove nothing")
+	}
+	s.kill()
+	eventually(t, 30*time.Second, func() error {
+		if p := processesUnder(dataDir); len(p) > 0 {
+			return fmt.Errorf("sandbox processes outlive the crashed server: %v", p)
+		}
+		if n := sandboxLinks(t, subnet); n > 0 {
+			return fmt.Errorf("%d sandbox links outlive the crashed server's sandboxes", n)
+		}
+		return nil
+	})
+	s2 := startServer(t, "")
+	s2.stop()
+	if tableOf(t, subnet) {
+		t.Errorf("the crashed server's table is left after another server started")
+	}
+}
+
+// sandboxLinks counts the host's sandbox links (network.LinkPrefix) in
+// subnet.
+func sandboxLinks(t *testing.T, subnet netip.Prefix) int {
+	t.Helper()
+	ifs, err := net.Interfaces()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, i := range ifs {
+		if !strings.HasPrefix(i.Name, network.LinkPrefix) {
+			continue
+		}
+		addrs, _ := i.Addrs()
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && subnet.Contains(p.Addr()) {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+// tableOf reports whether the nftables table of subnet is installed.
+func tableOf(t *testing.T, subnet netip.Prefix) bool {
+	t.Helper()
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "invokex-" + strings.NewReplacer(".", "-", "/", "-").Replace(subnet.String())
+	for _, tb := range tables {
+		if tb.Name == want {
+			return true
+		}
+	}
+	return false
 }

@@ -579,17 +579,17 @@ func uplinkMTU() int {
 }
 
 // Sweep undoes what Managers that are gone without closing (their
-// process crashed, or was killed) left on the host: tables of subnets no
-// live Manager uses and whose links are gone, and forwarding InvokeX
-// turned on. A server that gives sandboxes no network calls it at start;
-// New does the same work for its own subnet. Without root, or while any
-// Manager runs, it does nothing.
+// process crashed, or was killed) left on the host: the tables of subnets
+// no live Manager uses and whose links are gone, and, if no Manager runs
+// at all, forwarding InvokeX turned on. A server that gives sandboxes no
+// network calls it at start; New does the same for its own subnet.
+// Without root it does nothing.
 func Sweep(ctx context.Context) error {
 	if os.Geteuid() != 0 {
 		return nil
 	}
 	if _, err := os.Stat(runDir); err != nil {
-		return nil // no Manager ever ran since boot
+		return nil // no Manager ran since boot
 	}
 	ctx, cancel := context.WithTimeout(ctx, lockWait)
 	defer cancel()
@@ -598,14 +598,6 @@ func Sweep(ctx context.Context) error {
 		return err
 	}
 	defer setup.Close()
-	users, err := lockFile(ctx, usersLock, unix.LOCK_SH)
-	if err != nil {
-		return err
-	}
-	defer users.Close()
-	if alone, err := first(users); err != nil || !alone {
-		return err
-	}
 	var errs []error
 	files, _ := filepath.Glob(filepath.Join(runDir, tablePrefix+"-*.json"))
 	for _, f := range files {
@@ -613,6 +605,16 @@ func Sweep(ctx context.Context) error {
 		var st tableState
 		if err != nil || json.Unmarshal(b, &st) != nil || !st.Subnet.IsValid() {
 			continue
+		}
+		lock, err := lockFile(ctx, tableLock(st.Subnet), unix.LOCK_SH)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		alone, err := first(lock)
+		lock.Close()
+		if err != nil || !alone {
+			continue // a live Manager's
 		}
 		if n, err := hostLinks(st.Subnet); err != nil || n > 0 {
 			continue // its sandboxes still run
@@ -622,6 +624,14 @@ func Sweep(ctx context.Context) error {
 			continue
 		}
 		os.Remove(f)
+	}
+	users, err := lockFile(ctx, usersLock, unix.LOCK_SH)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer users.Close()
+	if alone, err := first(users); err != nil || !alone {
+		return errors.Join(append(errs, err)...)
 	}
 	marker := filepath.Join(runDir, forwardingMarker)
 	if _, err := os.Stat(marker); err == nil {
