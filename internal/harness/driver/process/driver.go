@@ -26,6 +26,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/invokex/invokex/internal/errdefs"
@@ -96,6 +97,9 @@ type Driver struct {
 	fork         *hostproc.Forker
 	rootless     bool
 	degradations []string
+	// sharedNet is set once a sandbox shared the host's network (no
+	// Options.Network): warned once, then in Describe.
+	sharedNet atomic.Bool
 
 	instances hostproc.Table[*instance]
 }
@@ -160,12 +164,6 @@ func New(opts Options) (*Driver, error) {
 	for _, s := range d.degradations {
 		d.log.Warn("process sandbox isolation degraded", "reason", s)
 	}
-	if opts.Network == nil {
-		// Described, not warned: it matters only to a caller that asks for
-		// networks, which warns when it could not make a manager.
-		d.degradations = append(d.degradations,
-			"sandboxes with a network share the host's: they reach its loopback services, this server's API included")
-	}
 	return d, nil
 }
 
@@ -174,8 +172,15 @@ func (d *Driver) Name() string { return "process" }
 
 // Describe lists how the sandboxes on this host are weaker than intended.
 func (d *Driver) Describe() []string {
-	return append([]string(nil), d.degradations...)
+	s := append([]string(nil), d.degradations...)
+	if d.sharedNet.Load() {
+		s = append(s, sharedNetNote)
+	}
+	return s
 }
+
+// sharedNetNote says what a sandbox's network is without Options.Network.
+const sharedNetNote = "sandboxes with a network share the host's: they reach its loopback services, this server's API included"
 
 // Start creates the instance's state directory and cgroups, starts its init
 // in new namespaces and waits until the agent inside is ready.

@@ -168,6 +168,8 @@ func (sb *sandbox) startInit(sandboxEnd *os.File, tmpImage string) error {
 	flags := uintptr(unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS)
 	if sb.ownsNetwork() {
 		flags |= unix.CLONE_NEWNET
+	} else if d.sharedNet.CompareAndSwap(false, true) {
+		d.log.Warn("process sandbox isolation degraded", "reason", sharedNetNote)
 	}
 	// Setsid: a sandbox is its own session, so a terminal's Ctrl-C (sent to
 	// the server's foreground process group) reaches only the server, which

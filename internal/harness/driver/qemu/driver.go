@@ -60,6 +60,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -178,6 +179,9 @@ type Driver struct {
 	// of /dev/kvm under KVM); asRoot says why VMs keep the driver's user.
 	vmGroups []uint32
 	asRoot   string
+	// sharedNet is set once a VM had a network on QEMU's user-mode
+	// network (no Options.Network): warned once, then in Describe.
+	sharedNet atomic.Bool
 }
 
 // New checks QEMU, the kernel and the agent binary, chooses the
@@ -322,11 +326,14 @@ func (d *Driver) Describe() []string {
 	if d.asRoot != "" && os.Geteuid() == 0 {
 		s = append(s, "qemu runs as root, not as a user per vm: "+d.asRoot)
 	}
-	if d.opts.Network == nil {
-		s = append(s, "vms with a network use qemu's user-mode network: they reach the host's services, this server's API included")
+	if d.sharedNet.Load() {
+		s = append(s, sharedNetNote)
 	}
 	return s
 }
+
+// sharedNetNote says what a VM's network is without Options.Network.
+const sharedNetNote = "vms with a network use qemu's user-mode network: they reach the host's services, this server's API included"
 
 // Start builds the instance's disks, boots its VM and waits until the
 // agent inside is ready.

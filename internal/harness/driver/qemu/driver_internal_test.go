@@ -133,9 +133,7 @@ func TestNewErrors(t *testing.T) {
 func TestDescribe(t *testing.T) {
 	e := newFakeEnv(t)
 	got := strings.Join(e.d.Describe(), "\n")
-	// Without a network manager, networked VMs use slirp, which reaches
-	// the host: said.
-	wants := []string{"TCG software emulation (requested)", "vms with a network use qemu's user-mode network"}
+	wants := []string{"TCG software emulation (requested)"}
 	if os.Geteuid() == 0 {
 		wants = append(wants, "qemu runs as root, not as a user per vm: KeepUser set")
 	}
@@ -143,6 +141,19 @@ func TestDescribe(t *testing.T) {
 		if !strings.Contains(got, want) {
 			t.Errorf("Describe() = %q, lacks %q", got, want)
 		}
+	}
+	// Without a network manager, networked VMs use slirp, which reaches
+	// the host: said once one had a network, not before.
+	if strings.Contains(got, sharedNetNote) {
+		t.Errorf("Describe() = %q before any vm had a network", got)
+	}
+	sp := e.Spec("ok-net")
+	sp.Network = true
+	if _, err := e.d.Start(context.Background(), sp); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(e.d.Describe(), "\n"); !strings.Contains(got, sharedNetNote) {
+		t.Errorf("Describe() = %q after a vm had a network on slirp", got)
 	}
 	if e.d.Name() != "qemu" {
 		t.Errorf("Name() = %q", e.d.Name())

@@ -358,6 +358,9 @@ func (i *instance) connect(ctx context.Context, cfg *vmConfig) error {
 	mgr := i.d.opts.Network
 	if !cfg.Network || mgr == nil {
 		cfg.Tap = false
+		if cfg.Network && i.d.sharedNet.CompareAndSwap(false, true) {
+			i.d.log.Warn("vm isolation degraded", "reason", sharedNetNote)
+		}
 		return nil
 	}
 	v, err := mgr.NewVMNet(ctx, network.TapOptions{})
