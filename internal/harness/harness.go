@@ -73,7 +73,7 @@ type Config struct {
 	// the default: 993 when the harness runs as root, else 0 (the agent's
 	// own). Negative values force 0.
 	SandboxUID, SandboxGID int
-	// Network gives sandboxes the host's network.
+	// Network gives sandboxes a network to the outside (driver.Spec.Network).
 	Network bool
 	// Region is AWS_REGION; default us-east-1.
 	Region string

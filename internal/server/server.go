@@ -53,8 +53,8 @@ type Config struct {
 	// DefaultConcurrency caps a function without reserved concurrency.
 	DefaultConcurrency int
 	// SandboxNetwork gives sandboxes a network of their own with the
-	// internet behind it (package network; off: loopback only), or, where
-	// the host cannot (not root), the host's network.
+	// internet behind it (package network; off: loopback only), or, when
+	// not root, the host's network.
 	SandboxNetwork bool
 	// SandboxSubnet ("" for network.DefaultSubnet) and SandboxAllow (CIDR
 	// networks) configure it.

@@ -57,8 +57,11 @@ type Spec struct {
 	MemoryMB int
 	// EphemeralMB caps the sandbox's writable /tmp.
 	EphemeralMB int
-	// Network gives the sandbox the host's network; false isolates it in an
-	// empty network namespace (loopback only).
+	// Network gives the sandbox a network to the outside: with a driver
+	// that has a network.Manager, the internet and nothing of the host's
+	// (package network); without one, the host's network (each driver's
+	// Describe says so). False isolates it in an empty network namespace
+	// (loopback only).
 	Network bool
 	// ForSnapshot says the instance will be saved with Snapshotter.Snapshot
 	// after its INIT: a driver may start it so that its snapshot restores

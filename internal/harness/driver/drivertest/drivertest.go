@@ -605,10 +605,10 @@ func hostListener(t *testing.T, ip string) string {
 	return l.Addr().String()
 }
 
-// hostIPv4 is a non-loopback IPv4 address of the host, "" if it has none.
-// A sandbox with Network must reach the host's network through it: a VM's
-// 127.0.0.1 is its own loopback, so the host's loopback is no common
-// target for every driver.
+// hostIPv4 is a non-loopback IPv4 address of the host, "" if it has none:
+// a target no sandbox may reach, with or without Network (a VM's 127.0.0.1
+// is its own loopback, so the host's loopback is no common target for
+// every driver).
 func hostIPv4() string {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
