@@ -11,7 +11,6 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/lambda"
-	"github.com/google/nftables"
 
 	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/harness/network/networktest"
@@ -128,19 +127,9 @@ func sandboxLinks(t *testing.T, subnet netip.Prefix) int {
 // tableOf reports whether the nftables table of subnet is installed.
 func tableOf(t *testing.T, subnet netip.Prefix) bool {
 	t.Helper()
-	c, err := nftables.New()
+	ok, err := network.Installed(subnet)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := "invokex-" + strings.NewReplacer(".", "-", "/", "-").Replace(subnet.String())
-	for _, tb := range tables {
-		if tb.Name == want {
-			return true
-		}
-	}
-	return false
+	return ok
 }

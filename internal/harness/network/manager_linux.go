@@ -325,20 +325,30 @@ func checkOverlaps(ctx context.Context, subnet netip.Prefix) error {
 // firewall reload that flushes the ruleset): without it sandboxes would
 // reach the host.
 func (m *Manager) ensureTable() error {
+	ok, err := Installed(m.cfg.Subnet)
+	if err != nil || ok {
+		return err
+	}
+	return install(m.rules)
+}
+
+// Installed reports whether the host has the nftables table of subnet's
+// sandboxes.
+func Installed(subnet netip.Prefix) (bool, error) {
 	c, err := nftables.New()
 	if err != nil {
-		return fmt.Errorf("opening nftables: %w", err)
+		return false, fmt.Errorf("opening nftables: %w", err)
 	}
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return fmt.Errorf("listing nftables tables: %w", err)
+		return false, fmt.Errorf("listing nftables tables: %w", err)
 	}
 	for _, t := range tables {
-		if t.Name == tableName(m.cfg.Subnet) {
-			return nil
+		if t.Name == tableName(subnet.Masked()) {
+			return true, nil
 		}
 	}
-	return install(m.rules)
+	return false, nil
 }
 
 // Close removes the subnet's table if this is its last Manager and no

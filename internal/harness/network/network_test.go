@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -116,23 +115,9 @@ func sandboxProcess(t *testing.T) netns.NsHandle {
 func TestAttach(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
 	hostPort := networktest.HostServer(t)
-	m, err := New(context.Background(), testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	nsA := sandboxProcess(t)
-	nsB := sandboxProcess(t)
-	a, err := m.Attach(context.Background(), int(nsA))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := m.Attach(context.Background(), int(nsB))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	m := newManager(t, testConfig())
+	nsA, a := attached(t, m)
+	nsB, b := attached(t, m)
 	if a.Slot == b.Slot {
 		t.Fatalf("two links in slot %d", a.Slot)
 	}
@@ -191,17 +176,8 @@ func TestAllow(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
 	cfg := Config{Subnet: netip.MustParsePrefix("10.215.0.0/24")}
 	cfg.Allow = []netip.Prefix{netip.MustParsePrefix("10.99.0.0/24")}
-	m, err := New(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	ns := sandboxProcess(t)
-	l, err := m.Attach(context.Background(), int(ns))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	m := newManager(t, cfg)
+	ns, _ := attached(t, m)
 	if line, err := networktest.Dial(ns, w.PrivateAddr); err != nil || !strings.HasPrefix(line, "outside ") {
 		t.Errorf("an allowed private destination: %q, %v", line, err)
 	}
@@ -209,11 +185,7 @@ func TestAllow(t *testing.T) {
 
 func TestLinkGoesWithTheSandbox(t *testing.T) {
 	needRoot(t)
-	m, err := New(context.Background(), testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newManager(t, testConfig())
 	cmd := exec.Command("unshare", "--net", "sleep", "600")
 	if err := cmd.Start(); err != nil {
 		t.Skipf("unshare: %v", err)
@@ -261,11 +233,7 @@ func TestLinkGoesWithTheSandbox(t *testing.T) {
 func TestVMNet(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
 	hostPort := networktest.HostServer(t)
-	m, err := New(context.Background(), testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newManager(t, testConfig())
 	v, err := m.NewVMNet(context.Background(), TapOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -423,20 +391,12 @@ func othersAlive(t *testing.T) bool {
 }
 
 func tableExists(t *testing.T, subnet netip.Prefix) bool {
-	c, err := nftables.New()
+	t.Helper()
+	ok, err := Installed(subnet)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tb := range tables {
-		if tb.Name == tableName(subnet) {
-			return true
-		}
-	}
-	return false
+	return ok
 }
 
 // TestSpoofedSourceDropped: a sandbox that takes another address (here:
@@ -445,23 +405,9 @@ func tableExists(t *testing.T, subnet netip.Prefix) bool {
 // loose): the table checks the source against the link's route itself.
 func TestSpoofedSourceDropped(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
-	m, err := New(context.Background(), testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	nsA := sandboxProcess(t)
-	nsB := sandboxProcess(t)
-	a, err := m.Attach(context.Background(), int(nsA))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := m.Attach(context.Background(), int(nsB))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	m := newManager(t, testConfig())
+	nsA, a := attached(t, m)
+	_, b := attached(t, m)
 	if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+a.HostName+"/rp_filter", []byte("0"), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -548,11 +494,7 @@ func TestOverlappingSubnets(t *testing.T) {
 func TestTableRestored(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
 	hostPort := networktest.HostServer(t)
-	m, err := New(context.Background(), testConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newManager(t, testConfig())
 	// The Manager notices by itself.
 	if err := uninstall(testConfig().Subnet); err != nil {
 		t.Fatal(err)
@@ -568,12 +510,7 @@ func TestTableRestored(t *testing.T) {
 	if err := uninstall(testConfig().Subnet); err != nil {
 		t.Fatal(err)
 	}
-	ns := sandboxProcess(t)
-	l, err := m.Attach(context.Background(), int(ns))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	ns, l := attached(t, m)
 	if !tableExists(t, testConfig().Subnet) {
 		t.Fatal("the table was not restored")
 	}
@@ -641,11 +578,7 @@ func TestVMNetForwardsOnlyTheGuest(t *testing.T) {
 	w := networktest.New(t, testConfig().Subnet)
 	cfg := testConfig()
 	cfg.SpareVMNets = -1
-	m, err := New(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := newManager(t, cfg)
 	v, err := m.NewVMNet(context.Background(), TapOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -724,18 +657,9 @@ func udpFrame(dstMAC, srcMAC net.HardwareAddr, src netip.Addr, dst netip.AddrPor
 func TestMaxFlows(t *testing.T) {
 	const maxFlows, tries = 40, 100
 	w := networktest.New(t, netip.MustParsePrefix("10.218.0.0/24"))
-	m, err := New(context.Background(), Config{Subnet: netip.MustParsePrefix("10.218.0.0/24"), MaxFlows: maxFlows})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	ns := sandboxProcess(t)
-	l, err := m.Attach(context.Background(), int(ns))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	err = networktest.InNS(ns, func() error {
+	m := newManager(t, Config{Subnet: netip.MustParsePrefix("10.218.0.0/24"), MaxFlows: maxFlows})
+	ns, _ := attached(t, m)
+	err := networktest.InNS(ns, func() error {
 		for i := range tries {
 			// A socket of its own each: a new flow each. A write may
 			// report an ICMP error (a refusal) and is not checked.
@@ -793,4 +717,28 @@ func TestSweep(t *testing.T) {
 	if after, _ := os.ReadFile(ipForward); string(after) != string(forwardBefore) {
 		t.Errorf("ip_forward %q after Sweep, %q before the Manager", after, forwardBefore)
 	}
+}
+
+// newManager is New(cfg), closed when t ends.
+func newManager(t *testing.T, cfg Config) *Manager {
+	t.Helper()
+	m, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// attached is a sandbox process (sandboxProcess) attached by m, its link
+// closed when t ends.
+func attached(t *testing.T, m *Manager) (netns.NsHandle, *Link) {
+	t.Helper()
+	ns := sandboxProcess(t)
+	l, err := m.Attach(context.Background(), int(ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return ns, l
 }

@@ -25,7 +25,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -36,8 +35,6 @@ import (
 
 	"github.com/invokex/invokex/internal/errdefs"
 	"github.com/invokex/invokex/internal/harness/driver"
-	"github.com/invokex/invokex/internal/harness/network"
-	"github.com/invokex/invokex/internal/harness/network/networktest"
 	"github.com/invokex/invokex/internal/protocol"
 )
 
@@ -582,100 +579,6 @@ func (s *suite) testReadOnlyRoot(t *testing.T) {
 	}
 	if _, err := os.Stat("/usr/x"); err == nil {
 		t.Errorf("/usr/x exists on the host")
-	}
-}
-
-// hostListener listens on ip:0 for the network tests and returns its
-// address.
-func hostListener(t *testing.T, ip string) string {
-	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	return l.Addr().String()
-}
-
-// hostIPv4 is a non-loopback IPv4 address of the host, "" if it has none:
-// a target no sandbox may reach, with or without Network (a VM's 127.0.0.1
-// is its own loopback, so the host's loopback is no common target for
-// every driver).
-func hostIPv4() string {
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return ""
-	}
-	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok && !n.IP.IsLoopback() && n.IP.To4() != nil && !n.IP.IsLinkLocalUnicast() {
-			return n.IP.String()
-		}
-	}
-	return ""
-}
-
-func (s *suite) testNetworkIsolated(t *testing.T) {
-	targets := []string{hostListener(t, "127.0.0.1")}
-	if ip := hostIPv4(); ip != "" {
-		targets = append(targets, hostListener(t, ip))
-	}
-	e := s.env(t)
-	sb := e.start(t, e.spec())
-	sb.init()
-	for _, addr := range targets {
-		var o outcome
-		sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
-		if o.Error == "" {
-			t.Errorf("an isolated sandbox reached the host's %s", addr)
-		}
-	}
-}
-
-// testNetworkEgress: a sandbox with Network reaches the internet (the
-// stand-in of package networktest) and nothing of the host: not its
-// addresses, not its private networks. The driver must use the default
-// sandbox subnet (network.DefaultSubnet).
-func (s *suite) testNetworkEgress(t *testing.T) {
-	w := networktest.New(t, network.DefaultSubnet)
-	port := networktest.HostServer(t)
-	e := s.env(t)
-	sp := e.spec()
-	sp.Network = true
-	sb := e.start(t, sp)
-	sb.init()
-	dial := func(addr string) string {
-		var o outcome
-		sb.call(map[string]any{"action": "dial", "addr": addr}, &o)
-		return o.Error
-	}
-	if err := dial(w.PublicAddr); err != "" {
-		t.Errorf("a sandbox with Network cannot reach the internet's %s: %s", w.PublicAddr, err)
-	}
-	unreachable := []string{
-		w.PrivateAddr,
-		net.JoinHostPort(networktest.HostPublic, port),
-		net.JoinHostPort(networktest.HostPrivate, port),
-	}
-	if ip := hostIPv4(); ip != "" {
-		unreachable = append(unreachable, net.JoinHostPort(ip, port))
-	}
-	for _, addr := range unreachable {
-		if dial(addr) == "" {
-			t.Errorf("a sandbox with Network reached %s (the host, or a private network)", addr)
-		}
-	}
-	var o outcome
-	sb.call(map[string]any{"action": "read-file", "path": "/etc/resolv.conf"}, &o)
-	if strings.Contains(o.Data, "nameserver 127.") {
-		t.Errorf("the sandbox's resolv.conf names a loopback resolver, its own loopback:\n%s", o.Data)
 	}
 }
 

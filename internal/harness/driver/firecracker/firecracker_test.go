@@ -2,7 +2,6 @@ package firecracker_test
 
 import (
 	"context"
-	"errors"
 	"os"
 	"os/exec"
 	"strings"
@@ -16,7 +15,6 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
-	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // Environment of the real tests: where Firecracker (and, to test jailed
@@ -59,16 +57,7 @@ func TestDriver(t *testing.T) {
 		// The first Start builds the runtime's root image.
 		StartTimeout: 5 * time.Minute,
 	}
-	// One network manager for the test process, as for a server.
-	nm, err := network.New(context.Background(), network.Config{})
-	if err != nil && !errors.Is(err, network.ErrUnavailable) {
-		t.Fatalf("network.New: %v", err)
-	}
-	if err != nil {
-		opts.Unsupported = map[string]string{"NetworkEgress": err.Error(), "SnapshotEgress": err.Error()}
-	} else {
-		t.Cleanup(func() { nm.Close() })
-	}
+	nm := drivertest.NetworkManager(t, &opts)
 	drivertest.RunWith(t, opts, func(t *testing.T, stateDir string) driver.Driver {
 		d, err := firecracker.New(firecracker.Options{
 			StateDir:        stateDir,

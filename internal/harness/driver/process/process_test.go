@@ -2,7 +2,6 @@ package process_test
 
 import (
 	"context"
-	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -11,7 +10,6 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
 	"github.com/invokex/invokex/internal/harness/driver/process"
-	"github.com/invokex/invokex/internal/harness/network"
 )
 
 // TestMain makes the test binary the sandbox init, as the invokex CLI's
@@ -31,17 +29,7 @@ func TestDriver(t *testing.T) {
 		}
 		opts.Unsupported[name] = why
 	}
-	// One network manager for the test process, as for a server.
-	nm, err := network.New(context.Background(), network.Config{})
-	if err != nil && !errors.Is(err, network.ErrUnavailable) {
-		t.Fatalf("network.New: %v", err)
-	}
-	if err != nil {
-		unsupported("NetworkEgress", err.Error())
-		unsupported("SnapshotEgress", err.Error())
-	} else {
-		t.Cleanup(func() { nm.Close() })
-	}
+	nm := drivertest.NetworkManager(t, &opts)
 	newDriver := func(t *testing.T, stateDir string) driver.Driver {
 		d, err := process.New(process.Options{StateDir: stateDir, Logger: hostproctest.Logger(t), Network: nm})
 		if err != nil {

@@ -2,7 +2,6 @@ package qemu_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -18,7 +17,6 @@ import (
 	"github.com/invokex/invokex/internal/harness/driver/qemu"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
 	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
-	"github.com/invokex/invokex/internal/harness/network"
 	"github.com/invokex/invokex/internal/protocol"
 	"github.com/invokex/invokex/internal/runtimes"
 )
@@ -62,16 +60,7 @@ func TestDriver(t *testing.T) {
 			})
 		},
 	}
-	// One network manager for the test process, as for a server.
-	nm, err := network.New(context.Background(), network.Config{})
-	if err != nil && !errors.Is(err, network.ErrUnavailable) {
-		t.Fatalf("network.New: %v", err)
-	}
-	if err != nil {
-		opts.Unsupported = map[string]string{"NetworkEgress": err.Error(), "SnapshotEgress": err.Error()}
-	} else {
-		t.Cleanup(func() { nm.Close() })
-	}
+	nm := drivertest.NetworkManager(t, &opts)
 	drivertest.RunWith(t, opts, func(t *testing.T, stateDir string) driver.Driver {
 		d, err := qemu.New(qemu.Options{
 			StateDir:   stateDir,
