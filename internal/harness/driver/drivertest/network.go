@@ -18,39 +18,13 @@ func hostListener(t *testing.T, ip string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	networktest.Serve(t, l, "host")
 	return l.Addr().String()
-}
-
-// hostIPv4 is a non-loopback IPv4 address of the host, "" if it has none:
-// a target no sandbox may reach, with or without Network (a VM's 127.0.0.1
-// is its own loopback, so the host's loopback is no common target for
-// every driver).
-func hostIPv4() string {
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return ""
-	}
-	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok && !n.IP.IsLoopback() && n.IP.To4() != nil && !n.IP.IsLinkLocalUnicast() {
-			return n.IP.String()
-		}
-	}
-	return ""
 }
 
 func (s *suite) testNetworkIsolated(t *testing.T) {
 	targets := []string{hostListener(t, "127.0.0.1")}
-	if ip := hostIPv4(); ip != "" {
+	if ip := networktest.HostIPv4(); ip != "" {
 		targets = append(targets, hostListener(t, ip))
 	}
 	e := s.env(t)
@@ -90,7 +64,7 @@ func (s *suite) testNetworkEgress(t *testing.T) {
 		net.JoinHostPort(networktest.HostPublic, port),
 		net.JoinHostPort(networktest.HostPrivate, port),
 	}
-	if ip := hostIPv4(); ip != "" {
+	if ip := networktest.HostIPv4(); ip != "" {
 		unreachable = append(unreachable, net.JoinHostPort(ip, port))
 	}
 	for _, addr := range unreachable {

@@ -254,11 +254,14 @@ func onThread(fn func() error) error {
 	return <-errc
 }
 
-// HostIPv4 is one of the host's non-loopback IPv4 addresses, "" if none.
+// HostIPv4 is one of the host's non-loopback, non-link-local IPv4
+// addresses, "" if none: a target no sandbox may reach (a VM's 127.0.0.1
+// is its own, so the host's loopback is no common target for every
+// driver).
 func HostIPv4() string {
 	addrs, _ := net.InterfaceAddrs()
 	for _, a := range addrs {
-		if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.IsLoopback() {
+		if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.IsLoopback() && !n.IP.IsLinkLocalUnicast() {
 			return n.IP.String()
 		}
 	}
