@@ -446,20 +446,7 @@ func TestSpoofedSourceDropped(t *testing.T) {
 	// Then one from its own address, which arrives (masqueraded) after
 	// any that went before it on the same path.
 	send(a.SandboxAddr.Addr(), "honest")
-	deadline := time.Now().Add(5 * time.Second)
-	for !slices.ContainsFunc(w.Datagrams(), func(d networktest.Datagram) bool { return d.Payload == "honest" }) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the sandbox's own datagram never arrived: %v", w.Datagrams())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	for _, d := range w.Datagrams() {
-		if d.Payload != "honest" {
-			t.Errorf("a datagram with a forged source arrived: %+v", d)
-		} else if d.From != networktest.HostPublic {
-			t.Errorf("the sandbox's datagram arrived from %s, not masqueraded to the host's %s", d.From, networktest.HostPublic)
-		}
-	}
+	onlyHonestArrived(t, w)
 	// The sandbox's own address still works.
 	if line, err := networktest.Dial(nsA, w.PublicAddr); err != nil || !strings.HasPrefix(line, "outside ") {
 		t.Errorf("from the sandbox's own address: %q, %v", line, err)
@@ -604,20 +591,7 @@ func TestVMNetForwardsOnlyTheGuest(t *testing.T) {
 	send(netip.MustParseAddr("169.254.213.3"), "forged")
 	send(netip.MustParseAddr("198.51.100.9"), "forged")
 	send(GuestAddr, "honest")
-	deadline := time.Now().Add(5 * time.Second)
-	for !slices.ContainsFunc(w.Datagrams(), func(d networktest.Datagram) bool { return d.Payload == "honest" }) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the guest's datagram never arrived: %v", w.Datagrams())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	for _, d := range w.Datagrams() {
-		if d.Payload != "honest" {
-			t.Errorf("a datagram from a forged guest address arrived: %+v", d)
-		} else if d.From != networktest.HostPublic {
-			t.Errorf("the guest's datagram arrived from %s, not masqueraded to the host's %s", d.From, networktest.HostPublic)
-		}
-	}
+	onlyHonestArrived(t, w)
 }
 
 // udpFrame is an Ethernet frame carrying a UDP datagram, after the
@@ -741,4 +715,25 @@ func attached(t *testing.T, m *Manager) (netns.NsHandle, *Link) {
 	}
 	t.Cleanup(func() { l.Close() })
 	return ns, l
+}
+
+// onlyHonestArrived waits for the datagram with payload "honest" at w's
+// UDP sink and fails t if any other arrived (a forged source got out) or
+// if it was not masqueraded to the host's address.
+func onlyHonestArrived(t *testing.T, w *networktest.World) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.ContainsFunc(w.Datagrams(), func(d networktest.Datagram) bool { return d.Payload == "honest" }) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the honest datagram never arrived: %v", w.Datagrams())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, d := range w.Datagrams() {
+		if d.Payload != "honest" {
+			t.Errorf("a datagram with a forged source arrived: %+v", d)
+		} else if d.From != networktest.HostPublic {
+			t.Errorf("the honest datagram arrived from %s, not masqueraded to the host's %s", d.From, networktest.HostPublic)
+		}
+	}
 }

@@ -52,29 +52,11 @@ func (s *suite) testSnapshot(t *testing.T) {
 	seen := map[string]bool{}
 	for k := 0; k < 2; k++ {
 		rs := e.spec()
-		inst, err := sn.Restore(ctx, rs, dir)
-		if err != nil {
-			t.Fatalf("Restore %d: %v", k, err)
-		}
-		if warm && e.opts.FromWarm(inst) {
-			t.Errorf("Restore %d took a sandbox started ahead of need", k)
-		}
-		t.Cleanup(func() {
-			sctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
-			defer cancel()
-			if err := e.d.Stop(sctx, rs.ID); err != nil {
-				t.Errorf("Stop(%s): %v", rs.ID, err)
-			}
-		})
-		sb := e.sandbox(t, rs, inst)
 		seed := make([]byte, 32)
 		_, _ = rand.Read(seed)
-		if err := sb.conn.WriteFrame(protocol.TypeRestore, protocol.Restore{Seed: seed, Hostname: "sandbox-" + rs.ID}); err != nil {
-			t.Fatalf("sending Restore: %v", err)
-		}
-		var done protocol.RestoreDone
-		if err := sb.read(protocol.TypeRestoreDone).Decode(&done); err != nil || done.Error != nil {
-			t.Fatalf("RestoreDone: %+v %v", done.Error, err)
+		sb, inst := restore(ctx, t, e, sn, rs, dir, seed)
+		if warm && e.opts.FromWarm(inst) {
+			t.Errorf("Restore %d took a sandbox started ahead of need", k)
 		}
 		var o outcome
 		sb.call(map[string]any{"action": "random", "n": 16}, &o)
@@ -124,25 +106,7 @@ func (s *suite) testSnapshotEgress(t *testing.T) {
 	for k := 0; k < 2; k++ {
 		rs := e.spec()
 		rs.Network = true
-		inst, err := sn.Restore(ctx, rs, dir)
-		if err != nil {
-			t.Fatalf("Restore %d: %v", k, err)
-		}
-		t.Cleanup(func() {
-			sctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
-			defer cancel()
-			if err := e.d.Stop(sctx, rs.ID); err != nil {
-				t.Errorf("Stop(%s): %v", rs.ID, err)
-			}
-		})
-		sb := e.sandbox(t, rs, inst)
-		if err := sb.conn.WriteFrame(protocol.TypeRestore, protocol.Restore{Seed: make([]byte, 32), Hostname: "sandbox-" + rs.ID}); err != nil {
-			t.Fatalf("sending Restore: %v", err)
-		}
-		var done protocol.RestoreDone
-		if err := sb.read(protocol.TypeRestoreDone).Decode(&done); err != nil || done.Error != nil {
-			t.Fatalf("RestoreDone: %+v %v", done.Error, err)
-		}
+		sb, _ := restore(ctx, t, e, sn, rs, dir, make([]byte, 32))
 		restored = append(restored, sb)
 	}
 	for k, sb := range restored {
@@ -158,4 +122,30 @@ func (s *suite) testSnapshotEgress(t *testing.T) {
 			t.Errorf("restored instance %d reached the host's %s", k, addr)
 		}
 	}
+}
+
+// restore starts rs from the snapshot in dir (stopped when t ends), and
+// renews it as the harness does, with seed.
+func restore(ctx context.Context, t *testing.T, e *env, sn driver.Snapshotter, rs driver.Spec, dir string, seed []byte) (*sandbox, driver.Instance) {
+	t.Helper()
+	inst, err := sn.Restore(ctx, rs, dir)
+	if err != nil {
+		t.Fatalf("Restore %s: %v", rs.ID, err)
+	}
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), e.opts.StopTimeout)
+		defer cancel()
+		if err := e.d.Stop(sctx, rs.ID); err != nil {
+			t.Errorf("Stop(%s): %v", rs.ID, err)
+		}
+	})
+	sb := e.sandbox(t, rs, inst)
+	if err := sb.conn.WriteFrame(protocol.TypeRestore, protocol.Restore{Seed: seed, Hostname: "sandbox-" + rs.ID}); err != nil {
+		t.Fatalf("sending Restore: %v", err)
+	}
+	var done protocol.RestoreDone
+	if err := sb.read(protocol.TypeRestoreDone).Decode(&done); err != nil || done.Error != nil {
+		t.Fatalf("RestoreDone: %+v %v", done.Error, err)
+	}
+	return sb, inst
 }

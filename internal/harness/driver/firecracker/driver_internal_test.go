@@ -151,7 +151,19 @@ func TestNetworkInterface(t *testing.T) {
 			t.Errorf("a VM without Spec.Network got %s", r.Path)
 		}
 	}
-	var nic, boot map[string]any
+	nic, boot := nicAndBoot(t, inst)
+	if nic == nil || nic["host_dev_name"] != "fc1" || nic["iface_id"] != "eth0" || nic["guest_mac"] != "06:00:00:00:00:01" {
+		t.Errorf("network interface %v, want eth0 on tap fc1 (slot 1)", nic)
+	}
+	if args, _ := boot["boot_args"].(string); !strings.Contains(args, " ip=172.16.1.2::172.16.1.1:255.255.255.0::eth0:off") {
+		t.Errorf("boot args %q lack the guest's ip=", args)
+	}
+}
+
+// nicAndBoot are the bodies inst's Firecracker was sent for eth0 and the
+// boot source (nil if not sent).
+func nicAndBoot(t *testing.T, inst *instance) (nic, boot map[string]any) {
+	t.Helper()
 	for _, r := range requests(t, inst) {
 		var b map[string]any
 		json.Unmarshal(r.Body, &b)
@@ -162,12 +174,7 @@ func TestNetworkInterface(t *testing.T) {
 			boot = b
 		}
 	}
-	if nic == nil || nic["host_dev_name"] != "fc1" || nic["iface_id"] != "eth0" || nic["guest_mac"] != "06:00:00:00:00:01" {
-		t.Errorf("network interface %v, want eth0 on tap fc1 (slot 1)", nic)
-	}
-	if args, _ := boot["boot_args"].(string); !strings.Contains(args, " ip=172.16.1.2::172.16.1.1:255.255.255.0::eth0:off") {
-		t.Errorf("boot args %q lack the guest's ip=", args)
-	}
+	return nic, boot
 }
 
 func TestStopGraceful(t *testing.T) {

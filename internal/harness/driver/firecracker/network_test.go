@@ -2,7 +2,6 @@ package firecracker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -101,17 +100,7 @@ func checkManagedNIC(t *testing.T, inst *instance) {
 	if got := fcNetNS(t, inst); got == selfNetNS(t) {
 		t.Errorf("firecracker runs in the harness's namespace %s", got)
 	}
-	var nic, boot map[string]any
-	for _, r := range requests(t, inst) {
-		var b map[string]any
-		json.Unmarshal(r.Body, &b)
-		switch r.Path {
-		case "/network-interfaces/eth0":
-			nic = b
-		case "/boot-source":
-			boot = b
-		}
-	}
+	nic, boot := nicAndBoot(t, inst)
 	if nic == nil || nic["host_dev_name"] != network.TapName || nic["guest_mac"] != network.GuestMAC() {
 		t.Errorf("network interface %v, want %s with %s", nic, network.TapName, network.GuestMAC())
 	}

@@ -233,7 +233,9 @@ func InNS(ns netns.NsHandle, fn func() error) error {
 }
 
 // onThread runs fn on a locked thread, which is discarded afterwards
-// unless it can return to the process's network namespace.
+// unless it can return to the process's network namespace. (Package
+// network has the same helper; this package cannot import network, whose
+// own tests import this one.)
 func onThread(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
