@@ -25,6 +25,10 @@ func main() {
 	if vminit.IsVMInit() {
 		os.Exit(vminit.Main())
 	}
+	if vminit.IsWarmUpRuntime() {
+		// A spare VM's init warms up with this binary as the runtime.
+		os.Exit(vminit.WarmUpRuntimeMain())
+	}
 	if len(os.Args) > 1 {
 		switch os.Args[1] {
 		case process.InitArg:

@@ -11,6 +11,12 @@ import (
 	"github.com/invokex/invokex/internal/protocol"
 )
 
+// Renew makes a kernel restored from a snapshot a new environment, as the
+// Restore frame does: the host's clock, fresh randomness, the hostname if
+// set. For a VM's init that renews a spare restored from a template
+// (protocol.Renewal) before any agent runs; it acts on the kernel.
+func Renew(req protocol.Restore) error { return renew(req) }
+
 // renewEnv is renew; tests replace it (they must never act on the host).
 var renewEnv = renew
 

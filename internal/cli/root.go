@@ -29,6 +29,9 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 	if vminit.IsVMInit() {
 		return vminit.Main()
 	}
+	if vminit.IsWarmUpRuntime() {
+		return vminit.WarmUpRuntimeMain()
+	}
 	if len(args) > 0 && args[0] == process.InitArg {
 		return process.InitMain()
 	}

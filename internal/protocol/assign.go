@@ -13,9 +13,30 @@ import (
 // code disk) and only then writes its ready line and starts the agent, so
 // the protocol's frames follow as on any VM. The host swaps the code disk
 // behind the guest before it sends the Assignment.
+//
+// A spare restored from a template (a snapshot of a spare that had just
+// booted, see package qemu) is first sent an Assignment with Renew set and
+// no Hostname: the init renews its kernel as after any restore, warms up
+// if asked, writes its spare line again and reads the next Assignment.
 type Assignment struct {
-	// Hostname is the instance's hostname.
-	Hostname string `json:"hostname"`
+	// Hostname is the instance's hostname; empty only with Renew.
+	Hostname string `json:"hostname,omitempty"`
+	// Renew, if set, is not an assignment but a renewal.
+	Renew *Renewal `json:"renew,omitempty"`
+}
+
+// Renewal makes a spare restored from a template a VM of its own: every
+// restore of the template starts from the same memory.
+type Renewal struct {
+	// Restore carries the host's clock and fresh randomness for the
+	// kernel (its Hostname is not used: the assignment sets it).
+	Restore Restore `json:"restore"`
+	// WarmUp asks the init to run the agent once, in the spare, with a
+	// runtime of its own before it writes its spare line: under software
+	// emulation (QEMU's TCG) a restored VM has no translated code, and
+	// the kernel's and the agent's paths a cold start takes are then
+	// translated ahead of need instead of during the cold start.
+	WarmUp bool `json:"warmUp,omitempty"`
 }
 
 // maxAssignment bounds an Assignment line.
@@ -55,6 +76,12 @@ func ReadAssignment(r io.Reader) (Assignment, error) {
 	}
 	if err := json.Unmarshal(line, &a); err != nil {
 		return a, fmt.Errorf("decoding the assignment: %w", err)
+	}
+	if a.Renew != nil {
+		if a.Hostname != "" {
+			return a, fmt.Errorf("assignment: a renewal has no hostname")
+		}
+		return a, nil
 	}
 	if a.Hostname == "" || len(a.Hostname) > 64 {
 		return a, fmt.Errorf("assignment: hostname %q must be 1 to 64 bytes", a.Hostname)

@@ -26,14 +26,30 @@ func TestAssignmentRoundTrip(t *testing.T) {
 
 func TestReadAssignmentRejects(t *testing.T) {
 	for name, in := range map[string]string{
-		"no hostname":   "{}\n",
-		"long hostname": `{"hostname":"` + strings.Repeat("h", 65) + "\"}\n",
-		"not json":      "hello\n",
-		"too long":      strings.Repeat("x", maxAssignment+1) + "\n",
-		"cut short":     `{"hostname":"a"}`,
+		"no hostname":        "{}\n",
+		"long hostname":      `{"hostname":"` + strings.Repeat("h", 65) + "\"}\n",
+		"not json":           "hello\n",
+		"too long":           strings.Repeat("x", maxAssignment+1) + "\n",
+		"cut short":          `{"hostname":"a"}`,
+		"renew and hostname": `{"hostname":"a","renew":{"restore":{}}}` + "\n",
 	} {
 		if _, err := ReadAssignment(strings.NewReader(in)); err == nil {
 			t.Errorf("%s: no error", name)
 		}
+	}
+}
+
+func TestRenewalRoundTrip(t *testing.T) {
+	var buf bytes.Buffer
+	in := Assignment{Renew: &Renewal{Restore: Restore{HostUnixNano: 42, Seed: []byte{1, 2, 3}}, WarmUp: true}}
+	if err := WriteAssignment(&buf, in); err != nil {
+		t.Fatal(err)
+	}
+	a, err := ReadAssignment(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Hostname != "" || a.Renew == nil || !a.Renew.WarmUp || a.Renew.Restore.HostUnixNano != 42 || !bytes.Equal(a.Renew.Restore.Seed, []byte{1, 2, 3}) {
+		t.Errorf("read %+v, renew %+v", a, a.Renew)
 	}
 }

@@ -262,22 +262,40 @@ func run(log *slog.Logger, lvl *slog.LevelVar) error {
 // awaitAssignment makes a spare VM an instance's: it writes Spare on the
 // port (blocking until the host has connected), reads the host's
 // protocol.Assignment, sets the hostname and mounts the code disk the host
-// has attached by then.
+// has attached by then. A renewal (a spare restored from a template)
+// renews the kernel, warms up if asked, and starts over.
 func awaitAssignment(port io.ReadWriter, cfg Config, log *slog.Logger) error {
-	if _, err := io.WriteString(port, Spare); err != nil {
-		return fmt.Errorf("writing the spare line: %w", err)
+	for {
+		if _, err := io.WriteString(port, Spare); err != nil {
+			return fmt.Errorf("writing the spare line: %w", err)
+		}
+		a, err := protocol.ReadAssignment(port)
+		if err != nil {
+			return err
+		}
+		if a.Renew == nil {
+			if err := unix.Sethostname([]byte(a.Hostname)); err != nil {
+				return fmt.Errorf("setting hostname: %w", err)
+			}
+			if err := writeHosts(); err != nil {
+				log.Warn("writing /etc/hosts", "err", err)
+			}
+			return mountCode(cfg.CodeDevice)
+		}
+		// Nothing that must be unique may run before the renewal: the
+		// warm-up's runtime draws from the reseeded kernel.
+		if err := agent.Renew(a.Renew.Restore); err != nil {
+			return fmt.Errorf("renewing the restored spare: %w", err)
+		}
+		if a.Renew.WarmUp {
+			began := time.Now()
+			if err := warmUp(context.Background(), log, cfg); err != nil {
+				// Only speed is lost: the cold start translates instead.
+				log.Warn("warming up the spare", "err", err)
+			}
+			log.Debug("spare warmed up", "took", time.Since(began))
+		}
 	}
-	a, err := protocol.ReadAssignment(port)
-	if err != nil {
-		return err
-	}
-	if err := unix.Sethostname([]byte(a.Hostname)); err != nil {
-		return fmt.Errorf("setting hostname: %w", err)
-	}
-	if err := writeHosts(); err != nil {
-		log.Warn("writing /etc/hosts", "err", err)
-	}
-	return mountCode(cfg.CodeDevice)
 }
 
 // openHost opens the stream to the host: the vsock connection the host
