@@ -3,6 +3,7 @@ package qemu
 import (
 	"context"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -28,7 +29,7 @@ func TestArgsTCG(t *testing.T) {
 	}
 	a := c.args()
 	for flag, want := range map[string]string{
-		"-name": "invokex-abc-1", "-accel": "tcg,tb-size=24", "-cpu": "max", "-m": "256M", "-smp": "1",
+		"-name": "invokex-abc-1", "-accel": "tcg,tb-size=" + strconv.Itoa(DefaultTCGCacheMB), "-cpu": "max", "-m": "256M", "-smp": "1",
 		"-kernel": "/proc/self/fd/5", "-mon": "chardev=qmp,mode=control",
 		"-M": "microvm,x-option-roms=off,rtc=on,isa-serial=on,acpi=off",
 	} {

@@ -55,6 +55,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -134,6 +135,10 @@ type Options struct {
 	// for last: a cold start that finds one swaps in its code and skips
 	// the boot (see vmm.SpareMachine). 0: DefaultSpareVMs; negative: none.
 	SpareVMs int
+	// BootSpares boots every spare VM instead of restoring spares from a
+	// snapshot of the first one booted for their shape (a template; see
+	// template.go).
+	BootSpares bool
 	// TCGCacheMB is the size of QEMU's cache of translated code, under TCG
 	// only: memory of every VM traded for speed (see DefaultTCGCacheMB).
 	// 0: DefaultTCGCacheMB.
@@ -151,15 +156,16 @@ type Options struct {
 // guest instruction runs as host code QEMU translated, once, into this
 // cache; when it is full QEMU empties it and translates again whatever
 // runs next. Measured here (QEMU 7.2, a Go function): a boot translates
-// ~49 MB of host code, a cold start's INIT and first invocation ~28 MB
-// (50 k blocks), a warm invocation's working set is ~17 MB. At 16 MiB a
-// cold start emptied the cache mid-way and translated 88 k blocks, and
-// warm invocations emptied it every few hundred calls. In alternating
-// runs 24 and 32 MiB cut INIT from ~1.1 s to ~0.75 s alike; 24 costs 8
-// MiB less. A boot fills the cache, so each MiB here is a MiB of every
-// idle VM's host memory. QEMU's own default (1 GiB) would keep all code
-// a VM ever ran.
-const DefaultTCGCacheMB = 24
+// ~33 MB of host code; a VM restored from its spare template ~8 MB for the
+// restore, ~17 MB more for the warm-up, then ~13 MB for a cold start's
+// INIT and first invocation (~25 MB without the warm-up); a warm
+// invocation's working set is ~17 MB. At 48 MiB a spare restored and
+// warmed up keeps everything through its cold start (0.5 s; at 24 MiB the
+// cache was emptied during the warm-up and again during the cold start,
+// ~0.9 s). The cache costs host memory only as it fills: a VM holds what
+// it translated, up to this size (a booted VM all of it, a restored one
+// ~40 MB). QEMU's own default (1 GiB) would keep all code a VM ever ran.
+const DefaultTCGCacheMB = 48
 
 // DefaultSpareVMs is Options.SpareVMs's default: one spare, of the shape
 // asked for last. Each costs what an idle VM costs the host.
@@ -182,6 +188,8 @@ type Driver struct {
 	// sharedNet is set once a VM had a network on QEMU's user-mode
 	// network (no Options.Network): warned once, then in Describe.
 	sharedNet atomic.Bool
+	// templates are the spare templates; nil with BootSpares or no spares.
+	templates *templates
 }
 
 // New checks QEMU, the kernel and the agent binary, chooses the
@@ -273,6 +281,9 @@ func newDriver(opts Options, images vmm.Images) (*Driver, error) {
 		kernelHz: kernelHzOf(opts.KernelPath),
 	}
 	d.setUsers()
+	if opts.SpareVMs > 0 && !opts.BootSpares {
+		d.templates = newTemplates(d)
+	}
 	if acc == accelTCG {
 		d.log.Warn("qemu driver uses TCG software emulation", "reason", why)
 	} else {
@@ -338,7 +349,17 @@ const sharedNetNote = "vms with a network use qemu's user-mode network: they rea
 // Start builds the instance's disks, boots its VM and waits until the
 // agent inside is ready.
 func (d *Driver) Start(ctx context.Context, spec driver.Spec) (driver.Instance, error) {
-	return d.host.Start(ctx, spec, d.newInstance)
+	inst, err := d.host.Start(ctx, spec, d.newInstance)
+	if errors.Is(err, errFromTemplate) && ctx.Err() == nil {
+		// The failed VM is gone (and the template dropped): boot one.
+		d.log.Warn("restoring a vm from its spare template failed; booting it", "instance", spec.ID, "err", err)
+		return d.host.StartFresh(ctx, spec, func(base *vmm.Instance) *instance {
+			i := d.newInstance(base)
+			i.noTemplate = true
+			return i
+		})
+	}
+	return inst, err
 }
 
 // DetectRuntimes reports the runtimes this driver's images provide; see

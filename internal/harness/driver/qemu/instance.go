@@ -34,6 +34,10 @@ type instance struct {
 	// net is the VM's network namespace and tap (Options.Network and
 	// Spec.Network), nil without; Release closes it.
 	net *network.VMNet
+	// template: booted as a spare template (see template.go), to be
+	// snapshotted. noTemplate: booted even if its shape has a template (after a
+	// restore from the template failed).
+	template, noTemplate bool
 }
 
 var _ vmm.SpareMachine = (*instance)(nil)
@@ -56,12 +60,29 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	if i.from != nil {
 		return i.bootRestored(ctx, spec)
 	}
+	if i.d.templates != nil && !i.noTemplate {
+		if src := i.d.templates.made(ctx, spec); src != nil {
+			return i.startFromTemplate(ctx, spec, src)
+		}
+	}
 	return i.boot(ctx, spec, false)
 }
 
-// BootSpare boots a spare VM; see vmm.SpareMachine.
+// BootSpare restores a spare VM from its shape's template (making the
+// template first if there is none), or boots it if templates are off or
+// its template cannot be made; see vmm.SpareMachine and template.go.
 func (i *instance) BootSpare(ctx context.Context, spec driver.Spec) error {
-	return i.boot(ctx, spec, true)
+	if i.template || i.d.templates == nil {
+		return i.boot(ctx, spec, true)
+	}
+	src, err := i.d.templates.get(ctx, spec)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return i.boot(ctx, spec, true)
+	}
+	return i.bootFromTemplate(ctx, spec, src, i.d.accel == accelTCG)
 }
 
 // boot is Boot, or BootSpare if spare.

@@ -121,7 +121,11 @@ func (i *instance) snapshot(ctx context.Context, dir string) error {
 	if err := guest.CopySparse(ctx, i.launched.scratch, filepath.Join(dir, snapScratch)); err != nil {
 		return fmt.Errorf("saving the scratch disk: %w", err)
 	}
-	links := [][2]string{{i.launched.kernel, snapKernel}, {i.launched.root, snapRoot}, {i.launched.code, snapCode}}
+	links := [][2]string{{i.launched.kernel, snapKernel}, {i.launched.root, snapRoot}}
+	if !i.cfg.Spare {
+		// A spare's code disk is a placeholder (see codeFile).
+		links = append(links, [2]string{i.launched.code, snapCode})
+	}
 	if i.cfg.RAMFile {
 		// Restores map it privately (copy on write: the file is never
 		// written again). QEMU 7.2 opens a private mapping's file for
@@ -181,6 +185,7 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	d, src := i.d, i.from
 	rec := &record{Record: vmm.NewRecord(spec), QEMU: d.opts.QEMUPath, AgentSocket: agentSock, QMPSocket: qmpSock}
 	rec.UID = i.uid
+	i.rec = rec // a restored spare's, which Assign rewrites
 	if err := i.Create(rec); err != nil {
 		return err
 	}
@@ -197,6 +202,9 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	disks := vmDisks{
 		kernel: filepath.Join(src.dir, snapKernel), root: filepath.Join(src.dir, snapRoot),
 		code: filepath.Join(src.dir, snapCode), scratch: scratch,
+	}
+	if src.meta.Config.Spare {
+		disks.code = os.DevNull // a spare template's placeholder
 	}
 	state, err := os.Open(filepath.Join(src.dir, snapState))
 	if err != nil {

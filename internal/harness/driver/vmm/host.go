@@ -86,6 +86,10 @@ type Host[M Machine] struct {
 
 	mu    sync.Mutex
 	slots map[int]bool // slots in use
+	// dirs are the driver's own directories in StateDir (OwnDir); none
+	// once closed.
+	dirs   map[string]bool
+	closed bool
 }
 
 // NewHost creates cfg.StateDir and starts the fork thread.
@@ -98,6 +102,7 @@ func NewHost[M Machine](cfg Config) (*Host[M], error) {
 		fork:     hostproc.NewForker(),
 		hostCPUs: runtime.NumCPU(),
 		slots:    map[int]bool{},
+		dirs:     map[string]bool{},
 	}
 	h.spares = newSpares(h, cfg.Spares)
 	return h, nil
@@ -254,6 +259,19 @@ func (h *Host[M]) Disks(ctx context.Context, spec driver.Spec, scratch string) (
 	return root, code, nil
 }
 
+// CodeImage returns the code image of spec (built, or found in the cache).
+func (h *Host[M]) CodeImage(ctx context.Context, spec driver.Spec) (string, error) {
+	key, err := CodeKey(spec)
+	if err != nil {
+		return "", err
+	}
+	code, err := h.cfg.Images.Code(ctx, spec.CodeDir, spec.RuntimeDir, key)
+	if err != nil {
+		return "", fmt.Errorf("code image: %w", err)
+	}
+	return code, nil
+}
+
 // SpareDisks returns the root image of spec's runtime and creates its
 // scratch disk at scratch: a spare's disks, which have no code.
 func (h *Host[M]) SpareDisks(ctx context.Context, spec driver.Spec, scratch string) (root string, err error) {
@@ -324,7 +342,7 @@ func (h *Host[M]) Recover(ctx context.Context, kill func(ctx context.Context, id
 	var errs []error
 	for _, e := range ents {
 		id := e.Name()
-		if _, known := h.instances.Get(id); !e.IsDir() || known || h.spares.Owns(id) {
+		if _, known := h.instances.Get(id); !e.IsDir() || known || h.spares.Owns(id) || h.ownsDir(id) {
 			continue
 		}
 		if err := h.removeLeftover(ctx, id, kill); err != nil {
@@ -346,14 +364,54 @@ func (h *Host[M]) removeLeftover(ctx context.Context, id string, kill func(ctx c
 	return nil
 }
 
+// OwnDir creates (or empties) the directory name in StateDir for the
+// driver's own files that are no instance's, such as the templates of
+// package qemu, and returns its path: Recover leaves it alone, Close
+// removes it, and after a crash the next driver's Recover removes it as
+// a leftover (it has no record, so nothing to kill). name must not be an
+// instance's ID.
+func (h *Host[M]) OwnDir(name string) (string, error) {
+	if name == "" || filepath.Base(name) != name || name[0] == '.' {
+		return "", errdefs.Invalid("directory name %q", name)
+	}
+	dir := filepath.Join(h.cfg.StateDir, name)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return "", fmt.Errorf("%s driver closed: %w", h.cfg.Name, errdefs.ErrUnavailable)
+	}
+	h.dirs[name] = true
+	if err := os.RemoveAll(dir); err != nil {
+		return "", err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
+func (h *Host[M]) ownsDir(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.dirs[name]
+}
+
 // Close stops every machine; Start fails with ErrUnavailable afterwards.
 // The first Close then ends the fork thread and closes the Images (if
 // they have a Close method): every instance is gone and no Start can
-// follow. Idempotent.
+// follow. It removes the driver's own directories (OwnDir). Idempotent.
 func (h *Host[M]) Close(ctx context.Context) error {
 	serr := h.spares.Close(ctx)
 	first, err := h.instances.Close(func(m M) error { return m.instance().stop(ctx, h.cfg.StopGrace) })
 	err = errors.Join(serr, err)
+	h.mu.Lock()
+	for name := range h.dirs {
+		if rerr := os.RemoveAll(filepath.Join(h.cfg.StateDir, name)); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}
+	h.dirs, h.closed = map[string]bool{}, true
+	h.mu.Unlock()
 	if first {
 		h.fork.Close()
 		if c, ok := h.cfg.Images.(interface{ Close() }); ok {

@@ -361,3 +361,69 @@ func TestHostClose(t *testing.T) {
 		t.Errorf("second Close = %v, images closed %d times", err, h.images.closed.Load())
 	}
 }
+
+// TestHostOwnDir: a driver's own directory in StateDir (package qemu's
+// spare templates) is left alone by Recover, emptied when made again,
+// removed by Close, and refused after it; a crashed driver's is a
+// leftover for the next one's Recover.
+func TestHostOwnDir(t *testing.T) {
+	h := newTestHost(t)
+	ctx := context.Background()
+	for _, bad := range []string{"", "a/b", "..", ".hidden"} {
+		if _, err := h.OwnDir(bad); !errors.Is(err, errdefs.ErrInvalidParameter) {
+			t.Errorf("OwnDir(%q) = %v, want ErrInvalidParameter", bad, err)
+		}
+	}
+	dir, err := h.OwnDir("template-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dir != filepath.Join(h.cfg.StateDir, "template-1") {
+		t.Errorf("OwnDir = %s", dir)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "old"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Recover(ctx, func(ctx context.Context, id, dir string) error {
+		t.Errorf("Recover took its own driver's directory %s for a leftover", id)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "old")); err != nil {
+		t.Errorf("Recover removed the directory's files: %v", err)
+	}
+	if _, err := h.OwnDir("template-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "old")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("OwnDir again kept what was there: %v", err)
+	}
+
+	// A new host on the same StateDir (after a crash) recovers it.
+	h2, err := NewHost[*testVM](Config{Name: "testvmm", StateDir: h.cfg.StateDir, Images: h.images, Log: hostproctest.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	if _, err := h2.Recover(ctx, func(ctx context.Context, id, dir string) error { left = append(left, id); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(left, " ") != "template-1" {
+		t.Errorf("the next driver's Recover found %v, want the directory", left)
+	}
+	h2.fork.Close()
+
+	if _, err := h.OwnDir("template-2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(h.cfg.StateDir, "template-2")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Close left its own directory: %v", err)
+	}
+	if _, err := h.OwnDir("template-3"); !errors.Is(err, errdefs.ErrUnavailable) {
+		t.Errorf("OwnDir after Close = %v, want ErrUnavailable", err)
+	}
+}

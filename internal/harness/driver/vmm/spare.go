@@ -87,18 +87,38 @@ func (i *Instance) Rename() error {
 func (i *Instance) SendAssignment(ctx context.Context, timeout time.Duration) error {
 	ctx, cancel := i.ReadyContext(ctx, timeout)
 	defer cancel()
+	if err := i.writeAssignment(ctx, protocol.Assignment{Hostname: Hostname(i.id)}, "sending the assignment"); err != nil {
+		return err
+	}
+	return i.awaitLine(ctx, ReadyLine, "waiting for the assigned agent")
+}
+
+// RenewSpare sends a spare restored from a template (its agent attached:
+// AttachAgent) the renewal r and waits, at most timeout, for its SpareLine:
+// the spare is then ready for an assignment like a booted one.
+func (i *Instance) RenewSpare(ctx context.Context, timeout time.Duration, r protocol.Renewal) error {
+	ctx, cancel := i.ReadyContext(ctx, timeout)
+	defer cancel()
+	if err := i.writeAssignment(ctx, protocol.Assignment{Renew: &r}, "renewing the restored spare"); err != nil {
+		return err
+	}
+	return i.awaitLine(ctx, SpareLine, "waiting for the renewed spare")
+}
+
+// writeAssignment writes a to the guest, abandoned when ctx ends.
+func (i *Instance) writeAssignment(ctx context.Context, a protocol.Assignment, what string) error {
 	stop := context.AfterFunc(ctx, func() { _ = i.conn.SetWriteDeadline(time.Now()) })
-	err := protocol.WriteAssignment(i.conn, protocol.Assignment{Hostname: Hostname(i.id)})
+	err := protocol.WriteAssignment(i.conn, a)
 	if !stop() {
 		if ctx.Err() != nil {
-			return i.ReadyErr(ctx, "sending the assignment")
+			return i.ReadyErr(ctx, what)
 		}
 		_ = i.conn.SetWriteDeadline(time.Time{})
 	}
 	if err != nil {
-		return i.WithOutput(fmt.Errorf("sending the assignment: %w", err))
+		return i.WithOutput(fmt.Errorf("%s: %w", what, err))
 	}
-	return i.awaitLine(ctx, ReadyLine, "waiting for the assigned agent")
+	return nil
 }
 
 // SpareReadyFile, in a spare's directory, says that the spare is ready

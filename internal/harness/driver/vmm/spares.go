@@ -62,7 +62,15 @@ func newSpares[M Machine](h *Host[M], size int) *pool.Pool[spareKey, M] {
 // from the start), or its root image is not available (the boot then says
 // why).
 func (h *Host[M]) spareKeyOf(ctx context.Context, spec driver.Spec) (spareKey, bool) {
-	if h.cfg.Spares <= 0 || spec.ForSnapshot {
+	if h.cfg.Spares <= 0 {
+		return spareKey{}, false
+	}
+	return h.shapeOf(ctx, spec)
+}
+
+// shapeOf is spareKeyOf whether or not the pool keeps spares.
+func (h *Host[M]) shapeOf(ctx context.Context, spec driver.Spec) (spareKey, bool) {
+	if spec.ForSnapshot {
 		return spareKey{}, false
 	}
 	rt := spec.Runtime
@@ -76,6 +84,20 @@ func (h *Host[M]) spareKeyOf(ctx context.Context, spec driver.Spec) (spareKey, b
 // bootSpare boots a spare named name of tmpl's shape with a machine of
 // newMachine, which must be a SpareMachine. On error the machine is gone.
 func (h *Host[M]) bootSpare(ctx context.Context, name string, tmpl driver.Spec, newMachine func(*Instance) M) (M, error) {
+	return h.bootAsSpare(ctx, name, tmpl, newMachine, false)
+}
+
+// BootTemplate boots, under the ID name, a VM of tmpl's shape the way a
+// spare boots (SpareMachine.BootSpare, at SpareNice), for the driver to
+// snapshot and stop: package qemu restores its spares from such a
+// snapshot. Unlike a spare it is registered like an instance (Get finds
+// it, Stop and Close stop it, Recover leaves it). ShapeKey(tmpl) must be
+// ok. On error the machine is gone.
+func (h *Host[M]) BootTemplate(ctx context.Context, name string, tmpl driver.Spec, newMachine func(*Instance) M) (M, error) {
+	return h.bootAsSpare(ctx, name, tmpl, newMachine, true)
+}
+
+func (h *Host[M]) bootAsSpare(ctx context.Context, name string, tmpl driver.Spec, newMachine func(*Instance) M, register bool) (M, error) {
 	var none M
 	spec := tmpl
 	spec.ID, spec.Function, spec.RevisionID, spec.CodeDir, spec.RuntimeDir = name, "", "", "", ""
@@ -92,7 +114,14 @@ func (h *Host[M]) bootSpare(ctx context.Context, name string, tmpl driver.Spec, 
 		h.releaseSlot(inst.slot)
 		return none, fmt.Errorf("%s vms cannot be spares: %w", h.cfg.Name, errdefs.ErrUnavailable)
 	}
-	err = sm.BootSpare(ctx, spec)
+	if register {
+		if err := h.instances.Add(name, m); err != nil {
+			inst.cancelStart()
+			h.releaseSlot(inst.slot)
+			return none, fmt.Errorf("booting vm %s: %w", name, err)
+		}
+	}
+	err = sm.BootSpare(inst.startCtx, spec)
 	inst.cancelStart()
 	close(inst.started)
 	if err != nil {
@@ -102,6 +131,19 @@ func (h *Host[M]) bootSpare(ctx context.Context, name string, tmpl driver.Spec, 
 		return none, fmt.Errorf("booting spare vm %s: %w", name, err)
 	}
 	return m, nil
+}
+
+// ShapeKey names what a spare of spec's shape is booted with (its root
+// image, memory, /tmp size and network: a spare serves only specs with
+// the same); ok is false when no spare could serve spec (spec is to be
+// snapshotted, or its root image is not available), whether or not the
+// pool keeps spares.
+func (h *Host[M]) ShapeKey(ctx context.Context, spec driver.Spec) (key string, ok bool) {
+	k, ok := h.shapeOf(ctx, spec)
+	if !ok {
+		return "", false
+	}
+	return fmt.Sprintf("%s|%d|%d|%t", k.root, k.memoryMB, k.ephemeralMB, k.network), true
 }
 
 // fromSpare makes a spare of the pool the instance of spec, if the pool

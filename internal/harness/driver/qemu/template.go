@@ -1,0 +1,257 @@
+package qemu
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/protocol"
+)
+
+// Spare templates. A spare VM (vmm.SpareMachine) is booted ahead of need
+// so that a cold start skips the boot. Rather than booting each spare,
+// the driver boots the first spare of a shape once more as a *template*
+// (its RAM in a file), snapshots it while its init waits for an
+// assignment, and restores every later spare of that shape from the
+// snapshot, as SnapStart restores a version's: tens of milliseconds
+// instead of a boot, the RAM a copy-on-write mapping of the template's
+// file shared by all of them. A restored spare is sent a
+// protocol.Renewal before it reports ready: its kernel takes the host's
+// clock and fresh randomness (every restore starts from the same memory;
+// nothing of a function has run in it yet).
+//
+// Under TCG this is what makes spares pay: a booted VM's cache of
+// translated code is full of the boot's (the kernel's init, run once) and
+// is emptied when full, mid-way through the cold start that takes the
+// spare. A restored spare starts with an empty cache, and the renewal's
+// warm-up (see package vminit) fills it with exactly the kernel's and the
+// agent's paths every cold start takes: the cold start then translates
+// only the function's own code and the cache holds it all.
+
+// templateMax bounds the templates a driver keeps (each holds a copy of a
+// booted guest's memory on disk, ~35 MB for 128 MB); the least recently
+// used goes first. The spare pool keeps spares for few shapes anyway.
+const templateMax = 4
+
+// templates are a driver's spare templates, one per shape
+// (vmm.Host.ShapeKey). Safe for concurrent use.
+type templates struct {
+	d  *Driver
+	mu sync.Mutex
+	// byKey are the templates made or being made; failed ones stay, so a
+	// shape whose template cannot be made boots its spares.
+	byKey map[string]*template
+}
+
+// template is one shape's template.
+type template struct {
+	// ready is closed once src or err is set.
+	ready chan struct{}
+	src   *snapSource
+	err   error
+	// dir is the template's own directory (vmm.Host.OwnDir).
+	dir  string
+	used time.Time
+}
+
+func newTemplates(d *Driver) *templates {
+	return &templates{d: d, byKey: map[string]*template{}}
+}
+
+// get returns the template of spec's shape, making it if there is none:
+// one boot, by the first caller; later ones wait for it. An error means
+// spares of this shape boot (it is logged once, by the caller that made
+// the attempt).
+func (t *templates) get(ctx context.Context, spec driver.Spec) (*snapSource, error) {
+	key, ok := t.d.host.ShapeKey(ctx, spec)
+	if !ok {
+		return nil, fmt.Errorf("no template for this shape")
+	}
+	t.mu.Lock()
+	tp, found := t.byKey[key]
+	if !found {
+		t.evictLocked()
+		tp = &template{ready: make(chan struct{})}
+		t.byKey[key] = tp
+	}
+	tp.used = time.Now()
+	t.mu.Unlock()
+	if !found {
+		tp.src, tp.dir, tp.err = t.make(ctx, spec, key)
+		if tp.err != nil && ctx.Err() != nil {
+			// Given up on, not failed: the next spare tries again.
+			t.mu.Lock()
+			delete(t.byKey, key)
+			t.mu.Unlock()
+		} else if tp.err != nil {
+			t.d.log.Warn("spare vms of this shape boot: making their template failed", "shape", spec.Runtime.ID, "memory_mb", spec.MemoryMB, "err", tp.err)
+		}
+		close(tp.ready)
+	}
+	select {
+	case <-tp.ready:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return tp.src, tp.err
+}
+
+// made returns the template of spec's shape if it has been made (nil if
+// not, or if it is being made: a cold start does not wait for it).
+func (t *templates) made(ctx context.Context, spec driver.Spec) *snapSource {
+	key, ok := t.d.host.ShapeKey(ctx, spec)
+	if !ok {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	tp, found := t.byKey[key]
+	if !found {
+		return nil
+	}
+	select {
+	case <-tp.ready:
+	default:
+		return nil
+	}
+	tp.used = time.Now()
+	return tp.src // nil if it failed
+}
+
+// failed drops the template src after a restore from it failed: the next
+// spare of its shape makes a new one.
+func (t *templates) failed(src *snapSource) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for key, tp := range t.byKey {
+		if tp.src == src {
+			delete(t.byKey, key)
+			_ = os.RemoveAll(tp.dir)
+		}
+	}
+}
+
+// evictLocked makes room for one more template.
+func (t *templates) evictLocked() {
+	for len(t.byKey) >= templateMax {
+		var oldest string
+		for key, tp := range t.byKey {
+			select {
+			case <-tp.ready:
+			default:
+				continue // being made
+			}
+			if oldest == "" || tp.used.Before(t.byKey[oldest].used) {
+				oldest = key
+			}
+		}
+		if oldest == "" {
+			return
+		}
+		// A restore that opened its files already keeps them.
+		_ = os.RemoveAll(t.byKey[oldest].dir)
+		delete(t.byKey, oldest)
+	}
+}
+
+// make boots a spare of spec's shape as a template VM (RAM in a file),
+// snapshots it (which stops it) into a directory of the driver's own, and
+// returns the snapshot.
+func (t *templates) make(ctx context.Context, spec driver.Spec, key string) (*snapSource, string, error) {
+	sum := sha256.Sum256([]byte(key))
+	dir, err := t.d.host.OwnDir("template-" + hex.EncodeToString(sum[:8]))
+	if err != nil {
+		return nil, "", err
+	}
+	fail := func(err error) (*snapSource, string, error) {
+		_ = os.RemoveAll(dir)
+		return nil, "", fmt.Errorf("making the spare template: %w", err)
+	}
+	var id [6]byte
+	_, _ = rand.Read(id[:])
+	name := "template-vm-" + hex.EncodeToString(id[:])
+	tspec := spec
+	tspec.ForSnapshot = true // its RAM in a file, which the snapshot keeps
+	if _, err := t.d.host.BootTemplate(ctx, name, tspec, func(base *vmm.Instance) *instance {
+		i := t.d.newInstance(base)
+		i.template = true
+		return i
+	}); err != nil {
+		return fail(err)
+	}
+	snap := filepath.Join(dir, "snapshot")
+	if err := t.d.Snapshot(ctx, name, snap); err != nil {
+		return fail(err)
+	}
+	b, err := os.ReadFile(filepath.Join(snap, snapMetaFile))
+	if err != nil {
+		return fail(err)
+	}
+	src := &snapSource{dir: snap}
+	if err := json.Unmarshal(b, &src.meta); err != nil {
+		return fail(err)
+	}
+	t.d.log.Debug("spare template made", "dir", snap, "config", src.meta.Config.String())
+	return src, dir, nil
+}
+
+// errFromTemplate marks a failed restore of a template: Driver.Start
+// then boots the instance instead.
+var errFromTemplate = errors.New("restoring the spare template")
+
+// bootFromTemplate restores the VM from the template src and renews it,
+// warming it up if warmUp; it returns once the guest has written its
+// spare line again. A failed restore drops the template, and its error
+// wraps errFromTemplate.
+func (i *instance) bootFromTemplate(ctx context.Context, spec driver.Spec, src *snapSource, warmUp bool) error {
+	i.from = src
+	if err := i.bootRestored(ctx, spec); err != nil {
+		i.d.templates.failed(src)
+		return fmt.Errorf("%w: %w", errFromTemplate, err)
+	}
+	seed := make([]byte, 32)
+	_, _ = rand.Read(seed)
+	r := protocol.Renewal{
+		Restore: protocol.Restore{HostUnixNano: time.Now().UnixNano(), Seed: seed},
+		WarmUp:  warmUp,
+	}
+	began := time.Now()
+	if err := i.RenewSpare(ctx, i.d.opts.ReadyTimeout, r); err != nil {
+		i.d.templates.failed(src)
+		return fmt.Errorf("%w: %w", errFromTemplate, err)
+	}
+	i.Log().Debug("vm restored from its shape's spare template", "renewal", time.Since(began), "warm_up", r.WarmUp)
+	return nil
+}
+
+// startFromTemplate is Boot from the template src: what a cold start
+// does with a spare, without the spare. Without the warm-up, which would
+// cost the cold start what it saves it, the restore and renewal take a
+// fraction of a boot.
+func (i *instance) startFromTemplate(ctx context.Context, spec driver.Spec, src *snapSource) error {
+	code, err := i.d.host.CodeImage(ctx, spec)
+	if err != nil {
+		return err
+	}
+	if fi, err := os.Stat(code); err != nil || fi.Size() > vmm.SpareCodeBytes {
+		return fmt.Errorf("%w: the code image does not fit a spare's code disk", errFromTemplate)
+	}
+	if err := i.bootFromTemplate(ctx, spec, src, false); err != nil {
+		return err
+	}
+	if err := i.attachCode(ctx, code); err != nil {
+		return err
+	}
+	i.launched.code = code
+	return i.SendAssignment(ctx, i.d.opts.ReadyTimeout)
+}

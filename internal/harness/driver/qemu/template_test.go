@@ -1,0 +1,189 @@
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/invokex/invokex/internal/guest"
+	"github.com/invokex/invokex/internal/harness/driver"
+	"github.com/invokex/invokex/internal/harness/driver/drivertest"
+	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
+	"github.com/invokex/invokex/internal/harness/driver/vmm"
+	"github.com/invokex/invokex/internal/harness/driver/vmm/vmmtest"
+	"github.com/invokex/invokex/internal/protocol"
+	"github.com/invokex/invokex/internal/runtimes"
+)
+
+// TestTemplates boots real VMs: a shape's template is made (a boot and a
+// snapshot), VMs restored from it on demand are VMs of their own (their
+// own randomness, hostname and code), a template that cannot be restored
+// is dropped and the VM boots instead, and Close leaves nothing. Spares
+// restored from templates run the whole conformance suite (TestDriver).
+func TestTemplates(t *testing.T) {
+	qemuPath, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		t.Skip("skipping: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
+	}
+	cache := guest.DefaultCacheDir()
+	kernel, ok := guest.KernelPath(cache)
+	if !ok {
+		t.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel`", cache)
+	}
+	agent := vmmtest.AgentBinary(t, "./cmd/invokex-agent", "INVOKEX_QEMU_TEST_AGENT", "-trimpath", "-ldflags=-s -w")
+	stateDir := t.TempDir()
+	d, err := New(Options{
+		StateDir: stateDir, CacheDir: cache, QEMUPath: qemuPath, KernelPath: kernel, AgentBin: agent,
+		Logger: hostproctest.Logger(t),
+		// No pool: the test makes the template itself, and every Start
+		// below restores from it or boots.
+		SpareVMs: -1,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.templates = newTemplates(d)
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			d.Close(context.Background())
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	probe := drivertest.BuildProbe(t)
+	spec := func(id string) driver.Spec {
+		return driver.Spec{
+			ID: id, Function: "probe", RevisionID: "rev-1",
+			Runtime:  runtimes.Runtime{ID: "provided.al2023", Family: runtimes.FamilyProvided, Available: true, Bootstrap: []string{"/var/task/bootstrap"}},
+			CodeDir:  probe,
+			MemoryMB: 128, EphemeralMB: 64,
+		}
+	}
+	if d.templates.made(ctx, spec("x")) != nil {
+		t.Fatal("a template before any was made")
+	}
+	src, err := d.templates.get(ctx, spec("x"))
+	if err != nil {
+		t.Fatalf("making the template: %v", err)
+	}
+	if left := vmmtest.ProcessesWithArg("invokex-template-vm-"); len(left) > 0 {
+		t.Errorf("the template's vm still runs: %v", left)
+	}
+
+	seen := map[string]string{}
+	for _, id := range []string{"tpl-a", "tpl-b"} {
+		inst, err := d.Start(ctx, spec(id))
+		if err != nil {
+			t.Fatalf("Start(%s): %v", id, err)
+		}
+		if args := vmm.Cmdline(inst.(*instance).PID()); !slices.Contains(args, "-incoming") {
+			t.Errorf("%s was not restored from the template: %q", id, args)
+		}
+		c := newProbeConn(t, inst, spec(id))
+		var facts struct {
+			Facts struct {
+				Hostname string `json:"hostname"`
+			} `json:"facts"`
+		}
+		c.call(t, `{"action":"echo"}`, &facts)
+		if facts.Facts.Hostname != vmm.Hostname(id) {
+			t.Errorf("%s's hostname is %q", id, facts.Facts.Hostname)
+		}
+		var r struct{ Data string }
+		c.call(t, `{"action":"random","n":16}`, &r)
+		if len(r.Data) != 32 || seen[r.Data] != "" {
+			t.Errorf("%s drew %q, as %q did", id, r.Data, seen[r.Data])
+		}
+		seen[r.Data] = id
+	}
+
+	// A template whose snapshot cannot be loaded: the VM boots, and the
+	// template is gone.
+	if err := os.Truncate(filepath.Join(src.dir, snapState), 100); err != nil {
+		t.Fatal(err)
+	}
+	inst, err := d.Start(ctx, spec("tpl-c"))
+	if err != nil {
+		t.Fatalf("Start with a broken template: %v", err)
+	}
+	if args := vmm.Cmdline(inst.(*instance).PID()); slices.Contains(args, "-incoming") {
+		t.Errorf("tpl-c was restored from the broken template: %q", args)
+	}
+	newProbeConn(t, inst, spec("tpl-c")).call(t, `{"action":"echo"}`, nil)
+	if d.templates.made(ctx, spec("x")) != nil {
+		t.Error("the broken template is still used")
+	}
+	if _, err := os.Stat(src.dir); !os.IsNotExist(err) {
+		t.Errorf("the broken template's files are left: %v", err)
+	}
+
+	if _, err := d.templates.get(ctx, spec("x")); err != nil {
+		t.Fatalf("making the template again: %v", err)
+	}
+	closed = true
+	if err := d.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(stateDir, "*")); len(left) > 0 {
+		t.Errorf("Close left %v", left)
+	}
+}
+
+// probeConn speaks to the probe function of a started instance.
+type probeConn struct {
+	c *protocol.Conn
+	n int
+}
+
+// newProbeConn runs the probe's INIT.
+func newProbeConn(t *testing.T, inst driver.Instance, spec driver.Spec) *probeConn {
+	t.Helper()
+	c := protocol.NewConn(inst.Conn())
+	init := protocol.Init{
+		FunctionName: spec.Function, FunctionVersion: "$LATEST", MemoryMB: spec.MemoryMB, TimeoutSec: 60,
+		Command: []string{"/var/task/bootstrap"}, Dir: "/var/task",
+		Env: []string{"LAMBDA_TASK_ROOT=/var/task", "_HANDLER=bootstrap"},
+	}
+	if err := c.WriteFrame(protocol.TypeInit, init); err != nil {
+		t.Fatal(err)
+	}
+	f, err := c.ReadFrame()
+	if err != nil || f.Type != protocol.TypeInitDone {
+		t.Fatalf("init: %v %v", f, err)
+	}
+	return &probeConn{c: c}
+}
+
+// call invokes the probe with event and decodes its answer into out.
+func (p *probeConn) call(t *testing.T, event string, out any) {
+	t.Helper()
+	p.n++
+	inv := protocol.Invoke{RequestID: fmt.Sprint("req-", p.n), DeadlineUnixMs: time.Now().Add(time.Minute).UnixMilli()}
+	if err := p.c.WriteFrame(protocol.TypeInvoke, inv, []byte(event)); err != nil {
+		t.Fatal(err)
+	}
+	f, err := p.c.ReadFrame()
+	if err != nil || f.Type != protocol.TypeResult {
+		t.Fatalf("invoke: %v %v", f, err)
+	}
+	var res protocol.Result
+	if err := f.Decode(&res); err != nil {
+		t.Fatal(err)
+	}
+	payload, log := res.Split(f.Body)
+	if res.FunctionError != "" {
+		t.Fatalf("%s: %s %s\n%s", event, res.FunctionError, payload, log)
+	}
+	if out != nil {
+		if err := json.Unmarshal(payload, out); err != nil {
+			t.Fatalf("%s answered %s: %v", event, payload, err)
+		}
+	}
+}
