@@ -38,7 +38,7 @@ func (f *serverFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.sandboxSubnet, "sandbox-subnet", "", "with --sandbox-network: IPv4 network of the sandboxes' links, a /30 each (default "+network.DefaultSubnet.String()+")")
 	cmd.Flags().StringSliceVar(&f.sandboxAllow, "sandbox-allow", nil, "with --sandbox-network: private networks functions may reach anyway (CIDR, repeatable)")
 	cmd.Flags().IntVar(&f.warm, "warm-sandboxes", 0, "sandboxes the driver keeps started ahead of need, so cold starts skip the start: warm sandboxes (process driver, default 2) or spare VMs booted for the shape asked for last (qemu, firecracker; default 1, each costs what an idle VM does); -1 for none")
-	cmd.Flags().IntVar(&f.tcgCacheMB, "tcg-cache-mb", 0, "qemu driver under software emulation (no KVM): MiB of translated code each VM may keep, host memory of every VM as it fills; smaller empties it sooner and translates again (default 48)")
+	cmd.Flags().IntVar(&f.tcgCacheMB, "tcg-cache-mb", 0, "qemu driver under software emulation (no KVM): MiB of translated code each VM may keep, host memory of every VM as it fills; smaller empties it sooner and translates again (default 24; VMs restored from a spare template get twice as much)")
 	cmd.Flags().IntVar(&f.asyncWorkers, "async-workers", 8, "workers running Event invocations")
 	cmd.Flags().StringVar(&f.firecracker, "firecracker", "", "firecracker binary of the firecracker driver (default: from PATH); see docs/firecracker.md")
 	cmd.Flags().StringVar(&f.jailer, "jailer", "", "start every Firecracker VM through this jailer binary (chroot, cgroups, a user per VM; needs root)")

@@ -289,7 +289,7 @@ func awaitAssignment(port io.ReadWriter, cfg Config, log *slog.Logger) error {
 		}
 		if a.Renew.WarmUp {
 			began := time.Now()
-			if err := warmUp(context.Background(), log, cfg); err != nil {
+			if err := warmUp(context.Background(), log); err != nil {
 				// Only speed is lost: the cold start translates instead.
 				log.Warn("warming up the spare", "err", err)
 			}

@@ -57,17 +57,18 @@ const warmUpFunction = "invokex-warmup"
 // warmUp runs agent.Run against a protocol conversation of its own: Init
 // with this binary as the runtime, warmUpInvokes invocations, Shutdown.
 // It returns once the agent has ended.
-func warmUp(ctx context.Context, log *slog.Logger, cfg Config) error {
+func warmUp(ctx context.Context, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, warmUpTimeout)
 	defer cancel()
 	guestEnd, hostEnd := net.Pipe()
 	done := make(chan error, 1)
 	go func() {
 		// Port 0: the Runtime API address the real agent listens on stays
-		// free whatever the warm-up leaves in TIME_WAIT.
-		done <- agent.Run(ctx, guestEnd, agent.Options{
-			RuntimeAPIAddr: "127.0.0.1:0", Logger: log, SplitCPUs: cfg.AgentCPU,
-		})
+		// free whatever the warm-up leaves in TIME_WAIT. No SplitCPUs: it
+		// pins the calling process to its first CPU, and the real agent,
+		// which splits the CPUs this process may use, would then find one
+		// and leave the runtime on the agent's vCPU.
+		done <- agent.Run(ctx, guestEnd, agent.Options{RuntimeAPIAddr: "127.0.0.1:0", Logger: log})
 	}()
 	stop := context.AfterFunc(ctx, func() { hostEnd.Close() })
 	err := converse(protocol.NewConn(hostEnd))

@@ -8,10 +8,13 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/invokex/invokex/internal/cpuset"
 )
 
 // TestMain lets this test binary be the warm-up's runtime, as the agent
@@ -30,11 +33,20 @@ func TestWarmUp(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := warmUp(ctx, log, Config{}); err != nil {
+	before, err := cpuset.Allowed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := warmUp(ctx, log); err != nil {
 		t.Fatalf("warmUp: %v", err)
 	}
 	if kids := children(t); len(kids) != 0 {
 		t.Errorf("the warm-up left processes: %v", kids)
+	}
+	// The real agent splits the CPUs the init may use between itself and
+	// the runtime: the warm-up must leave them all.
+	if after, err := cpuset.Allowed(); err != nil || !slices.Equal(after, before) {
+		t.Errorf("the warm-up left this process on CPUs %v (%v), was %v", after, err, before)
 	}
 }
 

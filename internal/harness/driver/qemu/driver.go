@@ -30,6 +30,14 @@
 // The console is a pipe drained into the harness's log under a byte
 // budget, never a file.
 //
+// # Spares and templates
+//
+// Spare VMs (vmm.SpareMachine) wait for cold starts with a placeholder
+// code disk. The first spare of a shape is booted as a template and
+// snapshotted; later spares, and cold starts that find no spare, are
+// restored from it and renewed (template.go). StateDir/template-*/ are
+// the templates (the driver's own: Close removes them).
+//
 // # Network
 //
 // A VM has loopback only unless Spec.Network is set; then it gets a
@@ -155,17 +163,17 @@ type Options struct {
 // DefaultTCGCacheMB is Options.TCGCacheMB's default. Under TCG every
 // guest instruction runs as host code QEMU translated, once, into this
 // cache; when it is full QEMU empties it and translates again whatever
-// runs next. Measured here (QEMU 7.2, a Go function): a boot translates
-// ~33 MB of host code; a VM restored from its spare template ~8 MB for the
-// restore, ~17 MB more for the warm-up, then ~13 MB for a cold start's
-// INIT and first invocation (~25 MB without the warm-up); a warm
-// invocation's working set is ~17 MB. At 48 MiB a spare restored and
-// warmed up keeps everything through its cold start (0.5 s; at 24 MiB the
-// cache was emptied during the warm-up and again during the cold start,
-// ~0.9 s). The cache costs host memory only as it fills: a VM holds what
-// it translated, up to this size (a booted VM all of it, a restored one
-// ~40 MB). QEMU's own default (1 GiB) would keep all code a VM ever ran.
-const DefaultTCGCacheMB = 48
+// runs next. It costs host memory as it fills: a VM holds what it
+// translated, up to this size. Measured here (QEMU 7.2, a Go function): a
+// boot translates ~33 MB of host code, a cold start's INIT and first
+// invocation ~28 MB (50 k blocks), a warm invocation's working set is
+// ~17 MB. At 16 MiB a cold start emptied the cache mid-way and translated
+// 88 k blocks, and warm invocations emptied it every few hundred calls; in
+// alternating runs 24 and 32 MiB cut INIT from ~1.1 s to ~0.75 s alike,
+// and 24 costs 8 MiB less of every booted VM. A VM restored from a spare
+// template gets twice this (templateCacheMB): it translates no boot. QEMU's
+// own default (1 GiB) would keep all code a VM ever ran.
+const DefaultTCGCacheMB = 24
 
 // DefaultSpareVMs is Options.SpareVMs's default: one spare, of the shape
 // asked for last. Each costs what an idle VM costs the host.

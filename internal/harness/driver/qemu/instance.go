@@ -38,6 +38,8 @@ type instance struct {
 	// snapshotted. noTemplate: booted even if its shape has a template (after a
 	// restore from the template failed).
 	template, noTemplate bool
+	// cacheMB, if set, is the TCG cache of a restored VM (vmConfig.TCGCacheMB).
+	cacheMB int
 }
 
 var _ vmm.SpareMachine = (*instance)(nil)

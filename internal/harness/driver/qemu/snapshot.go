@@ -213,6 +213,9 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	defer state.Close() // QEMU has its own copy
 	cfg := src.meta.Config
 	cfg.ID, cfg.Incoming = spec.ID, true
+	if i.cacheMB > 0 {
+		cfg.TCGCacheMB = i.cacheMB // not part of the saved machine
+	}
 	if cfg.Network && !cfg.Tap && i.d.opts.Network != nil {
 		// Taken on QEMU's user-mode network, which reaches the host:
 		// this driver isolates networks, so it boots instead.

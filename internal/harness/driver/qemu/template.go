@@ -38,6 +38,10 @@ import (
 // agent's paths every cold start takes: the cold start then translates
 // only the function's own code and the cache holds it all.
 
+// templateRetry is how long a shape whose template could not be made
+// boots its spares before the next attempt.
+const templateRetry = time.Minute
+
 // templateMax bounds the templates a driver keeps (each holds a copy of a
 // booted guest's memory on disk, ~35 MB for 128 MB); the least recently
 // used goes first. The spare pool keeps spares for few shapes anyway.
@@ -62,6 +66,18 @@ type template struct {
 	// dir is the template's own directory (vmm.Host.OwnDir).
 	dir  string
 	used time.Time
+	// done is when the attempt ended.
+	done time.Time
+}
+
+// failedLocked reports whether tp is an attempt that failed.
+func (tp *template) failedLocked() bool {
+	select {
+	case <-tp.ready:
+		return tp.err != nil
+	default:
+		return false
+	}
 }
 
 func newTemplates(d *Driver) *templates {
@@ -79,6 +95,10 @@ func (t *templates) get(ctx context.Context, spec driver.Spec) (*snapSource, err
 	}
 	t.mu.Lock()
 	tp, found := t.byKey[key]
+	if found && tp.failedLocked() && time.Since(tp.done) > templateRetry {
+		delete(t.byKey, key)
+		found = false
+	}
 	if !found {
 		t.evictLocked()
 		tp = &template{ready: make(chan struct{})}
@@ -87,7 +107,10 @@ func (t *templates) get(ctx context.Context, spec driver.Spec) (*snapSource, err
 	tp.used = time.Now()
 	t.mu.Unlock()
 	if !found {
-		tp.src, tp.dir, tp.err = t.make(ctx, spec, key)
+		src, dir, err := t.make(ctx, spec, key)
+		t.mu.Lock()
+		tp.src, tp.dir, tp.err, tp.done = src, dir, err, time.Now()
+		t.mu.Unlock()
 		if tp.err != nil && ctx.Err() != nil {
 			// Given up on, not failed: the next spare tries again.
 			t.mu.Lock()
@@ -205,6 +228,21 @@ func (t *templates) make(ctx context.Context, spec driver.Spec, key string) (*sn
 	return src, dir, nil
 }
 
+// templateCacheMB is the TCG cache of a VM restored from a template: twice
+// a booted VM's (Options.TCGCacheMB). A booted VM's cache fills with the
+// boot's code, run once, and is best emptied early (a small cache); a
+// restored VM translates no boot, only what it runs again (the warm-up's
+// kernel and agent paths, then the function's), which should all stay:
+// ~40 MB for a Go function's cold start after a warm-up. It costs host
+// memory only as it fills.
+func (d *Driver) templateCacheMB() int {
+	mb := d.opts.TCGCacheMB
+	if mb <= 0 {
+		mb = DefaultTCGCacheMB
+	}
+	return 2 * mb
+}
+
 // errFromTemplate marks a failed restore of a template: Driver.Start
 // then boots the instance instead.
 var errFromTemplate = errors.New("restoring the spare template")
@@ -214,7 +252,7 @@ var errFromTemplate = errors.New("restoring the spare template")
 // spare line again. A failed restore drops the template, and its error
 // wraps errFromTemplate.
 func (i *instance) bootFromTemplate(ctx context.Context, spec driver.Spec, src *snapSource, warmUp bool) error {
-	i.from = src
+	i.from, i.cacheMB = src, i.d.templateCacheMB()
 	if err := i.bootRestored(ctx, spec); err != nil {
 		i.d.templates.failed(src)
 		return fmt.Errorf("%w: %w", errFromTemplate, err)
@@ -249,9 +287,14 @@ func (i *instance) startFromTemplate(ctx context.Context, spec driver.Spec, src 
 	if err := i.bootFromTemplate(ctx, spec, src, false); err != nil {
 		return err
 	}
+	// Failures from here on are this VM's, not the template's; the
+	// instance boots instead, as after a failed assignment of a spare.
 	if err := i.attachCode(ctx, code); err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errFromTemplate, err)
 	}
 	i.launched.code = code
-	return i.SendAssignment(ctx, i.d.opts.ReadyTimeout)
+	if err := i.SendAssignment(ctx, i.d.opts.ReadyTimeout); err != nil {
+		return fmt.Errorf("%w: %w", errFromTemplate, err)
+	}
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -83,8 +84,12 @@ func TestTemplates(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Start(%s): %v", id, err)
 		}
-		if args := vmm.Cmdline(inst.(*instance).PID()); !slices.Contains(args, "-incoming") {
+		args := vmm.Cmdline(inst.(*instance).PID())
+		if !slices.Contains(args, "-incoming") {
 			t.Errorf("%s was not restored from the template: %q", id, args)
+		}
+		if cache := "tcg,tb-size=" + strconv.Itoa(d.templateCacheMB()); d.accel == accelTCG && !slices.Contains(args, cache) {
+			t.Errorf("%s runs without -accel %s: %q", id, cache, args)
 		}
 		c := newProbeConn(t, inst, spec(id))
 		var facts struct {

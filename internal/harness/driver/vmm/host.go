@@ -245,13 +245,9 @@ func (h *Host[M]) Disks(ctx context.Context, spec driver.Spec, scratch string) (
 	if err != nil {
 		return "", "", fmt.Errorf("root image of %s: %w", spec.Runtime.ID, err)
 	}
-	key, err := CodeKey(spec)
+	code, err = h.CodeImage(ctx, spec)
 	if err != nil {
 		return "", "", err
-	}
-	code, err = h.cfg.Images.Code(ctx, spec.CodeDir, spec.RuntimeDir, key)
-	if err != nil {
-		return "", "", fmt.Errorf("code image: %w", err)
 	}
 	if err := h.cfg.Images.Scratch(ctx, scratch, spec.EphemeralMB); err != nil {
 		return "", "", fmt.Errorf("scratch image: %w", err)
