@@ -228,9 +228,7 @@ func (c vmConfig) args() []string {
 		"-drive", "id=scratch,file=" + fdPath(fdScratch) + ",format=raw,if=none,cache=unsafe",
 		"-device", "virtio-blk-device,drive=scratch",
 		"-device", "virtio-rng-device",
-		// Free page reporting: pages the guest frees (its caches dropped
-		// by an idle agent, a runtime's freed heap) go back to the host.
-		"-device", "virtio-balloon-device,free-page-reporting=on",
+		"-device", c.balloon(),
 	}
 	if c.Network && c.Tap {
 		a = append(a,
@@ -269,6 +267,22 @@ func (c vmConfig) args() []string {
 		a = append(a, "-incoming", "defer")
 	}
 	return a
+}
+
+// balloon is the virtio-balloon device. With free page reporting, pages
+// the guest frees (its caches dropped by an idle agent, a runtime's freed
+// heap) go back to the host. Not with RAMFile: QEMU 7.2 gives a reported
+// page back by punching a hole in the RAM's file even when the mapping
+// is private, which would zero that page in a snapshot's RAM for every
+// VM restored from it, the running ones included (their pages not yet
+// written are the file's). The restores of a snapshot must have the
+// device its VM had, so a VM to be snapshotted has none either: restored
+// VMs keep what their guest freed.
+func (c vmConfig) balloon() string {
+	if c.RAMFile {
+		return "virtio-balloon-device"
+	}
+	return "virtio-balloon-device,free-page-reporting=on"
 }
 
 // Block nodes of the code disk: the device's raw node over a file node.

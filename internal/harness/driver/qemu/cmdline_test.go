@@ -234,9 +234,16 @@ func TestArgsRAMFile(t *testing.T) {
 	if got := argValues(c.args(), "-object"); len(got) != 1 || got[0] != "memory-backend-file,id=ram,size=128M,mem-path=/proc/self/fd/10,share=off" {
 		t.Errorf("a restored VM: -object = %q", got)
 	}
+	// QEMU 7.2 would punch reported free pages out of the snapshot's file.
+	if got := argValues(c.args(), "-device"); slices.ContainsFunc(got, func(d string) bool { return strings.Contains(d, "free-page-reporting=on") }) {
+		t.Errorf("a VM with its RAM in a file reports free pages: %q", got)
+	}
 	c = vmConfig{ID: "n", Accel: accelTCG, MemoryMB: 128, VCPUs: 1}
 	if got := argValues(c.args(), "-object"); len(got) != 0 {
 		t.Errorf("an ordinary VM keeps its RAM in a file: %q", got)
+	}
+	if got := argValues(c.args(), "-device"); !slices.Contains(got, "virtio-balloon-device,free-page-reporting=on") {
+		t.Errorf("an ordinary VM does not report free pages: %q", got)
 	}
 }
 
