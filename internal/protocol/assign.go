@@ -39,6 +39,9 @@ type Renewal struct {
 	WarmUp bool `json:"warmUp,omitempty"`
 }
 
+// MinRenewalSeed is the least randomness a Renewal carries.
+const MinRenewalSeed = 16
+
 // maxAssignment bounds an Assignment line.
 const maxAssignment = 4096
 
@@ -78,8 +81,13 @@ func ReadAssignment(r io.Reader) (Assignment, error) {
 		return a, fmt.Errorf("decoding the assignment: %w", err)
 	}
 	if a.Renew != nil {
-		if a.Hostname != "" {
+		if a.Hostname != "" || a.Renew.Restore.Hostname != "" {
 			return a, fmt.Errorf("assignment: a renewal has no hostname")
+		}
+		// Without fresh randomness every restore of a template would
+		// share the kernel generator's state.
+		if len(a.Renew.Restore.Seed) < MinRenewalSeed {
+			return a, fmt.Errorf("assignment: a renewal needs a seed of at least %d bytes, got %d", MinRenewalSeed, len(a.Renew.Restore.Seed))
 		}
 		return a, nil
 	}

@@ -26,12 +26,15 @@ func TestAssignmentRoundTrip(t *testing.T) {
 
 func TestReadAssignmentRejects(t *testing.T) {
 	for name, in := range map[string]string{
-		"no hostname":        "{}\n",
-		"long hostname":      `{"hostname":"` + strings.Repeat("h", 65) + "\"}\n",
-		"not json":           "hello\n",
-		"too long":           strings.Repeat("x", maxAssignment+1) + "\n",
-		"cut short":          `{"hostname":"a"}`,
-		"renew and hostname": `{"hostname":"a","renew":{"restore":{}}}` + "\n",
+		"no hostname":         "{}\n",
+		"long hostname":       `{"hostname":"` + strings.Repeat("h", 65) + "\"}\n",
+		"not json":            "hello\n",
+		"too long":            strings.Repeat("x", maxAssignment+1) + "\n",
+		"cut short":           `{"hostname":"a"}`,
+		"renew and hostname":  `{"hostname":"a","renew":{"restore":{"Seed":"AAAAAAAAAAAAAAAAAAAAAA=="}}}` + "\n",
+		"renew with hostname": `{"renew":{"restore":{"Hostname":"a","Seed":"AAAAAAAAAAAAAAAAAAAAAA=="}}}` + "\n",
+		"renew without seed":  `{"renew":{"restore":{}}}` + "\n",
+		"renew with 8 B seed": `{"renew":{"restore":{"Seed":"AAAAAAAAAAA="}}}` + "\n",
 	} {
 		if _, err := ReadAssignment(strings.NewReader(in)); err == nil {
 			t.Errorf("%s: no error", name)
@@ -41,7 +44,7 @@ func TestReadAssignmentRejects(t *testing.T) {
 
 func TestRenewalRoundTrip(t *testing.T) {
 	var buf bytes.Buffer
-	in := Assignment{Renew: &Renewal{Restore: Restore{HostUnixNano: 42, Seed: []byte{1, 2, 3}}, WarmUp: true}}
+	in := Assignment{Renew: &Renewal{Restore: Restore{HostUnixNano: 42, Seed: bytes.Repeat([]byte{7}, MinRenewalSeed)}, WarmUp: true}}
 	if err := WriteAssignment(&buf, in); err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +52,7 @@ func TestRenewalRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.Hostname != "" || a.Renew == nil || !a.Renew.WarmUp || a.Renew.Restore.HostUnixNano != 42 || !bytes.Equal(a.Renew.Restore.Seed, []byte{1, 2, 3}) {
+	if a.Hostname != "" || a.Renew == nil || !a.Renew.WarmUp || a.Renew.Restore.HostUnixNano != 42 || !bytes.Equal(a.Renew.Restore.Seed, bytes.Repeat([]byte{7}, MinRenewalSeed)) {
 		t.Errorf("read %+v, renew %+v", a, a.Renew)
 	}
 }

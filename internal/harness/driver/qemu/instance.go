@@ -64,7 +64,9 @@ func (i *instance) Boot(ctx context.Context, spec driver.Spec) error {
 	}
 	if i.d.templates != nil && !i.noTemplate {
 		if src := i.d.templates.made(ctx, spec); src != nil {
-			return i.startFromTemplate(ctx, spec, src)
+			if code, ok := i.spareCode(ctx, spec); ok {
+				return i.startFromTemplate(ctx, spec, src, code)
+			}
 		}
 	}
 	return i.boot(ctx, spec, false)

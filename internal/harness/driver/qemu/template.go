@@ -151,16 +151,23 @@ func (t *templates) made(ctx context.Context, spec driver.Spec) *snapSource {
 	return tp.src // nil if it failed
 }
 
-// failed drops the template src after a restore from it failed: the next
-// spare of its shape makes a new one.
-func (t *templates) failed(src *snapSource) {
+// failed drops the template src after a restore from it failed: its
+// files go, and spares of its shape boot until templateRetry has passed
+// (a template that cannot be restored would otherwise be made again for
+// every spare, and no spare would ever be ready).
+func (t *templates) failed(src *snapSource, err error) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	for key, tp := range t.byKey {
-		if tp.src == src {
-			delete(t.byKey, key)
-			_ = os.RemoveAll(tp.dir)
+	var dirs []string
+	for _, tp := range t.byKey {
+		if tp.src == src && !tp.failedLocked() {
+			tp.src, tp.err, tp.done = nil, fmt.Errorf("restoring from the template failed: %w", err), time.Now()
+			dirs = append(dirs, tp.dir)
 		}
+	}
+	t.mu.Unlock()
+	for _, dir := range dirs {
+		// A restore that opened the files already keeps them.
+		_ = os.RemoveAll(dir)
 	}
 }
 
@@ -194,7 +201,7 @@ func (t *templates) make(ctx context.Context, spec driver.Spec, key string) (*sn
 	sum := sha256.Sum256([]byte(key))
 	dir, err := t.d.host.OwnDir("template-" + hex.EncodeToString(sum[:8]))
 	if err != nil {
-		return nil, "", err
+		return nil, "", fmt.Errorf("making the spare template: %w", err)
 	}
 	fail := func(err error) (*snapSource, string, error) {
 		_ = os.RemoveAll(dir)
@@ -254,7 +261,10 @@ var errFromTemplate = errors.New("restoring the spare template")
 func (i *instance) bootFromTemplate(ctx context.Context, spec driver.Spec, src *snapSource, warmUp bool) error {
 	i.from, i.cacheMB = src, i.d.templateCacheMB()
 	if err := i.bootRestored(ctx, spec); err != nil {
-		i.d.templates.failed(src)
+		if ctx.Err() != nil {
+			return err // given up on (Stop, or the caller): not the template's fault
+		}
+		i.d.templates.failed(src, err)
 		return fmt.Errorf("%w: %w", errFromTemplate, err)
 	}
 	seed := make([]byte, 32)
@@ -265,36 +275,46 @@ func (i *instance) bootFromTemplate(ctx context.Context, spec driver.Spec, src *
 	}
 	began := time.Now()
 	if err := i.RenewSpare(ctx, i.d.opts.ReadyTimeout, r); err != nil {
-		i.d.templates.failed(src)
+		if ctx.Err() != nil {
+			return err
+		}
+		// The guest, not necessarily the template: it stays.
 		return fmt.Errorf("%w: %w", errFromTemplate, err)
 	}
 	i.Log().Debug("vm restored from its shape's spare template", "renewal", time.Since(began), "warm_up", r.WarmUp)
 	return nil
 }
 
-// startFromTemplate is Boot from the template src: what a cold start
-// does with a spare, without the spare. Without the warm-up, which would
-// cost the cold start what it saves it, the restore and renewal take a
-// fraction of a boot.
-func (i *instance) startFromTemplate(ctx context.Context, spec driver.Spec, src *snapSource) error {
-	code, err := i.d.host.CodeImage(ctx, spec)
-	if err != nil {
-		return err
-	}
-	if fi, err := os.Stat(code); err != nil || fi.Size() > vmm.SpareCodeBytes {
-		return fmt.Errorf("%w: the code image does not fit a spare's code disk", errFromTemplate)
-	}
+// startFromTemplate is Boot from the template src with the code image
+// code: what a cold start does with a spare, without the spare. Without
+// the warm-up, which would cost the cold start what it saves it, the
+// restore and renewal take a fraction of a boot. An error wraps
+// errFromTemplate unless ctx ended: Driver.Start then boots instead.
+func (i *instance) startFromTemplate(ctx context.Context, spec driver.Spec, src *snapSource, code string) error {
 	if err := i.bootFromTemplate(ctx, spec, src, false); err != nil {
 		return err
 	}
 	// Failures from here on are this VM's, not the template's; the
 	// instance boots instead, as after a failed assignment of a spare.
-	if err := i.attachCode(ctx, code); err != nil {
+	err := i.attachCode(ctx, code)
+	if err == nil {
+		i.launched.code = code
+		err = i.SendAssignment(ctx, i.d.opts.ReadyTimeout)
+	}
+	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("%w: %w", errFromTemplate, err)
 	}
-	i.launched.code = code
-	if err := i.SendAssignment(ctx, i.d.opts.ReadyTimeout); err != nil {
-		return fmt.Errorf("%w: %w", errFromTemplate, err)
+	return err
+}
+
+// spareCode returns spec's code image if a VM restored from a template
+// can take it (it fits a spare's code disk); ok is false otherwise, and
+// the VM boots (which reports what is wrong with the image, if anything).
+func (i *instance) spareCode(ctx context.Context, spec driver.Spec) (code string, ok bool) {
+	code, err := i.d.host.CodeImage(ctx, spec)
+	if err != nil {
+		return "", false
 	}
-	return nil
+	fi, err := os.Stat(code)
+	return code, err == nil && fi.Size() <= vmm.SpareCodeBytes
 }

@@ -140,6 +140,17 @@ func TestTemplates(t *testing.T) {
 		t.Errorf("the broken template's files are left: %v", err)
 	}
 
+	// Spares of the shape boot for a while (a template that cannot be
+	// restored would be made again for every spare), then it is made
+	// again.
+	if _, err := d.templates.get(ctx, spec("x")); err == nil {
+		t.Error("a template was made again right after one failed")
+	}
+	d.templates.mu.Lock()
+	for _, tp := range d.templates.byKey {
+		tp.done = tp.done.Add(-2 * templateRetry)
+	}
+	d.templates.mu.Unlock()
 	if _, err := d.templates.get(ctx, spec("x")); err != nil {
 		t.Fatalf("making the template again: %v", err)
 	}

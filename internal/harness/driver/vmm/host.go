@@ -378,10 +378,10 @@ func (h *Host[M]) OwnDir(name string) (string, error) {
 	}
 	h.dirs[name] = true
 	if err := os.RemoveAll(dir); err != nil {
-		return "", err
+		return "", fmt.Errorf("emptying %s: %w", dir, err)
 	}
 	if err := os.Mkdir(dir, 0o700); err != nil {
-		return "", err
+		return "", fmt.Errorf("creating %s: %w", dir, err)
 	}
 	return dir, nil
 }

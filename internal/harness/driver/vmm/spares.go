@@ -91,8 +91,8 @@ func (h *Host[M]) bootSpare(ctx context.Context, name string, tmpl driver.Spec, 
 // spare boots (SpareMachine.BootSpare, at SpareNice), for the driver to
 // snapshot and stop: package qemu restores its spares from such a
 // snapshot. Unlike a spare it is registered like an instance (Get finds
-// it, Stop and Close stop it, Recover leaves it). ShapeKey(tmpl) must be
-// ok. On error the machine is gone.
+// it, Stop and Close stop it, Recover leaves it). On error the machine is
+// gone.
 func (h *Host[M]) BootTemplate(ctx context.Context, name string, tmpl driver.Spec, newMachine func(*Instance) M) (M, error) {
 	return h.bootAsSpare(ctx, name, tmpl, newMachine, true)
 }
