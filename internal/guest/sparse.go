@@ -39,33 +39,42 @@ func CopySparse(ctx context.Context, src, dst string) (err error) {
 			_ = os.Remove(dst)
 		}
 	}()
-	size := fi.Size()
+	if err := CopySparseFile(ctx, in, out, fi.Size()); err != nil {
+		return fmt.Errorf("copying %s: %w", src, err)
+	}
+	return nil
+}
+
+// CopySparseFile copies the first size bytes of in to out (both open
+// files; out is sized to size) without writing in's holes: they stay
+// holes in out.
+func CopySparseFile(ctx context.Context, in, out *os.File, size int64) error {
 	if err := out.Truncate(size); err != nil {
 		return err
 	}
 	for off := int64(0); off < size; {
 		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
+			return err
 		}
 		start, err := in.Seek(off, unix.SEEK_DATA)
 		if errors.Is(err, syscall.ENXIO) {
 			break // only a hole is left
 		}
 		if err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
+			return err
 		}
 		end, err := in.Seek(start, unix.SEEK_HOLE)
 		if err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
+			return err
 		}
 		if _, err := in.Seek(start, io.SeekStart); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
+			return err
 		}
 		if _, err := out.Seek(start, io.SeekStart); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
+			return err
 		}
 		if _, err := io.Copy(out, io.LimitReader(in, end-start)); err != nil {
-			return fmt.Errorf("copying %s: %w", src, err)
+			return err
 		}
 		off = end
 	}

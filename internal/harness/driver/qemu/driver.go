@@ -418,5 +418,9 @@ func (d *Driver) killLeftover(ctx context.Context, id, dir string) error {
 // Close stops every instance; Start fails with ErrUnavailable afterwards.
 // Close is idempotent.
 func (d *Driver) Close(ctx context.Context) error {
-	return d.host.Close(ctx)
+	err := d.host.Close(ctx)
+	if d.templates != nil {
+		d.templates.close()
+	}
+	return err
 }

@@ -42,6 +42,9 @@ const (
 type snapSource struct {
 	dir  string
 	meta snapMeta
+	// ram, if set, is the saved RAM as a sealed memfd (a spare template's,
+	// see sealRAM), which restores map instead of dir's snapRAM.
+	ram *os.File
 }
 
 // snapMeta is vm.json: the machine every restore must recreate exactly.
@@ -233,7 +236,11 @@ func (i *instance) bootRestored(ctx context.Context, spec driver.Spec) error {
 	}
 	var ram *os.File
 	if cfg.RAMFile {
-		ram, err = os.Open(filepath.Join(src.dir, snapRAM))
+		if src.ram != nil {
+			ram, err = dupFile(src.ram)
+		} else {
+			ram, err = os.Open(filepath.Join(src.dir, snapRAM))
+		}
 		if err != nil {
 			return fmt.Errorf("opening the snapshot's ram: %w", err)
 		}

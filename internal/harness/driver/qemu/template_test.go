@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
@@ -80,7 +83,18 @@ func TestTemplates(t *testing.T) {
 		t.Errorf("the template's vm still runs: %v", left)
 	}
 
-	ramSum := fileSum(t, filepath.Join(src.dir, snapRAM))
+	// The template's RAM is a sealed memfd: no VM's QEMU (all of them can
+	// open it: QEMU 7.2 opens it read-write) can change it.
+	if src.ram == nil {
+		t.Fatal("the template's RAM is not a sealed memfd")
+	}
+	if _, err := os.Stat(filepath.Join(src.dir, snapRAM)); !os.IsNotExist(err) {
+		t.Errorf("the template's RAM file is still there: %v", err)
+	}
+	if _, err := unix.Pwrite(int(src.ram.Fd()), []byte{1}, 4096); err != unix.EPERM {
+		t.Errorf("writing the template's RAM: %v, want EPERM", err)
+	}
+	ramSum := fileSum(t, src.ram)
 	seen := map[string]string{}
 	for _, id := range []string{"tpl-a", "tpl-b"} {
 		inst, err := d.Start(ctx, spec(id))
@@ -116,7 +130,7 @@ func TestTemplates(t *testing.T) {
 	// guests have idled and given memory back (the agent trims after 10
 	// s idle; QEMU 7.2 punched reported free pages out of the file).
 	time.Sleep(15 * time.Second)
-	if fileSum(t, filepath.Join(src.dir, snapRAM)) != ramSum {
+	if fileSum(t, src.ram) != ramSum {
 		t.Error("the template's RAM file changed while VMs restored from it ran")
 	}
 
@@ -215,13 +229,16 @@ func (p *probeConn) call(t *testing.T, event string, out any) {
 	}
 }
 
-// fileSum is the SHA-256 of the file at path, in hex.
-func fileSum(t *testing.T, path string) string {
+// fileSum is the SHA-256 of f's content, in hex.
+func fileSum(t *testing.T, f *os.File) string {
 	t.Helper()
-	b, err := os.ReadFile(path)
+	fi, err := f.Stat()
 	if err != nil {
 		t.Fatal(err)
 	}
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
+	h := sha256.New()
+	if _, err := io.Copy(h, io.NewSectionReader(f, 0, fi.Size())); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
