@@ -4,13 +4,11 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
@@ -29,23 +27,7 @@ const agentEnv = "INVOKEX_QEMU_TEST_AGENT"
 // TestDriver runs the conformance suite against real QEMU VMs booting the
 // guest kernel, with invokex (built static) as their init.
 func TestDriver(t *testing.T) {
-	qemuPath, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("skipping: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
-	}
-	cache := guest.DefaultCacheDir()
-	kernel, ok := guest.KernelPath(cache)
-	if !ok {
-		if os.Getenv("INVOKEX_BUILD_KERNEL") != "1" {
-			t.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel` or set INVOKEX_BUILD_KERNEL=1", cache)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
-		kernel, err = guest.EnsureKernel(ctx, cache, hostproctest.Logger(t))
-		cancel()
-		if err != nil {
-			t.Fatalf("building the guest kernel: %v", err)
-		}
-	}
+	qemuPath, cache, kernel := vmmtest.QEMUGuest(t)
 	agent := agentBinary(t)
 	opts := drivertest.Options{
 		// Under TCG a boot takes seconds, more with several VMs on few
@@ -91,15 +73,7 @@ func agentBinary(t testing.TB) string {
 // Start (disks, QEMU, guest boot, agent handshake), INIT of the probe and
 // its first invocation, then Stop. It reports each phase in ms/op.
 func BenchmarkColdStart(b *testing.B) {
-	qemuPath, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		b.Skip("skipping: qemu-system-x86_64 is not installed")
-	}
-	cache := guest.DefaultCacheDir()
-	kernel, ok := guest.KernelPath(cache)
-	if !ok {
-		b.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel`", cache)
-	}
+	qemuPath, cache, kernel := vmmtest.QEMUGuest(b)
 	agent := agentBinary(b)
 	d, err := qemu.New(qemu.Options{StateDir: b.TempDir(), CacheDir: cache, QEMUPath: qemuPath, KernelPath: kernel, AgentBin: agent})
 	if err != nil {

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -17,7 +16,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/drivertest"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc/hostproctest"
@@ -33,15 +31,7 @@ import (
 // is dropped and the VM boots instead, and Close leaves nothing. Spares
 // restored from templates run the whole conformance suite (TestDriver).
 func TestTemplates(t *testing.T) {
-	qemuPath, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("skipping: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
-	}
-	cache := guest.DefaultCacheDir()
-	kernel, ok := guest.KernelPath(cache)
-	if !ok {
-		t.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel`", cache)
-	}
+	qemuPath, cache, kernel := vmmtest.QEMUGuest(t)
 	agent := vmmtest.AgentBinary(t, "./cmd/invokex-agent", "INVOKEX_QEMU_TEST_AGENT", "-trimpath", "-ldflags=-s -w")
 	stateDir := t.TempDir()
 	d, err := New(Options{

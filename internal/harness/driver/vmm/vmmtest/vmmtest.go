@@ -10,6 +10,8 @@ package vmmtest
 import (
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/invokex/invokex/internal/guest"
 	"github.com/invokex/invokex/internal/harness/driver"
 	"github.com/invokex/invokex/internal/harness/driver/hostproc"
 	"github.com/invokex/invokex/internal/harness/driver/vmm"
@@ -191,4 +194,31 @@ func AgentBinary(t testing.TB, pkg, env string, flags ...string) string {
 	agentBuilds.paths[pkg] = bin
 	os.Setenv(env, bin) // inherited by the crash-helper child
 	return bin
+}
+
+// QEMUGuest returns what a test booting real QEMU VMs needs: QEMU's path,
+// package guest's cache and the guest kernel in it. It skips tb, saying
+// why, when QEMU is not installed or no kernel is cached; with
+// INVOKEX_BUILD_KERNEL=1 it builds the kernel instead (minutes).
+func QEMUGuest(tb testing.TB) (qemuPath, cache, kernel string) {
+	tb.Helper()
+	qemuPath, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		tb.Skip("skipping: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
+	}
+	cache = guest.DefaultCacheDir()
+	kernel, ok := guest.KernelPath(cache)
+	if ok {
+		return qemuPath, cache, kernel
+	}
+	if os.Getenv("INVOKEX_BUILD_KERNEL") != "1" {
+		tb.Skipf("skipping: no guest kernel in %s: run `invokex guest kernel` or set INVOKEX_BUILD_KERNEL=1", cache)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+	defer cancel()
+	kernel, err = guest.EnsureKernel(ctx, cache, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		tb.Fatalf("building the guest kernel: %v", err)
+	}
+	return qemuPath, cache, kernel
 }
