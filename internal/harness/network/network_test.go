@@ -166,7 +166,7 @@ func TestAttach(t *testing.T) {
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	waitGone(t, a)
+	waitGone(t, a, "still exists 10 s after Close")
 	if _, err := networktest.Dial(nsA, w.PublicAddr); err == nil {
 		t.Errorf("a closed link still reaches the outside")
 	}
@@ -215,16 +215,7 @@ func TestLinkGoesWithTheSandbox(t *testing.T) {
 	cmd.Process.Kill()
 	cmd.Wait()
 	// The kernel deletes a dead namespace's links in the background.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := netlink.LinkByIndex(l.hostIndex); err != nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s outlived its sandbox", l.HostName)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitGone(t, l, "outlived its sandbox")
 	if err := l.Close(); err != nil {
 		t.Errorf("Close after the sandbox died: %v", err)
 	}
@@ -305,11 +296,12 @@ func TestVMNet(t *testing.T) {
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
-	waitGone(t, p.Link)
+	waitGone(t, p.Link, "still exists 10 s after Close")
 }
 
-// waitGone waits for l's host end to be deleted.
-func waitGone(t *testing.T, l *Link) {
+// waitGone waits up to 10 s for l's host end to be deleted, and fails
+// with "<link> <what>" if it is not.
+func waitGone(t *testing.T, l *Link, what string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -317,7 +309,7 @@ func waitGone(t *testing.T, l *Link) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s still exists 10 s after Close", l.HostName)
+			t.Fatalf("%s %s", l.HostName, what)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

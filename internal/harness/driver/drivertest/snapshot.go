@@ -27,19 +27,9 @@ func (s *suite) testSnapshot(t *testing.T) {
 	if !ok {
 		t.Skipf("skipping: the %s driver takes no snapshots", e.d.Name())
 	}
-	spec := e.spec()
-	spec.ForSnapshot = true // as the harness starts what it snapshots
-	orig := e.start(t, spec)
-	orig.init()
-	dir := filepath.Join(t.TempDir(), "snap")
+	dir := snapshotOf(t, e, sn, e.spec())
 	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StartTimeout)
 	defer cancel()
-	if err := sn.Snapshot(ctx, spec.ID, dir); err != nil {
-		t.Fatalf("Snapshot: %v", err)
-	}
-	if _, err := os.Stat(dir); err != nil {
-		t.Fatalf("snapshot directory: %v", err)
-	}
 
 	warm := e.opts.WarmReady != nil && e.opts.FromWarm != nil
 	if warm {
@@ -93,15 +83,10 @@ func (s *suite) testSnapshotEgress(t *testing.T) {
 	w := networktest.New(t, network.DefaultSubnet)
 	port := networktest.HostServer(t)
 	spec := e.spec()
-	spec.Network, spec.ForSnapshot = true, true
-	orig := e.start(t, spec)
-	orig.init()
-	dir := filepath.Join(t.TempDir(), "snap")
+	spec.Network = true
+	dir := snapshotOf(t, e, sn, spec)
 	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StartTimeout)
 	defer cancel()
-	if err := sn.Snapshot(ctx, spec.ID, dir); err != nil {
-		t.Fatalf("Snapshot: %v", err)
-	}
 	var restored []*sandbox
 	for k := 0; k < 2; k++ {
 		rs := e.spec()
@@ -122,6 +107,25 @@ func (s *suite) testSnapshotEgress(t *testing.T) {
 			t.Errorf("restored instance %d reached the host's %s", k, addr)
 		}
 	}
+}
+
+// snapshotOf starts spec as the harness starts what it snapshots
+// (ForSnapshot), runs its INIT and snapshots it into a directory of t's,
+// which it returns.
+func snapshotOf(t *testing.T, e *env, sn driver.Snapshotter, spec driver.Spec) string {
+	t.Helper()
+	spec.ForSnapshot = true
+	e.start(t, spec).init()
+	dir := filepath.Join(t.TempDir(), "snap")
+	ctx, cancel := context.WithTimeout(context.Background(), e.opts.StartTimeout)
+	defer cancel()
+	if err := sn.Snapshot(ctx, spec.ID, dir); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("snapshot directory: %v", err)
+	}
+	return dir
 }
 
 // restore starts rs from the snapshot in dir (stopped when t ends), and
