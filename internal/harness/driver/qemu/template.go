@@ -80,33 +80,31 @@ func (tp *template) close() {
 	}
 }
 
-// close releases every template's sealed RAM; the Host removes their
-// directories. After Close no restore runs.
+// close releases every made template's sealed RAM; the Host removes
+// their directories. After Close no restore runs (one being made fails).
 func (t *templates) close() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for key, tp := range t.byKey {
-		if !tp.failedLocked() {
-			select {
-			case <-tp.ready:
-				tp.close()
-			default:
-				continue
-			}
+		if tp.ended() {
+			tp.close()
+			delete(t.byKey, key)
 		}
-		delete(t.byKey, key)
 	}
 }
 
-// failedLocked reports whether tp is an attempt that failed.
-func (tp *template) failedLocked() bool {
+// ended reports whether tp's attempt has ended (made or failed).
+func (tp *template) ended() bool {
 	select {
 	case <-tp.ready:
-		return tp.err != nil
+		return true
 	default:
 		return false
 	}
 }
+
+// failedLocked reports whether tp is an attempt that failed.
+func (tp *template) failedLocked() bool { return tp.ended() && tp.err != nil }
 
 func newTemplates(d *Driver) *templates {
 	return &templates{d: d, byKey: map[string]*template{}}
@@ -154,6 +152,8 @@ func (t *templates) get(ctx context.Context, spec driver.Spec) (*snapSource, err
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+	t.mu.Lock() // failed may change them
+	defer t.mu.Unlock()
 	return tp.src, tp.err
 }
 
@@ -167,12 +167,7 @@ func (t *templates) made(ctx context.Context, spec driver.Spec) *snapSource {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	tp, found := t.byKey[key]
-	if !found {
-		return nil
-	}
-	select {
-	case <-tp.ready:
-	default:
+	if !found || !tp.ended() {
 		return nil
 	}
 	tp.used = time.Now()
@@ -205,9 +200,7 @@ func (t *templates) evictLocked() {
 	for len(t.byKey) >= templateMax {
 		var oldest string
 		for key, tp := range t.byKey {
-			select {
-			case <-tp.ready:
-			default:
+			if !tp.ended() {
 				continue // being made
 			}
 			if oldest == "" || tp.used.Before(t.byKey[oldest].used) {
